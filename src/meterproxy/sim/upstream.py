@@ -514,7 +514,10 @@ def _is_ids(value: list[Any]) -> bool:
 
 
 def _id(prefix: str, body: dict[str, Any]) -> str:
-    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    # Deterministic (vLLM's are random) so streams can be compared byte for byte; options the
+    # proxy may add are left out of the hash.
+    key = {k: v for k, v in body.items() if k != "stream_options"}
+    digest = hashlib.sha256(orjson.dumps(key, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"{prefix}-{digest[:32]}"
 
 
