@@ -312,8 +312,7 @@ async def _forward(
             record.reached_upstream = not isinstance(error, errors.UpstreamUnreachable)
             raise error from None
         runtime.last_answer_ns[upstream.name] = runtime.clock()
-        if response.connection is not None:
-            response.connection.protocol.read_timeout = upstream.timeouts.idle_s  # type: ignore[union-attr]
+        _switch_to_idle_timeout(response, upstream.timeouts.idle_s)
         if response.status >= 400:
             return await _upstream_error(response, runtime, record, route)
         record.status = str(response.status)
@@ -328,6 +327,16 @@ async def _forward(
         inflight.dec()
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
+
+
+def _switch_to_idle_timeout(response: aiohttp.ClientResponse, idle_s: float) -> None:
+    """Headers are in: from now on sock_read bounds the silence between chunks."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None or response.content.is_eof():
+        return  # already complete: aiohttp has dropped the timer, and must not get a new one
+    protocol.read_timeout = idle_s
+    protocol.start_timeout()
 
 
 async def _upstream_error(
