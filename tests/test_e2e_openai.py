@@ -220,3 +220,73 @@ async def test_hundred_concurrent_streams_are_metered_exactly(
     assert sorted(r.usage.prompt for r in proxy.settled) == sorted(
         (i + 1 if i else 1) + 2 + 3 for i in range(100))
     assert proxy.sample("meterproxy_inflight_requests", upstream="local") == 0
+
+
+async def test_latency_histograms_measure_ttft_and_time_per_output_token(
+    start_upstream: StartUpstream, start_proxy: StartProxy
+) -> None:
+    up = await start_upstream({"sim-llama": Behavior(tokens=11, first_token_s=0.15,
+                                                     pace_s=0.03)})
+    proxy = await start_proxy({"upstreams": [{"name": "local", "url": up.url, "kind": "vllm"}]})
+    async with client(proxy) as c:
+        stream = await c.chat.completions.create(model="sim-llama", messages=MESSAGES,
+                                                 stream=True)
+        async for _ in stream:
+            pass
+    labels = {"model": "sim-llama", "upstream": "local"}
+    ttft = proxy.sample("meterproxy_time_to_first_token_seconds_sum", **labels)
+    tpot = proxy.sample("meterproxy_time_per_output_token_seconds_sum", **labels)
+    e2e = proxy.sample("meterproxy_request_duration_seconds_sum", **labels)
+    assert 0.15 <= ttft < 0.25
+    assert 0.03 <= tpot < 0.045  # 10 gaps of 30 ms after the first token
+    assert ttft + 10 * 0.03 <= e2e < 0.8
+    assert proxy.sample("meterproxy_time_to_first_token_seconds_bucket", le="0.25",
+                        **labels) == 1
+
+
+async def test_other_v1_paths_are_forwarded_by_model_else_to_the_first_upstream(
+    start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    a = await start_upstream({"m-a": Behavior()})
+    b = await start_upstream({"m-b": Behavior()})
+    proxy = await start_proxy({"upstreams": [{"name": "a", "url": a.url},
+                                             {"name": "b", "url": b.url}]})
+    async with http.post(proxy.base_url + "/tokenize?x=1", json={"model": "m-b",
+                                                                "prompt": "hi"}) as r:
+        assert r.status == 200 and (await r.json())["path"] == "/v1/tokenize?x=1"
+    async with http.get(proxy.base_url + "/files") as r:
+        assert r.status == 200
+    assert [s.path for s in b.fake.seen] == ["/v1/tokenize"]
+    assert [s.path for s in a.fake.seen] == ["/v1/files"]
+    assert [(r.endpoint, r.upstream) for r in proxy.settled] == [("other", "b"), ("other", "a")]
+
+
+async def test_headers_end_to_end_kept_hop_by_hop_dropped(
+    proxy: Proxy, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    headers = {"Connection": "keep-alive, X-Hop", "X-Hop": "1", "Proxy-Authorization": "p",
+               "X-Trace": "abc", "OpenAI-Organization": "org", "x-request-id": "client-42"}
+    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
+    async with http.post(proxy.base_url + "/chat/completions", json=body,
+                         headers=headers) as response:
+        await response.read()
+        assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert response.headers["x-request-id"] == "client-42"
+    seen = upstream.fake.seen[-1].headers
+    assert seen["X-Trace"] == "abc" and seen["OpenAI-Organization"] == "org"
+    assert "X-Hop" not in seen and "Proxy-Authorization" not in seen
+    assert seen["x-request-id"] == "client-42"
+    assert proxy.settled[-1].client_request_id == "client-42"
+
+
+async def test_operational_endpoints(proxy: Proxy, http: aiohttp.ClientSession) -> None:
+    async with http.get(proxy.url + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(proxy.url + "/readyz") as r:
+        assert r.status == 200  # the upstream answered its /v1/models at startup
+    async with http.get(proxy.url + "/metrics") as r:
+        assert r.status == 200 and r.content_type == "text/plain"
+        text = await r.text()
+    assert "# TYPE meterproxy_requests_total counter" in text
+    async with http.get(proxy.url + "/nope") as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_url"

@@ -60,8 +60,10 @@ def _byte_estimate(text: str) -> int:
 
 
 class TokenCounter:
-    def __init__(self, cache_dir: str | None) -> None:
+    def __init__(self, cache_dir: str | None, *, fallback: str = OFFLINE) -> None:
+        """`cache_dir`: tiktoken's cache (TIKTOKEN_CACHE_DIR); `fallback`: the bundled encoding."""
         self._cache_dir = cache_dir
+        self._fallback = fallback
         self._by_model: dict[str, _Encoder] = {}
         self._by_encoding: dict[str, _Encoder] = {}
 
@@ -83,7 +85,7 @@ class TokenCounter:
         except KeyError:
             own = None
         candidates = [own] if own and self._is_cached(own) else []
-        candidates.append(OFFLINE)
+        candidates.append(self._fallback)
         for name in candidates:
             if name in self._by_encoding:
                 return self._by_encoding[name]

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 CREATED = 1_730_000_000
 # Each of these is one token in cl100k and o200k, so tiktoken estimates match the fake's counts.
@@ -107,7 +108,7 @@ class FakeUpstream:
 
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.seen.append(Seen(request.path, dict(request.headers), body))
+        self.seen.append(Seen(request.path, CIMultiDict(request.headers), body))
         return _json({"path": request.path_qs, "method": request.method, "bytes": len(body)})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -152,7 +153,7 @@ class FakeUpstream:
     async def _accept(self, request: web.Request) -> tuple[dict[str, Any], Any, Seen]:
         raw = await request.read()
         body = orjson.loads(raw)
-        seen = Seen(request.path, dict(request.headers), body)
+        seen = Seen(request.path, CIMultiDict(request.headers), body)
         self.seen.append(seen)
         behavior = self.behavior(body.get("model", ""))
         if behavior is None:
