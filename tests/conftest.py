@@ -97,8 +97,9 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         settings = config.parse(tree, environ or {})
         registry = CollectorRegistry()
         proxy_settled: list[Record] = []
-        app = create_app(settings, registry=registry, sinks=[proxy_settled.append],
-                         tokens=TokenCounter(None))
+        app = create_app(
+            settings, registry=registry, sinks=[proxy_settled.append], tokens=TokenCounter(None)
+        )
         server = await start(app, "127.0.0.1", 0)
         servers.append(server)
         return Proxy(server, registry, proxy_settled)
@@ -111,7 +112,8 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 @pytest.fixture
 async def proxy(start_proxy: StartProxy, upstream: Upstream) -> Proxy:
     result: Proxy = await start_proxy(
-        {"upstreams": [{"name": "local", "url": upstream.url, "kind": "vllm"}]})
+        {"upstreams": [{"name": "local", "url": upstream.url, "kind": "vllm"}]}
+    )
     return result
 
 

@@ -49,15 +49,22 @@ def problems(tree: object, environ: dict[str, str] | None = None) -> list[str]:
 
 
 def test_every_problem_is_reported_by_key_path() -> None:
-    found = problems({
-        "listen": {"port": 70000, "hots": "x"},
-        "upstreams": [
-            {"name": "a", "url": "ftp://x", "kind": "tgi", "timeouts": {"idle": -1}},
-            {"name": "a", "url": "http://y/v1", "models": [], "gpus": [True],
-             "api_key_env": "MISSING_KEY"},
-        ],
-        "extra": 1,
-    })
+    found = problems(
+        {
+            "listen": {"port": 70000, "hots": "x"},
+            "upstreams": [
+                {"name": "a", "url": "ftp://x", "kind": "tgi", "timeouts": {"idle": -1}},
+                {
+                    "name": "a",
+                    "url": "http://y/v1",
+                    "models": [],
+                    "gpus": [True],
+                    "api_key_env": "MISSING_KEY",
+                },
+            ],
+            "extra": 1,
+        }
+    )
     assert found == [
         "extra: unknown key (expected one of: listen, server, upstreams, aliases)",
         "listen.hots: unknown key (expected one of: host, port)",
@@ -66,7 +73,7 @@ def test_every_problem_is_reported_by_key_path() -> None:
         "upstreams[0].kind: expected one of vllm, trtllm, openai, generic, got 'tgi'",
         "upstreams[0].timeouts.idle: expected a positive number, got -1",
         "upstreams[1].name: duplicate upstream name 'a'",
-        "upstreams[1].models: expected a list of model names or [\"*\"], got []",
+        'upstreams[1].models: expected a list of model names or ["*"], got []',
         "upstreams[1].api_key_env: environment variable MISSING_KEY is not set; export it with "
         "the upstream's API key",
         "upstreams[1].gpus: expected a list of GPU indices or UUIDs, got [True]",
@@ -75,10 +82,16 @@ def test_every_problem_is_reported_by_key_path() -> None:
 
 def test_upstreams_are_required_and_aliases_must_name_served_models() -> None:
     assert problems({}) == ["upstreams: expected a non-empty list of upstreams, got None"]
-    found = problems({"upstreams": [{"name": "a", "url": "http://x/v1", "models": ["m1"]}],
-                      "aliases": {"fast": "m2", "same": "same"}})
-    assert found == ["aliases.fast: model 'm2' is not served by any upstream (known: m1)",
-                     "aliases.same: an alias cannot point at itself"]
+    found = problems(
+        {
+            "upstreams": [{"name": "a", "url": "http://x/v1", "models": ["m1"]}],
+            "aliases": {"fast": "m2", "same": "same"},
+        }
+    )
+    assert found == [
+        "aliases.fast: model 'm2' is not served by any upstream (known: m1)",
+        "aliases.same: an alias cannot point at itself",
+    ]
 
 
 def test_check_config_prints_ok_or_every_error(
@@ -101,3 +114,9 @@ def test_check_config_prints_ok_or_every_error(
     assert "not valid YAML" in capsys.readouterr().out
     assert cli.main(["check-config", str(tmp_path / "missing.yaml")]) == 1
     assert "cannot read the file" in capsys.readouterr().out
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "meterproxy.example.yaml"
+    settings = config.load(example, {})
+    assert settings.upstreams[0].kind == "vllm"

@@ -21,10 +21,16 @@ MESSAGES = [{"role": "user", "content": "Say something about foxes"}]
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-async def start_one(start_upstream: StartUpstream, start_proxy: StartProxy, behavior: Behavior,
-                    *, flavor: str = "vllm", timeouts: dict[str, float] | None = None,
-                    environ: dict[str, str] | None = None,
-                    key_env: str | None = None) -> tuple[Upstream, Proxy]:
+async def start_one(
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    behavior: Behavior,
+    *,
+    flavor: str = "vllm",
+    timeouts: dict[str, float] | None = None,
+    environ: dict[str, str] | None = None,
+    key_env: str | None = None,
+) -> tuple[Upstream, Proxy]:
     up: Upstream = await start_upstream({"sim-llama": behavior}, flavor=flavor)
     spec: dict[str, object] = {"name": "local", "url": up.url, "kind": flavor}
     if timeouts:
@@ -35,10 +41,12 @@ async def start_one(start_upstream: StartUpstream, start_proxy: StartProxy, beha
     return up, proxy
 
 
-async def post(http: aiohttp.ClientSession, proxy: Proxy, data: bytes,
-               path: str = "/chat/completions") -> tuple[int, dict[str, object]]:
-    async with http.post(proxy.base_url + path, data=data,
-                         headers={"content-type": "application/json"}) as response:
+async def post(
+    http: aiohttp.ClientSession, proxy: Proxy, data: bytes, path: str = "/chat/completions"
+) -> tuple[int, dict[str, object]]:
+    async with http.post(
+        proxy.base_url + path, data=data, headers={"content-type": "application/json"}
+    ) as response:
         body = await response.json()
         return response.status, body
 
@@ -68,7 +76,8 @@ async def test_missing_and_unknown_models_are_404(proxy: Proxy) -> None:
     assert "made-up-model" in caught.value.message
     # A model a client made up creates no series.
     assert "made-up-model" not in proxy.server.runner.app and all(
-        "made-up-model" not in str(s.labels) for m in proxy.registry.collect() for s in m.samples)
+        "made-up-model" not in str(s.labels) for m in proxy.registry.collect() for s in m.samples
+    )
     assert len(proxy.settled) == 1
 
 
@@ -76,10 +85,15 @@ async def test_body_over_the_limit_is_413(
     start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     up = await start_upstream()
-    proxy = await start_proxy({"upstreams": [{"name": "local", "url": up.url}],
-                               "server": {"max_body_bytes": 1000, "unready_delay_s": 0}})
-    status, body = await post(http, proxy, b'{"model": "sim-llama", "prompt": "' + b"x" * 5000
-                              + b'"}', "/completions")
+    proxy = await start_proxy(
+        {
+            "upstreams": [{"name": "local", "url": up.url}],
+            "server": {"max_body_bytes": 1000, "unready_delay_s": 0},
+        }
+    )
+    status, body = await post(
+        http, proxy, b'{"model": "sim-llama", "prompt": "' + b"x" * 5000 + b'"}', "/completions"
+    )
     assert status == 413
     error = assert_openai_error(body, "payload_too_large")
     assert "1,000 bytes" in str(error["message"])
@@ -90,8 +104,13 @@ async def test_unreachable_upstream_is_502(start_proxy: StartProxy) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proxy: Proxy = await start_proxy({"upstreams": [
-        {"name": "gone", "url": f"http://127.0.0.1:{port}/v1", "models": ["sim-llama"]}]})
+    proxy: Proxy = await start_proxy(
+        {
+            "upstreams": [
+                {"name": "gone", "url": f"http://127.0.0.1:{port}/v1", "models": ["sim-llama"]}
+            ]
+        }
+    )
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as caught:
             await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
@@ -104,23 +123,29 @@ async def test_unreachable_upstream_is_502(start_proxy: StartProxy) -> None:
 async def test_upstream_that_never_answers_is_504(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
-    up, proxy = await start_one(start_upstream, start_proxy, with_failure(Behavior(), "hang"),
-                                timeouts={"first_byte": 0.3})
+    _up, proxy = await start_one(
+        start_upstream, start_proxy, with_failure(Behavior(), "hang"), timeouts={"first_byte": 0.3}
+    )
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as caught:
             await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
     assert caught.value.status_code == 504
     assert caught.value.code == "upstream_timeout"
     assert "0.3s" in caught.value.message
-    assert proxy.sample("meterproxy_upstream_errors_total", upstream="local",
-                        kind="first_byte_timeout") == 1
+    assert (
+        proxy.sample(
+            "meterproxy_upstream_errors_total", upstream="local", kind="first_byte_timeout"
+        )
+        == 1
+    )
 
 
 async def test_html_error_page_becomes_a_clear_502(
     start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    _, proxy = await start_one(start_upstream, start_proxy,
-                               with_failure(Behavior(), "http_500_html"))
+    _, proxy = await start_one(
+        start_upstream, start_proxy, with_failure(Behavior(), "http_500_html")
+    )
     status, body = await post(http, proxy, b'{"model": "sim-llama", "messages": []}')
     assert status == 502
     error = assert_openai_error(body, "upstream_bad_response")
@@ -143,8 +168,13 @@ async def test_upstream_json_errors_pass_through_with_their_status(
 async def test_upstream_401_is_a_502_that_never_echoes_the_key(
     start_upstream: StartUpstream, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, proxy = await start_one(start_upstream, start_proxy, with_failure(Behavior(), "http_401"),
-                               environ={"UP_KEY": "sk-upstream-SECRET"}, key_env="UP_KEY")
+    _, proxy = await start_one(
+        start_upstream,
+        start_proxy,
+        with_failure(Behavior(), "http_401"),
+        environ={"UP_KEY": "sk-upstream-SECRET"},
+        key_env="UP_KEY",
+    )
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as caught:
             await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
@@ -153,8 +183,10 @@ async def test_upstream_401_is_a_502_that_never_echoes_the_key(
     body = str(caught.value.body)
     assert "SECRET" not in body and "sk-ups" not in body and "Incorrect API key" not in body
     assert "sk-ups" not in caplog.text
-    assert proxy.sample("meterproxy_upstream_errors_total", upstream="local",
-                        kind="auth_rejected") == 1
+    assert (
+        proxy.sample("meterproxy_upstream_errors_total", upstream="local", kind="auth_rejected")
+        == 1
+    )
 
 
 async def wait_for(predicate: object, timeout: float = 2.0) -> float:
@@ -189,12 +221,13 @@ async def test_disconnect_before_first_token_cancels_the_upstream(
 async def test_disconnect_mid_stream_cancels_upstream_and_counts_streamed_tokens(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
-    up, proxy = await start_one(start_upstream, start_proxy,
-                                Behavior(tokens=200, pace_s=0.02))
+    up, proxy = await start_one(start_upstream, start_proxy, Behavior(tokens=200, pace_s=0.02))
     received = 0
     async with aiohttp.ClientSession() as http:
-        response = await http.post(proxy.base_url + "/chat/completions", json={
-            "model": "sim-llama", "messages": MESSAGES, "stream": True})
+        response = await http.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "sim-llama", "messages": MESSAGES, "stream": True},
+        )
         async for line in response.content:
             if line.startswith(b'data: {"id"') and b'"content":" ' in line:
                 received += 1
@@ -210,24 +243,41 @@ async def test_disconnect_mid_stream_cancels_upstream_and_counts_streamed_tokens
     assert record.usage.source.value == "partial" and record.estimated
     # The proxy counted what it relayed: at least what the client read, far less than 200.
     assert 5 <= (record.usage.completion or 0) < 50
-    assert proxy.sample("meterproxy_wasted_tokens_total", model="sim-llama", tenant="anonymous",
-                        reason="client_disconnect") == record.usage.completion
+    assert (
+        proxy.sample(
+            "meterproxy_wasted_tokens_total",
+            model="sim-llama",
+            tenant="anonymous",
+            reason="client_disconnect",
+        )
+        == record.usage.completion
+    )
     assert proxy.total("meterproxy_tokens_total", type="completion") == record.usage.completion
 
 
-@pytest.mark.parametrize(("flavor", "failure", "kind"), [
-    ("vllm", "reset", "reset"),
-    ("trtllm", "eof", "eof_without_done"),
-    ("vllm", "in_band_error", "in_band_error"),
-    ("trtllm", "in_band_error", "in_band_error"),
-])
+@pytest.mark.parametrize(
+    ("flavor", "failure", "kind"),
+    [
+        ("vllm", "reset", "reset"),
+        ("trtllm", "eof", "eof_without_done"),
+        ("vllm", "in_band_error", "in_band_error"),
+        ("trtllm", "in_band_error", "in_band_error"),
+    ],
+)
 async def test_upstream_breaking_off_is_never_a_success(
-    start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession,
-    flavor: str, failure: str, kind: str,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    flavor: str,
+    failure: str,
+    kind: str,
 ) -> None:
-    up, proxy = await start_one(start_upstream, start_proxy,
-                                with_failure(Behavior(tokens=10), failure, after=4),
-                                flavor=flavor)
+    up, proxy = await start_one(
+        start_upstream,
+        start_proxy,
+        with_failure(Behavior(tokens=10), failure, after=4),
+        flavor=flavor,
+    )
     body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
     received = b""
     async with http.post(proxy.base_url + "/chat/completions", json=body) as response:
@@ -251,10 +301,20 @@ async def test_upstream_breaking_off_is_never_a_success(
     await wait_for(lambda: len(proxy.settled) == 1)
     [record] = proxy.settled
     assert (record.status, record.upstream_error, record.waste_reason) == (
-        "502", kind, "upstream_error")
+        "502",
+        kind,
+        "upstream_error",
+    )
     assert record.usage.completion == 4
-    assert proxy.sample("meterproxy_wasted_tokens_total", model="sim-llama", tenant="anonymous",
-                        reason="upstream_error") == 4
+    assert (
+        proxy.sample(
+            "meterproxy_wasted_tokens_total",
+            model="sim-llama",
+            tenant="anonymous",
+            reason="upstream_error",
+        )
+        == 4
+    )
     assert proxy.sample("meterproxy_upstream_errors_total", upstream="local", kind=kind) == 1
     assert proxy.total("meterproxy_requests_total", status="200") == 0
 
@@ -262,9 +322,12 @@ async def test_upstream_breaking_off_is_never_a_success(
 async def test_idle_upstream_mid_stream_times_out(
     start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    _, proxy = await start_one(start_upstream, start_proxy,
-                               with_failure(Behavior(tokens=10), "hang_mid", after=3),
-                               timeouts={"idle": 0.3})
+    _, proxy = await start_one(
+        start_upstream,
+        start_proxy,
+        with_failure(Behavior(tokens=10), "hang_mid", after=3),
+        timeouts={"idle": 0.3},
+    )
     body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
     async with http.post(proxy.base_url + "/chat/completions", json=body) as response:
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -277,12 +340,12 @@ async def test_idle_upstream_mid_stream_times_out(
 async def test_upstream_without_usage_is_estimated_with_tiktoken(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
-    _, proxy = await start_one(start_upstream, start_proxy, Behavior(tokens=9, usage=False),
-                               flavor="vllm")
+    _, proxy = await start_one(
+        start_upstream, start_proxy, Behavior(tokens=9, usage=False), flavor="vllm"
+    )
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0) as c:
         reply = await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
-        stream = await c.chat.completions.create(model="sim-llama", messages=MESSAGES,
-                                                 stream=True)
+        stream = await c.chat.completions.create(model="sim-llama", messages=MESSAGES, stream=True)
         async for _ in stream:
             pass
     assert reply.usage is None

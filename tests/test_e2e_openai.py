@@ -12,8 +12,10 @@ from meterproxy.sim.upstream import Behavior
 
 from .conftest import Proxy, StartProxy, StartUpstream, Upstream
 
-MESSAGES = [{"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Say something about foxes"}]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say something about foxes"},
+]
 
 
 def client(proxy: Proxy) -> openai.AsyncOpenAI:
@@ -21,8 +23,9 @@ def client(proxy: Proxy) -> openai.AsyncOpenAI:
 
 
 def tokens(proxy: Proxy, kind: str, model: str = "sim-llama") -> float:
-    return proxy.sample("meterproxy_tokens_total", model=model, upstream="local",
-                        tenant="anonymous", type=kind)
+    return proxy.sample(
+        "meterproxy_tokens_total", model=model, upstream="local", tenant="anonymous", type=kind
+    )
 
 
 async def test_non_streaming_chat_is_metered_from_upstream_usage(proxy: Proxy) -> None:
@@ -33,18 +36,31 @@ async def test_non_streaming_chat_is_metered_from_upstream_usage(proxy: Proxy) -
     assert tokens(proxy, "prompt") == reply.usage.prompt_tokens
     assert tokens(proxy, "completion") == reply.usage.completion_tokens == 8
     [record] = proxy.settled
-    assert (record.status, record.usage.source.value, record.estimated) == ("200", "upstream", False)
-    assert proxy.sample("meterproxy_requests_total", endpoint="chat_completions",
-                        model="sim-llama", upstream="local", tenant="anonymous",
-                        status="200") == 1
+    assert (record.status, record.usage.source.value, record.estimated) == (
+        "200",
+        "upstream",
+        False,
+    )
+    assert (
+        proxy.sample(
+            "meterproxy_requests_total",
+            endpoint="chat_completions",
+            model="sim-llama",
+            upstream="local",
+            tenant="anonymous",
+            status="200",
+        )
+        == 1
+    )
 
 
 async def test_sync_sdk_streams_through_the_proxy(proxy: Proxy) -> None:
     def run() -> list[openai.types.chat.ChatCompletionChunk]:
         # The sync client blocks, so it runs in a thread while the proxy serves on this loop.
         with openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0) as c:
-            return list(c.chat.completions.create(model="sim-llama", messages=MESSAGES,
-                                                  stream=True))
+            return list(
+                c.chat.completions.create(model="sim-llama", messages=MESSAGES, stream=True)
+            )
 
     chunks = await asyncio.to_thread(run)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -61,12 +77,15 @@ async def raw_stream(http: aiohttp.ClientSession, base: str, body: dict[str, obj
 
 @pytest.mark.parametrize("flavor", ["vllm", "trtllm"])
 async def test_stream_bytes_equal_a_direct_connection_without_include_usage(
-    start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
     flavor: str,
 ) -> None:
     up: Upstream = await start_upstream(flavor=flavor)
     proxy: Proxy = await start_proxy(
-        {"upstreams": [{"name": "local", "url": up.url, "kind": flavor}]})
+        {"upstreams": [{"name": "local", "url": up.url, "kind": flavor}]}
+    )
     body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
     direct = await raw_stream(http, up.url, body)
     proxied = await raw_stream(http, proxy.base_url, body)
@@ -81,15 +100,22 @@ async def test_stream_bytes_equal_a_direct_connection_without_include_usage(
 async def test_client_that_asks_for_usage_gets_it_untouched(
     proxy: Proxy, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "sim-llama",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     direct = await raw_stream(http, upstream.url, body)
     proxied = await raw_stream(http, proxy.base_url, body)
     assert proxied == direct
     async with client(proxy) as c:
         stream = await c.chat.completions.create(
-            model="sim-llama", messages=MESSAGES, stream=True,
-            stream_options={"include_usage": True})
+            model="sim-llama",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
     assert tokens(proxy, "completion") == 16
@@ -98,8 +124,12 @@ async def test_client_that_asks_for_usage_gets_it_untouched(
 async def test_continuous_usage_counts_the_last_cumulative_value_never_a_sum(
     proxy: Proxy, http: aiohttp.ClientSession
 ) -> None:
-    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "model": "sim-llama",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     raw = await raw_stream(http, proxy.base_url, body)
     assert raw.count(b'"usage":') == 10  # role, 8 tokens, usage-only chunk
     [record] = proxy.settled
@@ -110,8 +140,7 @@ async def test_continuous_usage_counts_the_last_cumulative_value_never_a_sum(
 async def test_cached_and_reasoning_tokens_are_metered(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
-    up = await start_upstream({"sim-r1": Behavior(tokens=12, cached_tokens=5,
-                                                  reasoning_tokens=4)})
+    up = await start_upstream({"sim-r1": Behavior(tokens=12, cached_tokens=5, reasoning_tokens=4)})
     proxy = await start_proxy({"upstreams": [{"name": "local", "url": up.url, "kind": "vllm"}]})
     async with client(proxy) as c:
         await c.chat.completions.create(model="sim-r1", messages=MESSAGES)
@@ -125,18 +154,27 @@ async def test_cached_and_reasoning_tokens_are_metered(
 
 async def test_completions_stream_and_non_stream(proxy: Proxy) -> None:
     async with client(proxy) as c:
-        reply = await c.completions.create(model="sim-llama", prompt="Once upon a time",
-                                           max_tokens=5)
-        stream = await c.completions.create(model="sim-llama", prompt="Once upon a time",
-                                            stream=True)
+        reply = await c.completions.create(
+            model="sim-llama", prompt="Once upon a time", max_tokens=5
+        )
+        stream = await c.completions.create(
+            model="sim-llama", prompt="Once upon a time", stream=True
+        )
         text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
     assert reply.choices[0].text == " the quick brown fox jumps"
     assert reply.choices[0].finish_reason == "length"
     assert text == " the quick brown fox jumps over lazy dog"
     assert tokens(proxy, "completion") == 13
     # A response cut by max_tokens is waste of reason `truncated`.
-    assert proxy.sample("meterproxy_wasted_tokens_total", model="sim-llama",
-                        tenant="anonymous", reason="truncated") == 5
+    assert (
+        proxy.sample(
+            "meterproxy_wasted_tokens_total",
+            model="sim-llama",
+            tenant="anonymous",
+            reason="truncated",
+        )
+        == 5
+    )
 
 
 async def test_embeddings(proxy: Proxy) -> None:
@@ -150,8 +188,7 @@ async def test_embeddings(proxy: Proxy) -> None:
 async def test_responses_api_stream_and_non_stream(proxy: Proxy) -> None:
     async with client(proxy) as c:
         reply = await c.responses.create(model="sim-llama", input="Tell me a story")
-        stream = await c.responses.create(model="sim-llama", input="Tell me a story",
-                                          stream=True)
+        stream = await c.responses.create(model="sim-llama", input="Tell me a story", stream=True)
         kinds = [event.type async for event in stream]
     assert reply.output_text == " the quick brown fox jumps over lazy dog"
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
@@ -165,11 +202,15 @@ async def test_models_lists_the_union_of_upstreams_and_aliases(
 ) -> None:
     a = await start_upstream({"llama-8b": Behavior(), "qwen-7b": Behavior()})
     b = await start_upstream({"mistral-7b": Behavior()})
-    proxy = await start_proxy({
-        "upstreams": [{"name": "a", "url": a.url, "kind": "vllm"},
-                      {"name": "b", "url": b.url, "kind": "trtllm", "models": ["mistral-7b"]}],
-        "aliases": {"default": "mistral-7b"},
-    })
+    proxy = await start_proxy(
+        {
+            "upstreams": [
+                {"name": "a", "url": a.url, "kind": "vllm"},
+                {"name": "b", "url": b.url, "kind": "trtllm", "models": ["mistral-7b"]},
+            ],
+            "aliases": {"default": "mistral-7b"},
+        }
+    )
     async with client(proxy) as c:
         ids = sorted([m.id async for m in c.models.list()])
         one = await c.models.retrieve("llama-8b")
@@ -188,7 +229,8 @@ async def test_upstream_key_is_injected_and_client_key_never_forwarded(
     up = await start_upstream()
     proxy = await start_proxy(
         {"upstreams": [{"name": "local", "url": up.url, "api_key_env": "UP_KEY"}]},
-        environ={"UP_KEY": "sk-upstream-secret"})
+        environ={"UP_KEY": "sk-upstream-secret"},
+    )
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client-key") as c:
         await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
     headers = up.fake.seen[-1].headers
@@ -204,9 +246,14 @@ async def test_hundred_concurrent_streams_are_metered_exactly(
 
     async def one(c: openai.AsyncOpenAI, i: int) -> int:
         stream = await c.chat.completions.create(
-            model="sim-llama", messages=[{"role": "user", "content": "word " * i}],
-            stream=True, max_tokens=5 + i % 15)
-        return sum([1 async for chunk in stream if chunk.choices and chunk.choices[0].delta.content])
+            model="sim-llama",
+            messages=[{"role": "user", "content": "word " * i}],
+            stream=True,
+            max_tokens=5 + i % 15,
+        )
+        return sum(
+            [1 async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        )
 
     async with client(proxy) as c:
         counts = await asyncio.gather(*(one(c, i) for i in range(100)))
@@ -218,19 +265,18 @@ async def test_hundred_concurrent_streams_are_metered_exactly(
     assert tokens(proxy, "prompt") == expected_prompt
     # Prompt tokens are the upstream's own numbers: its count for "word " * i is i + 1 + ...
     assert sorted(r.usage.prompt for r in proxy.settled) == sorted(
-        (i + 1 if i else 1) + 2 + 3 for i in range(100))
+        (i + 1 if i else 1) + 2 + 3 for i in range(100)
+    )
     assert proxy.sample("meterproxy_inflight_requests", upstream="local") == 0
 
 
 async def test_latency_histograms_measure_ttft_and_time_per_output_token(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
-    up = await start_upstream({"sim-llama": Behavior(tokens=11, first_token_s=0.15,
-                                                     pace_s=0.03)})
+    up = await start_upstream({"sim-llama": Behavior(tokens=11, first_token_s=0.15, pace_s=0.03)})
     proxy = await start_proxy({"upstreams": [{"name": "local", "url": up.url, "kind": "vllm"}]})
     async with client(proxy) as c:
-        stream = await c.chat.completions.create(model="sim-llama", messages=MESSAGES,
-                                                 stream=True)
+        stream = await c.chat.completions.create(model="sim-llama", messages=MESSAGES, stream=True)
         async for _ in stream:
             pass
     labels = {"model": "sim-llama", "upstream": "local"}
@@ -240,8 +286,7 @@ async def test_latency_histograms_measure_ttft_and_time_per_output_token(
     assert 0.15 <= ttft < 0.25
     assert 0.03 <= tpot < 0.045  # 10 gaps of 30 ms after the first token
     assert ttft + 10 * 0.03 <= e2e < 0.8
-    assert proxy.sample("meterproxy_time_to_first_token_seconds_bucket", le="0.25",
-                        **labels) == 1
+    assert proxy.sample("meterproxy_time_to_first_token_seconds_bucket", le="0.25", **labels) == 1
 
 
 async def test_other_v1_paths_are_forwarded_by_model_else_to_the_first_upstream(
@@ -249,10 +294,12 @@ async def test_other_v1_paths_are_forwarded_by_model_else_to_the_first_upstream(
 ) -> None:
     a = await start_upstream({"m-a": Behavior()})
     b = await start_upstream({"m-b": Behavior()})
-    proxy = await start_proxy({"upstreams": [{"name": "a", "url": a.url},
-                                             {"name": "b", "url": b.url}]})
-    async with http.post(proxy.base_url + "/tokenize?x=1", json={"model": "m-b",
-                                                                "prompt": "hi"}) as r:
+    proxy = await start_proxy(
+        {"upstreams": [{"name": "a", "url": a.url}, {"name": "b", "url": b.url}]}
+    )
+    async with http.post(
+        proxy.base_url + "/tokenize?x=1", json={"model": "m-b", "prompt": "hi"}
+    ) as r:
         assert r.status == 200 and (await r.json())["path"] == "/v1/tokenize?x=1"
     async with http.get(proxy.base_url + "/files") as r:
         assert r.status == 200
@@ -264,11 +311,18 @@ async def test_other_v1_paths_are_forwarded_by_model_else_to_the_first_upstream(
 async def test_headers_end_to_end_kept_hop_by_hop_dropped(
     proxy: Proxy, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    headers = {"Connection": "keep-alive, X-Hop", "X-Hop": "1", "Proxy-Authorization": "p",
-               "X-Trace": "abc", "OpenAI-Organization": "org", "x-request-id": "client-42"}
+    headers = {
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "1",
+        "Proxy-Authorization": "p",
+        "X-Trace": "abc",
+        "OpenAI-Organization": "org",
+        "x-request-id": "client-42",
+    }
     body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
-    async with http.post(proxy.base_url + "/chat/completions", json=body,
-                         headers=headers) as response:
+    async with http.post(
+        proxy.base_url + "/chat/completions", json=body, headers=headers
+    ) as response:
         await response.read()
         assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         assert response.headers["x-request-id"] == "client-42"

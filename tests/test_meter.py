@@ -17,8 +17,9 @@ def events(stream: bytes) -> list[Event]:
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
 TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}]}\n\n'
 LAST = b'data: {"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}\n\n'
-USAGE = (b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
-         b'"total_tokens":5}}\n\n')
+USAGE = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -37,8 +38,10 @@ def test_only_the_usage_only_chunk_is_stripped() -> None:
     kept = [e.raw for e in events(ROLE + TOKEN + USAGE + DONE) if watch.on_event(e)]
     assert kept == [ROLE, TOKEN, DONE]
     # A content chunk that also carries usage (continuous stats) is never dropped.
-    both = (b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
-            b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n')
+    both = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    )
     assert StreamWatch(lambda: 0, strip_usage=True).on_event(events(both)[0])
 
 
@@ -74,9 +77,15 @@ def test_settle_runs_every_sink_exactly_once_and_guards_failures() -> None:
 
 
 def test_time_per_output_token() -> None:
-    record = Record(request_id="r", endpoint="chat_completions", started_ns=0, streamed=True,
-                    first_token_ns=1_000, ended_ns=10_000,
-                    usage=Usage(5, 10, None, None, Source.UPSTREAM))
+    record = Record(
+        request_id="r",
+        endpoint="chat_completions",
+        started_ns=0,
+        streamed=True,
+        first_token_ns=1_000,
+        ended_ns=10_000,
+        usage=Usage(5, 10, None, None, Source.UPSTREAM),
+    )
     assert record.ttft_ns == 1_000
     assert record.tpot_ns == 1_000  # (10_000 - 1_000) / (10 - 1)
     record.usage = Usage(5, 1, None, None, Source.UPSTREAM)

@@ -32,8 +32,11 @@ def scan_whole(stream: bytes) -> list[Event]:
     return scanner.feed(stream) + scanner.flush()
 
 
-@pytest.mark.parametrize("stream", [VLLM, TRTLLM_ROLE + VLLM, RESPONSES, CRLF],
-                         ids=["vllm", "trtllm", "responses", "crlf"])
+@pytest.mark.parametrize(
+    "stream",
+    [VLLM, TRTLLM_ROLE + VLLM, RESPONSES, CRLF],
+    ids=["vllm", "trtllm", "responses", "crlf"],
+)
 def test_every_split_point_gives_the_same_events(stream: bytes) -> None:
     whole = scan_whole(stream)
     for cut in range(len(stream) + 1):

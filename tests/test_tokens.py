@@ -14,18 +14,37 @@ from meterproxy.tokens import BYTE_ESTIMATE, OFFLINE, TokenCounter
 
 # OpenAI cookbook's example: 129 prompt tokens, as counted by the API for gpt-4 (cl100k).
 COOKBOOK = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that "
-     "translates corporate jargon into plain English."},
-    {"role": "system", "name": "example_user",
-     "content": "New synergies will help drive top-line growth."},
-    {"role": "system", "name": "example_assistant",
-     "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more "
-     "bandwidth to touch base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant",
-     "content": "Let's talk later when we're less busy about how to do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean "
-     "for the client deliverable."},
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that "
+        "translates corporate jargon into plain English.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more "
+        "bandwidth to touch base on opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean "
+        "for the client deliverable.",
+    },
 ]
 
 
@@ -76,11 +95,23 @@ def test_prompts_of_every_endpoint() -> None:
     assert counter.count_prompt(model, "completions", {"prompt": "hello world"}) == 2
     assert counter.count_prompt(model, "completions", {"prompt": ["hello", "world"]}) == 2
     assert counter.count_prompt(model, "embeddings", {"input": [1, 2, 3, 4]}) == 4
-    assert counter.count_prompt(model, "responses", {"input": "hello world",
-                                                     "instructions": "be brief"}) == 4
-    parts = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hello world"},
-        {"type": "image_url", "image_url": {"url": "data:..."}}]}]}
+    assert (
+        counter.count_prompt(
+            model, "responses", {"input": "hello world", "instructions": "be brief"}
+        )
+        == 4
+    )
+    parts = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hello world"},
+                    {"type": "image_url", "image_url": {"url": "data:..."}},
+                ],
+            }
+        ]
+    }
     assert counter.count_prompt(model, "chat_completions", parts) == 3 + 1 + 2 + 3
     # Special-token text is ordinary text to count, never an error.
     assert counter.count_text(model, "<|endoftext|>") > 1
