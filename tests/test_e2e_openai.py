@@ -259,14 +259,17 @@ async def test_hundred_concurrent_streams_are_metered_exactly(
         counts = await asyncio.gather(*(one(c, i) for i in range(100)))
     assert counts == [5 + i % 15 for i in range(100)]
     assert len(proxy.settled) == 100
-    assert all(r.usage.source.value == "upstream" for r in proxy.settled)
-    expected_prompt = sum(r.usage.prompt or 0 for r in proxy.settled)
-    assert tokens(proxy, "completion") == sum(counts)
-    assert tokens(proxy, "prompt") == expected_prompt
-    # Prompt tokens are the upstream's own numbers: its count for "word " * i is i + 1 + ...
-    assert sorted(r.usage.prompt for r in proxy.settled) == sorted(
-        (i + 1 if i else 1) + 2 + 3 for i in range(100)
-    )
+    # Request for request, the metered usage is what the upstream counted and reported.
+    truth = {seen.headers["x-request-id"]: seen for seen in up.fake.seen}
+    for record in proxy.settled:
+        seen = truth[record.request_id]
+        assert record.usage.source.value == "upstream"
+        assert (record.usage.prompt, record.usage.completion) == (
+            seen.prompt_tokens,
+            seen.generated,
+        )
+    assert tokens(proxy, "completion") == sum(s.generated for s in truth.values()) == sum(counts)
+    assert tokens(proxy, "prompt") == sum(s.prompt_tokens or 0 for s in truth.values())
     assert proxy.sample("meterproxy_inflight_requests", upstream="local") == 0
 
 

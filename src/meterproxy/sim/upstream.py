@@ -68,6 +68,8 @@ class Seen:
     body: Any
     finished_ns: int | None = None  # the handler ended (response complete or cancelled)
     cancelled: bool = False  # the client (the proxy) closed the connection mid-response
+    prompt_tokens: int | None = None  # the truth: what this server counted and reports
+    generated: int = 0  # completion tokens generated (and sent) so far
 
 
 @dataclass
@@ -211,11 +213,13 @@ class FakeUpstream:
         count = behavior.tokens if not isinstance(limit, int) else min(limit, behavior.tokens)
         finish = "length" if isinstance(limit, int) and limit < behavior.tokens else "stop"
         prompt = _prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
+        seen.prompt_tokens = prompt
         try:
             if body.get("stream") is True:
-                return await self._stream(request, body, behavior, kind, count, finish, prompt)
+                return await self._stream(request, seen, behavior, kind, count, finish)
             if behavior.first_token_s or behavior.pace_s:
                 await asyncio.sleep(behavior.first_token_s + behavior.pace_s * count)
+            seen.generated = count
             return _json(_full_body(body, behavior, kind, count, finish, prompt))
         except asyncio.CancelledError:
             seen.cancelled = True
@@ -226,13 +230,13 @@ class FakeUpstream:
     async def _stream(
         self,
         request: web.Request,
-        body: dict[str, Any],
+        seen: Seen,
         behavior: Behavior,
         kind: str,
         count: int,
         finish: str,
-        prompt: int,
     ) -> web.StreamResponse:
+        body, prompt = seen.body, seen.prompt_tokens or 0
         out = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
         await out.prepare(request)
         options = body.get("stream_options") or {}
@@ -240,7 +244,7 @@ class FakeUpstream:
         continuous = include_usage and bool(options.get("continuous_usage_stats"))
         frames = _Frames(self.flavor, body, kind, prompt, behavior, continuous)
         if kind == "response":
-            return await self._stream_response(out, frames, behavior, count)
+            return await self._stream_response(out, frames, behavior, count, seen)
         if kind == "chat":
             await out.write(frames.role())
         if behavior.first_token_s:
@@ -251,6 +255,7 @@ class FakeUpstream:
             if behavior.failure and i == behavior.fail_after:
                 return await self._fail_stream(request, out, behavior)
             await out.write(frames.token(i, finish if i == count - 1 else None))
+            seen.generated += 1
         if include_usage:
             await out.write(frames.usage(count))
         await out.write(b"data: [DONE]\n\n")
@@ -283,7 +288,12 @@ class FakeUpstream:
         return out
 
     async def _stream_response(
-        self, out: web.StreamResponse, frames: _Frames, behavior: Behavior, count: int
+        self,
+        out: web.StreamResponse,
+        frames: _Frames,
+        behavior: Behavior,
+        count: int,
+        seen: Seen,
     ) -> web.StreamResponse:
         await out.write(frames.event("response.created", frames.response("in_progress", 0, None)))
         if behavior.first_token_s:
@@ -305,6 +315,7 @@ class FakeUpstream:
                     },
                 )
             )
+            seen.generated += 1
         usage = frames.response_usage(count) if behavior.usage else None
         await out.write(
             frames.event("response.completed", frames.response("completed", count, usage))
