@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,11 +90,15 @@ StartProxy = Callable[..., Any]
 
 
 @pytest.fixture
-async def start_proxy() -> AsyncIterator[StartProxy]:
+async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     servers: list[RunningServer] = []
 
     async def _start(tree: dict[str, Any], environ: dict[str, str] | None = None) -> Proxy:
-        tree = {"server": {"unready_delay_s": 0, "drain_timeout_s": 5}, **tree}
+        tree = {
+            "server": {"unready_delay_s": 0, "drain_timeout_s": 5},
+            "ledger": {"path": str(tmp_path / f"ledger-{len(servers)}.db")},
+            **tree,
+        }
         settings = config.parse(tree, environ or {})
         registry = CollectorRegistry()
         proxy_settled: list[Record] = []

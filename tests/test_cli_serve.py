@@ -31,7 +31,7 @@ class Process:
         self.url = f"http://127.0.0.1:{port}"
 
 
-async def launch(*args: str) -> Process:
+async def launch(*args: str, cwd: Path) -> Process:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -44,6 +44,7 @@ async def launch(*args: str) -> Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=cwd,
     )
     process = Process(proc, port)
     async with aiohttp.ClientSession() as http:
@@ -69,10 +70,10 @@ async def processes() -> AsyncIterator[list[Process]]:
 
 
 async def test_quick_start_with_one_upstream(
-    start_upstream: StartUpstream, processes: list[Process]
+    start_upstream: StartUpstream, processes: list[Process], tmp_path: Path
 ) -> None:
     up: Upstream = await start_upstream({"llama-3.1-8b": Behavior()})
-    proxy = await launch("--upstream", up.url)
+    proxy = await launch("--upstream", up.url, cwd=tmp_path)
     processes.append(proxy)
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as c:
         assert [m.id async for m in c.models.list()] == ["llama-3.1-8b"]
@@ -98,7 +99,7 @@ async def test_sigterm_turns_unready_then_drains_streams_and_exits_zero(
         f"upstreams: [{{name: gpu, url: '{up.url}', kind: vllm}}]\n"
         "server: {drain_timeout_s: 10, unready_delay_s: 0.4}\n"
     )
-    proxy = await launch("--config", str(cfg))
+    proxy = await launch("--config", str(cfg), cwd=tmp_path)
     processes.append(proxy)
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy.url + "/readyz") as r:

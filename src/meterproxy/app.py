@@ -7,18 +7,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import discovery, routes
+from . import discovery, pricing, routes
 from .config import Settings
-from .keys import RUNTIME
-from .meter import Clock, Meter, Sink
+from .keys import LEDGER, RUNTIME
+from .ledger import Ledger
+from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
+from .occupancy import Occupancy
 from .routing import Router
 from .runtime import Runtime
 from .tokens import TokenCounter
@@ -31,11 +33,27 @@ def create_app(
     *,
     registry: CollectorRegistry,
     clock: Clock = time.monotonic_ns,
+    wall_clock: Callable[[], float] = time.time,
     sinks: Sequence[Sink] = (),
     tokens: TokenCounter | None = None,
 ) -> web.Application:
+    """`clock`: monotonic ns for durations; `wall_clock`: Unix seconds for ledger rows;
+    `sinks`: extra receivers of every settled record (tests count settlements with one)."""
     metrics = Metrics(registry)
-    meter = Meter(clock, [metrics.observe, *sinks], on_error=metrics.metering_errors.inc)
+    ledger = None
+    if settings.ledger.enabled:
+        ledger = Ledger(
+            settings.ledger.path,
+            wall_clock=wall_clock,
+            on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
+        )
+    gpus = {u.name: len(u.gpus) for u in settings.upstreams}
+
+    def annotate(record: Record) -> None:
+        pricing.price(runtime.settings.prices, record, gpus.get(record.upstream, 0))
+
+    all_sinks = [metrics.observe, *([ledger.add] if ledger else []), *sinks]
+    meter = Meter(clock, all_sinks, on_error=metrics.metering_errors.inc, annotate=annotate)
     runtime = Runtime(
         settings=settings,
         router=Router(settings, {}),
@@ -43,14 +61,28 @@ def create_app(
         metrics=metrics,
         tokens=tokens or TokenCounter(None),
         clock=clock,
+        occupancy={u.name: Occupancy() for u in settings.upstreams},
     )
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = runtime
+    if ledger is not None:
+        app[LEDGER] = ledger
+        app.cleanup_ctx.append(_ledger)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_background_tasks)
     routes.add_routes(app)
     return app
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    ledger, runtime = app[LEDGER], app[RUNTIME]
+    await ledger.open()
+    runtime.spawn("ledger-writer", ledger.run())
+    yield
+    # Handlers have drained by now; cancel the writer, then write whatever is still queued.
+    await runtime.stop_tasks()
+    await ledger.close()
 
 
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
@@ -64,10 +65,18 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Ledger:
+    path: str = "./meterproxy-usage.db"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     server: Server
     upstreams: tuple[Upstream, ...]
     aliases: Mapping[str, str] = field(default_factory=dict)
+    prices: PriceTable = field(default_factory=default_table)
+    ledger: Ledger = Ledger()
     source: str = "<built-in>"
 
 
@@ -108,6 +117,12 @@ class _Checker:
             return default
         return float(value)
 
+    def non_negative(self, value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            self.fail(path, f"expected a number >= 0, got {_show(value)}")
+            return 0.0
+        return float(value)
+
     def integer(self, value: Any, path: str, default: int, lo: int, hi: int) -> int:
         if value is None:
             return default
@@ -137,7 +152,7 @@ def load(path: str | Path, environ: Mapping[str, str]) -> Settings:
 
 def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") -> Settings:
     check = _Checker()
-    top = check.mapping(tree, "", ("listen", "server", "upstreams", "aliases"))
+    top = check.mapping(tree, "", ("listen", "server", "upstreams", "aliases", "pricing", "ledger"))
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
     server_tree = check.mapping(
         top.get("server"), "server", ("max_body_bytes", "drain_timeout_s", "unready_delay_s")
@@ -164,9 +179,71 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
 
     upstreams = _upstreams(check, top.get("upstreams"), environ)
     aliases = _aliases(check, top.get("aliases"), upstreams)
+    prices = _pricing(check, top.get("pricing"), upstreams)
+    ledger_tree = check.mapping(top.get("ledger"), "ledger", ("path", "enabled"))
+    enabled = ledger_tree.get("enabled", True)
+    if not isinstance(enabled, bool):
+        check.fail("ledger.enabled", f"expected true or false, got {_show(enabled)}")
+    ledger = Ledger(
+        path=check.string(ledger_tree.get("path"), "ledger.path", Ledger.path) or Ledger.path,
+        enabled=enabled is not False,
+    )
     if check.problems:
         raise ConfigError(check.problems)
-    return Settings(server=server, upstreams=upstreams, aliases=aliases, source=source)
+    return Settings(
+        server=server,
+        upstreams=upstreams,
+        aliases=aliases,
+        prices=prices,
+        ledger=ledger,
+        source=source,
+    )
+
+
+def _pricing(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> PriceTable:
+    table = default_table()
+    tree = check.mapping(value, "pricing", ("models", "upstreams"))
+    models = dict(table.models)
+    model_tree = tree.get("models") or {}
+    if not isinstance(model_tree, dict):
+        check.fail("pricing.models", f"expected a mapping, got {_show(model_tree)}")
+        model_tree = {}
+    for name, price in model_tree.items():
+        path = f"pricing.models.{name}"
+        p = check.mapping(price, path, ("input", "cached_input", "output"))
+        if "input" not in p or "output" not in p:
+            check.fail(path, "expected {input: USD per 1M tokens, output: ..., cached_input: ...}")
+            continue
+        inp = check.non_negative(p["input"], f"{path}.input")
+        models[str(name)] = ModelPrice(
+            input=inp,
+            cached_input=check.non_negative(p.get("cached_input", inp), f"{path}.cached_input"),
+            output=check.non_negative(p["output"], f"{path}.output"),
+        )
+    names = {u.name for u in upstreams}
+    local: dict[str, UpstreamPrice] = {}
+    upstream_tree = tree.get("upstreams") or {}
+    if not isinstance(upstream_tree, dict):
+        check.fail("pricing.upstreams", f"expected a mapping, got {_show(upstream_tree)}")
+        upstream_tree = {}
+    for name, price in upstream_tree.items():
+        path = f"pricing.upstreams.{name}"
+        if name not in names:
+            check.fail(
+                path, f"no upstream is named {name!r} (upstreams: {', '.join(sorted(names))})"
+            )
+            continue
+        p = check.mapping(price, path, ("gpu_hour_usd", "electricity_usd_per_kwh"))
+        if "gpu_hour_usd" not in p:
+            check.fail(f"{path}.gpu_hour_usd", "required (USD per GPU-hour)")
+            continue
+        local[name] = UpstreamPrice(
+            gpu_hour_usd=check.non_negative(p["gpu_hour_usd"], f"{path}.gpu_hour_usd"),
+            electricity_usd_per_kwh=check.non_negative(
+                p.get("electricity_usd_per_kwh", 0), f"{path}.electricity_usd_per_kwh"
+            ),
+        )
+    return PriceTable(models=models, upstreams=local, taken=table.taken, source=table.source)
 
 
 def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple[Upstream, ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .ledger import Ledger
 from .runtime import Runtime
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)

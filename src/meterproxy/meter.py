@@ -55,6 +55,10 @@ class Record:
     upstream_error: str | None = None  # a kind from the proxy's failure table
     client_request_id: str | None = None
     client_user: str | None = None
+    gpu_seconds: float = 0.0  # this request's share of its upstream's wall time
+    energy_j: float | None = None  # attributed GPU energy, once measured
+    cost_usd: float = 0.0
+    priced: bool = False  # False: no price known for this model/upstream (cost 0, not a guess)
     settled: bool = False
 
     @property
@@ -76,16 +80,30 @@ class Record:
 class Meter:
     """Settles records exactly once and hands each to every sink (metrics, ledger, tests)."""
 
-    def __init__(self, clock: Clock, sinks: Sequence[Sink], on_error: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        sinks: Sequence[Sink],
+        on_error: Callable[[], None],
+        annotate: Callable[[Record], None] | None = None,
+    ) -> None:
+        """`annotate` completes a record (cost) before the sinks see it."""
         self.clock = clock
         self._sinks = tuple(sinks)
         self._on_error = on_error
+        self._annotate = annotate
 
     def settle(self, record: Record) -> None:
         if record.settled:
             raise RuntimeError(f"request {record.request_id} settled twice")
         record.settled = True
         record.ended_ns = self.clock()
+        if self._annotate is not None:
+            try:
+                self._annotate(record)
+            except Exception:  # same guard as the sinks: count, log, still settle
+                self._on_error()
+                log.exception("annotating request %s failed", record.request_id)
         for sink in self._sinks:
             try:
                 sink(record)

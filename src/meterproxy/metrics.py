@@ -118,6 +118,24 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.cost = Counter(
+            "meterproxy_cost_usd",
+            "Cost of requests in USD (price table, or GPU time + power).",
+            ["model", "upstream", "tenant"],
+            registry=registry,
+        )
+        self.unpriced = Counter(
+            "meterproxy_unpriced_requests",
+            "Requests whose model/upstream has no price (cost 0).",
+            ["model"],
+            registry=registry,
+        )
+        self.ledger_errors = Counter(
+            "meterproxy_ledger_errors",
+            "Usage-ledger failures: `write` (rows kept) or `dropped`.",
+            ["kind"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",
@@ -143,6 +161,9 @@ class Metrics:
         if record.upstream_error is not None:
             self.upstream_errors.labels(upstream, record.upstream_error).inc()
         if record.reached_upstream:
+            self.cost.labels(model, upstream, tenant).inc(record.cost_usd)
+            if not record.priced:
+                self.unpriced.labels(model).inc()
             self.duration.labels(model, upstream).observe(record.duration_ns / 1e9)
             if record.ttft_ns is not None:
                 self.ttft.labels(model, upstream).observe(record.ttft_ns / 1e9)

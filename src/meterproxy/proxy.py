@@ -299,6 +299,8 @@ async def _forward(
     session = runtime.sessions[upstream.name]
     inflight = runtime.metrics.inflight.labels(upstream.name)
     inflight.inc()
+    occupancy = runtime.occupancy[upstream.name]
+    mark = occupancy.begin(runtime.clock())
     response: aiohttp.ClientResponse | None = None
     watch: StreamWatch | None = None
     try:
@@ -325,6 +327,7 @@ async def _forward(
         raise
     finally:
         inflight.dec()
+        record.gpu_seconds = occupancy.end(runtime.clock(), mark)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
 

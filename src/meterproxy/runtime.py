@@ -14,6 +14,7 @@ import aiohttp
 from .config import Settings
 from .meter import Clock, Meter
 from .metrics import Metrics
+from .occupancy import Occupancy
 from .routing import Router
 from .tokens import TokenCounter
 
@@ -31,6 +32,8 @@ class Runtime:
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     # upstream name -> clock() of its last HTTP answer (any status), for /readyz
     last_answer_ns: dict[str, int] = field(default_factory=dict)
+    # upstream name -> wall-time split among its in-flight requests (GPU-seconds for cost)
+    occupancy: dict[str, Occupancy] = field(default_factory=dict)
     draining: bool = False
     last_on_demand_ns: int = -(2**62)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
