@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, config
+from . import __version__, config, report
 from .app import create_app, start, stop
 from .errors import ConfigError
 from .tokens import TokenCounter
@@ -48,6 +49,20 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
+
+    usage = commands.add_parser("usage", help="report usage and cost from the ledger")
+    where = usage.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", metavar="FILE", help="read the ledger path from this config")
+    where.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    usage.add_argument(
+        "--by",
+        action="append",
+        choices=tuple(report.DIMENSIONS),
+        help="group by (repeatable); default: tenant",
+    )
+    usage.add_argument("--since", help="e.g. 7d, 24h, 2026-11-01 (default: everything)")
+    usage.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
+    usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
     return parser
 
 
@@ -56,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = os.environ
     if args.command == "check-config":
         return _check_config(args.file, environ)
+    if args.command == "usage":
+        return _usage(args, environ)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -81,6 +98,31 @@ def _check_config(path: str, environ: Mapping[str, str]) -> int:
             print(problem)
         return 1
     print("ok")
+    return 0
+
+
+def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    path = args.ledger
+    if args.config:
+        try:
+            path = config.load(args.config, environ).ledger.path
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 1
+    if not os.path.exists(path):
+        print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
+        return 1
+    by = args.by or ["tenant"]
+    now = time.time()
+    try:
+        since = report.parse_time(args.since, now) if args.since else None
+        until = report.parse_time(args.until, now) if args.until else None
+        rows = report.query(path, by, since, until)
+    except report.ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(report.render(rows, by, args.format))
     return 0
 
 
