@@ -33,8 +33,17 @@ def test_local_cost_is_gpu_time_plus_electricity() -> None:
 
 def test_an_unknown_model_is_unpriced_never_guessed() -> None:
     table = PriceTable(models={"a": ModelPrice(1, 1, 1)}, upstreams={})
-    cost = cost_of(table, model="b", upstream="u", gpus=0, prompt=10, cached=0, completion=10,
-                   gpu_seconds=1.0, energy_j=0)
+    cost = cost_of(
+        table,
+        model="b",
+        upstream="u",
+        gpus=0,
+        prompt=10,
+        cached=0,
+        completion=10,
+        gpu_seconds=1.0,
+        energy_j=0,
+    )
     assert (cost.usd, cost.priced) == (0.0, False)
 
 
@@ -46,13 +55,19 @@ def test_the_shipped_table_loads_with_its_date_and_source() -> None:
 
 
 def test_config_overrides_and_extends_prices() -> None:
-    settings = config.parse({
-        "upstreams": [{"name": "local-vllm", "url": "http://x/v1"}],
-        "pricing": {"models": {"gpt-4o-mini": {"input": 0.2, "output": 0.8},
-                               "my-model": {"input": 1, "cached_input": 0.5, "output": 2}},
-                    "upstreams": {"local-vllm": {"gpu_hour_usd": 2.5,
-                                                 "electricity_usd_per_kwh": 0.12}}},
-    }, {})
+    settings = config.parse(
+        {
+            "upstreams": [{"name": "local-vllm", "url": "http://x/v1"}],
+            "pricing": {
+                "models": {
+                    "gpt-4o-mini": {"input": 0.2, "output": 0.8},
+                    "my-model": {"input": 1, "cached_input": 0.5, "output": 2},
+                },
+                "upstreams": {"local-vllm": {"gpu_hour_usd": 2.5, "electricity_usd_per_kwh": 0.12}},
+            },
+        },
+        {},
+    )
     prices = settings.prices
     assert prices.models["gpt-4o-mini"] == ModelPrice(0.2, 0.2, 0.8)
     assert prices.models["my-model"] == ModelPrice(1, 0.5, 2)
@@ -62,9 +77,16 @@ def test_config_overrides_and_extends_prices() -> None:
 
 def test_bad_prices_are_named_by_path() -> None:
     with pytest.raises(ConfigError) as caught:
-        config.parse({"upstreams": [{"name": "a", "url": "http://x/v1"}],
-                      "pricing": {"models": {"m": {"input": -1, "output": 1, "extra": 2}},
-                                  "upstreams": {"b": {"gpu_hour_usd": 1}}}}, {})
+        config.parse(
+            {
+                "upstreams": [{"name": "a", "url": "http://x/v1"}],
+                "pricing": {
+                    "models": {"m": {"input": -1, "output": 1, "extra": 2}},
+                    "upstreams": {"b": {"gpu_hour_usd": 1}},
+                },
+            },
+            {},
+        )
     assert caught.value.problems == [
         "pricing.models.m.extra: unknown key (expected one of: input, cached_input, output)",
         "pricing.models.m.input: expected a number >= 0, got -1",
