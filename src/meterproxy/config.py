@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
+from .validation import Checker, show
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
@@ -77,64 +79,8 @@ class Settings:
     aliases: Mapping[str, str] = field(default_factory=dict)
     prices: PriceTable = field(default_factory=default_table)
     ledger: Ledger = Ledger()
+    tenancy: Tenancy = field(default_factory=Tenancy)
     source: str = "<built-in>"
-
-
-class _Checker:
-    """Collects problems while reading a parsed YAML tree."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(path, f"expected a mapping, got {_show(value)}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                self.fail(where, f"unknown key (expected one of: {', '.join(allowed)})")
-        return value
-
-    def string(self, value: Any, path: str, default: str | None = None) -> str | None:
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            self.fail(path, f"expected a non-empty string, got {_show(value)}")
-            return default
-        return value
-
-    def positive(self, value: Any, path: str, default: float) -> float:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            self.fail(path, f"expected a positive number, got {_show(value)}")
-            return default
-        return float(value)
-
-    def non_negative(self, value: Any, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            self.fail(path, f"expected a number >= 0, got {_show(value)}")
-            return 0.0
-        return float(value)
-
-    def integer(self, value: Any, path: str, default: int, lo: int, hi: int) -> int:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.fail(path, f"expected an integer from {lo} to {hi}, got {_show(value)}")
-            return default
-        return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load(path: str | Path, environ: Mapping[str, str]) -> Settings:
@@ -151,8 +97,22 @@ def load(path: str | Path, environ: Mapping[str, str]) -> Settings:
 
 
 def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") -> Settings:
-    check = _Checker()
-    top = check.mapping(tree, "", ("listen", "server", "upstreams", "aliases", "pricing", "ledger"))
+    check = Checker()
+    top = check.mapping(
+        tree,
+        "",
+        (
+            "listen",
+            "server",
+            "upstreams",
+            "aliases",
+            "pricing",
+            "ledger",
+            "auth",
+            "tenants",
+            "quota",
+        ),
+    )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
     server_tree = check.mapping(
         top.get("server"), "server", ("max_body_bytes", "drain_timeout_s", "unready_delay_s")
@@ -183,11 +143,12 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     ledger_tree = check.mapping(top.get("ledger"), "ledger", ("path", "enabled"))
     enabled = ledger_tree.get("enabled", True)
     if not isinstance(enabled, bool):
-        check.fail("ledger.enabled", f"expected true or false, got {_show(enabled)}")
+        check.fail("ledger.enabled", f"expected true or false, got {show(enabled)}")
     ledger = Ledger(
         path=check.string(ledger_tree.get("path"), "ledger.path", Ledger.path) or Ledger.path,
         enabled=enabled is not False,
     )
+    tenancy = parse_tenancy(check, top, environ)
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -196,17 +157,18 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         aliases=aliases,
         prices=prices,
         ledger=ledger,
+        tenancy=tenancy,
         source=source,
     )
 
 
-def _pricing(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> PriceTable:
+def _pricing(check: Checker, value: Any, upstreams: tuple[Upstream, ...]) -> PriceTable:
     table = default_table()
     tree = check.mapping(value, "pricing", ("models", "upstreams"))
     models = dict(table.models)
     model_tree = tree.get("models") or {}
     if not isinstance(model_tree, dict):
-        check.fail("pricing.models", f"expected a mapping, got {_show(model_tree)}")
+        check.fail("pricing.models", f"expected a mapping, got {show(model_tree)}")
         model_tree = {}
     for name, price in model_tree.items():
         path = f"pricing.models.{name}"
@@ -224,7 +186,7 @@ def _pricing(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> Pr
     local: dict[str, UpstreamPrice] = {}
     upstream_tree = tree.get("upstreams") or {}
     if not isinstance(upstream_tree, dict):
-        check.fail("pricing.upstreams", f"expected a mapping, got {_show(upstream_tree)}")
+        check.fail("pricing.upstreams", f"expected a mapping, got {show(upstream_tree)}")
         upstream_tree = {}
     for name, price in upstream_tree.items():
         path = f"pricing.upstreams.{name}"
@@ -246,9 +208,9 @@ def _pricing(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> Pr
     return PriceTable(models=models, upstreams=local, taken=table.taken, source=table.source)
 
 
-def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple[Upstream, ...]:
+def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[Upstream, ...]:
     if not isinstance(value, list) or not value:
-        check.fail("upstreams", f"expected a non-empty list of upstreams, got {_show(value)}")
+        check.fail("upstreams", f"expected a non-empty list of upstreams, got {show(value)}")
         return ()
     result: list[Upstream] = []
     seen: set[str] = set()
@@ -279,7 +241,7 @@ def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple
         kind = tree.get("kind", "generic")
         if kind not in UPSTREAM_KINDS:
             check.fail(
-                f"{path}.kind", f"expected one of {', '.join(UPSTREAM_KINDS)}, got {_show(kind)}"
+                f"{path}.kind", f"expected one of {', '.join(UPSTREAM_KINDS)}, got {show(kind)}"
             )
         models = tree.get("models", [WILDCARD])
         if (
@@ -288,7 +250,7 @@ def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple
             or not all(isinstance(m, str) and m for m in models)
         ):
             check.fail(
-                f"{path}.models", f'expected a list of model names or ["*"], got {_show(models)}'
+                f"{path}.models", f'expected a list of model names or ["*"], got {show(models)}'
             )
             models = [WILDCARD]
         key_env = check.string(tree.get("api_key_env"), f"{path}.api_key_env")
@@ -318,9 +280,7 @@ def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple
             or (isinstance(g, str) and g)
             for g in gpus
         ):
-            check.fail(
-                f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {_show(gpus)}"
-            )
+            check.fail(f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {show(gpus)}")
             gpus = []
         refresh = check.positive(tree.get("refresh_interval_s"), f"{path}.refresh_interval_s", 30.0)
         if name and url:
@@ -340,11 +300,11 @@ def _upstreams(check: _Checker, value: Any, environ: Mapping[str, str]) -> tuple
     return tuple(result)
 
 
-def _aliases(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> dict[str, str]:
+def _aliases(check: Checker, value: Any, upstreams: tuple[Upstream, ...]) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        check.fail("aliases", f"expected a mapping of alias -> model, got {_show(value)}")
+        check.fail("aliases", f"expected a mapping of alias -> model, got {show(value)}")
         return {}
     static = {m for u in upstreams for m in u.static_models}
     can_check = not any(u.discovers_models for u in upstreams)
@@ -352,7 +312,7 @@ def _aliases(check: _Checker, value: Any, upstreams: tuple[Upstream, ...]) -> di
     for alias, target in value.items():
         path = f"aliases.{alias}"
         if not isinstance(alias, str) or not isinstance(target, str) or not target:
-            check.fail(path, f"expected a model name, got {_show(target)}")
+            check.fail(path, f"expected a model name, got {show(target)}")
         elif alias == target:
             check.fail(path, "an alias cannot point at itself")
         elif can_check and target not in static:

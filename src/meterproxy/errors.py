@@ -3,9 +3,14 @@
     ProxyError                      status  type                    code
     ├── InvalidRequest              400     invalid_request_error   (varies)
     │   ├── MalformedJSON           400     invalid_request_error   invalid_json
+    │   ├── MaxTokensExceeded       400     invalid_request_error   max_tokens_exceeded
+    │   ├── InvalidAPIKey           401     invalid_request_error   invalid_api_key
+    │   ├── ModelNotAllowed         403     invalid_request_error   model_not_allowed
     │   ├── ModelNotFound           404     invalid_request_error   model_not_found
     │   ├── RouteNotFound           404     invalid_request_error   unknown_url
     │   └── PayloadTooLarge         413     invalid_request_error   payload_too_large
+    ├── RateLimited                 429     requests | tokens       rate_limit_exceeded
+    ├── QuotaExhausted              429     insufficient_quota      insufficient_quota
     └── UpstreamError               502     upstream_error          (varies)
         ├── UpstreamUnreachable     502     upstream_error          upstream_unreachable
         ├── UpstreamTimeout         504     upstream_error          upstream_timeout
@@ -30,6 +35,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}
 
 
 class InvalidRequest(ProxyError):
@@ -55,6 +61,49 @@ class RouteNotFound(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"
+
+
+class MaxTokensExceeded(InvalidRequest):
+    code = "max_tokens_exceeded"
+
+
+class InvalidAPIKey(InvalidRequest):
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(InvalidRequest):
+    status = 403
+    code = "model_not_allowed"
+
+
+class _Refused(ProxyError):
+    """A quota refusal: carries the limit hit, an honest Retry-After and x-ratelimit-*."""
+
+    status = 429
+
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.headers = {**headers, "retry-after": str(max(retry_after_s, 1))}
+
+
+class RateLimited(_Refused):
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(message, limit=limit, retry_after_s=retry_after_s, headers=headers)
+        # OpenAI's type says which window ran out: "requests" or "tokens".
+        self.type = "tokens" if "token" in limit else "requests"
+
+
+class QuotaExhausted(_Refused):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class UpstreamError(ProxyError):

@@ -1,0 +1,164 @@
+"""Tenants, their keys, model allow-lists and limits, compiled from the config.
+
+Keys are only ever held as SHA-256 digests: `sha256:<hex>` entries are taken as they are,
+`env:VAR` entries are read from the environment at load and hashed at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .validation import Checker, show
+
+ANONYMOUS = "anonymous"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    usd_per_month: float | None = None
+    joules_per_day: float | None = None
+    max_concurrent: int | None = None
+    max_tokens_per_request: int | None = None
+
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+_FLOAT_LIMITS = frozenset({"usd_per_month", "joules_per_day"})
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key_hashes: frozenset[str] = frozenset()
+    models: tuple[str, ...] | None = None  # glob allow-list; None = every model
+    limits: Limits = Limits()
+    _allow: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+
+    def allows(self, model: str) -> bool:
+        return self._allow is None or self._allow.match(model) is not None
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    mode: str = "open"  # keys | open
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    by_key: Mapping[str, str] = field(default_factory=dict, repr=False)  # digest -> tenant
+    timezone: str = "UTC"
+    state_path: str = "./meterproxy-quota.db"
+
+    def tenant(self, name: str) -> Tenant:
+        found = self.tenants.get(name)
+        return found if found is not None else Tenant(name)
+
+
+def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:
+    auth = check.mapping(top.get("auth"), "auth", ("mode",))
+    quota = check.mapping(top.get("quota"), "quota", ("timezone", "state_path"))
+    tenants_tree = top.get("tenants") or {}
+    if not isinstance(tenants_tree, dict):
+        check.fail(
+            "tenants", f"expected a mapping of tenant name -> tenant, got {show(tenants_tree)}"
+        )
+        tenants_tree = {}
+    tenants: dict[str, Tenant] = {}
+    by_key: dict[str, str] = {}
+    for name, tree in tenants_tree.items():
+        tenant = _tenant(check, str(name), tree, environ)
+        for digest in tenant.key_hashes:
+            if digest in by_key:
+                check.fail(
+                    f"tenants.{name}.keys",
+                    f"a key is also a key of tenant "
+                    f"`{by_key[digest]}`; each key belongs to one tenant",
+                )
+            by_key[digest] = tenant.name
+        tenants[tenant.name] = tenant
+    mode = auth.get("mode", "keys" if tenants else "open")
+    if mode not in ("keys", "open"):
+        check.fail("auth.mode", f"expected keys or open, got {show(mode)}")
+        mode = "keys"
+    if mode == "keys" and not by_key:
+        check.fail(
+            "auth.mode",
+            "is `keys` but no tenant has a key; add tenants.<name>.keys or set auth.mode: open",
+        )
+    zone = check.string(quota.get("timezone"), "quota.timezone", "UTC") or "UTC"
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        check.fail("quota.timezone", f"unknown time zone {zone!r} (e.g. UTC, Europe/Paris)")
+        zone = "UTC"
+    path = check.string(quota.get("state_path"), "quota.state_path", Tenancy.state_path)
+    return Tenancy(
+        mode=str(mode),
+        tenants=tenants,
+        by_key=by_key,
+        timezone=zone,
+        state_path=path or Tenancy.state_path,
+    )
+
+
+def _tenant(check: Checker, name: str, value: Any, environ: Mapping[str, str]) -> Tenant:
+    path = f"tenants.{name}"
+    tree = check.mapping(value, path, ("keys", "models", "limits"))
+    digests: set[str] = set()
+    keys = tree.get("keys", [])
+    if not isinstance(keys, list):
+        check.fail(f"{path}.keys", f"expected a list, got {show(keys)}")
+        keys = []
+    for i, entry in enumerate(keys):
+        where = f"{path}.keys[{i}]"
+        if isinstance(entry, str) and entry.startswith("sha256:") and _HEX64.match(entry[7:]):
+            digests.add(entry[7:])
+        elif isinstance(entry, str) and entry.startswith("env:") and len(entry) > 4:
+            secret = environ.get(entry[4:])
+            if secret:
+                digests.add(hash_key(secret))
+            else:
+                check.fail(where, f"environment variable {entry[4:]} is not set")
+        else:
+            check.fail(
+                where,
+                "expected sha256:<64 hex digits> or env:VARIABLE (plain keys do "
+                "not belong in the file; `meterproxy hash-key` prints the sha256: form)",
+            )
+    models = tree.get("models")
+    allow = None
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            check.fail(
+                f"{path}.models", f"expected a list of model names or globs, got {show(models)}"
+            )
+            models = None
+        else:
+            allow = re.compile("|".join(f"(?:{fnmatch.translate(m)})" for m in models))
+    limits_tree = check.mapping(tree.get("limits"), f"{path}.limits", LIMIT_NAMES)
+    values: dict[str, Any] = {}
+    for key in LIMIT_NAMES:
+        raw = limits_tree.get(key)
+        if raw is None:
+            continue
+        if key in _FLOAT_LIMITS:
+            values[key] = check.positive(raw, f"{path}.limits.{key}", 1.0)
+        else:
+            values[key] = check.positive_int(raw, f"{path}.limits.{key}")
+    return Tenant(
+        name=name,
+        key_hashes=frozenset(digests),
+        models=tuple(models) if models is not None else None,
+        limits=Limits(**values),
+        _allow=allow,
+    )

@@ -1,0 +1,294 @@
+"""Admission against each tenant's limits, and settlement of what was admitted. Pure: clocks
+are passed in, nothing here does I/O.
+
+Per-minute limits use an exact sliding log (no fixed buckets, so never 2x at a boundary): a
+request is admitted only if the last 60 s plus this request stay within the limit. Tokens are
+reserved at admission (prompt estimate + max_tokens) and corrected to real usage at settlement.
+Day and month budgets follow the calendar in the configured time zone.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .errors import QuotaExhausted, RateLimited
+from .policy import Limits, Tenant
+
+WINDOW_NS = 60_000_000_000
+
+
+class SlidingLog:
+    """Amounts admitted in the last 60 s; entries are [t_ns, amount], adjustable in place."""
+
+    __slots__ = ("_entries", "total")
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[list[int]] = collections.deque()
+        self.total = 0
+
+    def expire(self, now_ns: int) -> None:
+        horizon = now_ns - WINDOW_NS
+        while self._entries and self._entries[0][0] <= horizon:
+            self.total -= self._entries.popleft()[1]
+
+    def add(self, now_ns: int, amount: int) -> list[int]:
+        entry = [now_ns, amount]
+        self._entries.append(entry)
+        self.total += amount
+        return entry
+
+    def adjust(self, entry: list[int], actual: int, now_ns: int) -> None:
+        if entry[0] > now_ns - WINDOW_NS:  # still in the window: correct it where it stands
+            self.total += actual - entry[1]
+            entry[1] = actual
+        elif actual > entry[1]:  # expired already; usage beyond the reservation counts now
+            self.add(now_ns, actual - entry[1])
+
+    def wait_ns(self, now_ns: int, need: int, limit: int) -> int:
+        """How long until `need` more fits under `limit`."""
+        excess = self.total + need - limit
+        for t, amount in self._entries:
+            excess -= amount
+            if excess <= 0:
+                return t + WINDOW_NS - now_ns
+        return WINDOW_NS
+
+
+@dataclass
+class TenantState:
+    requests: SlidingLog = field(default_factory=SlidingLog)
+    tokens: SlidingLog = field(default_factory=SlidingLog)
+    concurrent: int = 0
+    reserved_today: int = 0  # tokens admitted but not yet settled
+    # (kind, period) -> amount settled: ("tokens", "2026-11-22"), ("usd", "2026-11"), ...
+    spend: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """What one admission took; handed back at settlement."""
+
+    tenant: str
+    reserved: int
+    request_entry: list[int] | None
+    token_entry: list[int] | None
+    day: str
+
+
+@dataclass(frozen=True)
+class Headers:
+    """OpenAI's x-ratelimit-* values for one tenant at one moment."""
+
+    values: dict[str, str]
+
+
+def duration(ns: int) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 20ms."""
+    ms = max(0, math.ceil(ns / 1e6))
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:g}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+
+
+class Quota:
+    def __init__(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+        self.states: dict[str, TenantState] = {}
+        self.dirty: set[tuple[str, str, str]] = set()  # (tenant, kind, period) to persist
+
+    def state(self, tenant: str) -> TenantState:
+        found = self.states.get(tenant)
+        if found is None:
+            found = self.states[tenant] = TenantState()
+        return found
+
+    def periods(self, now_s: float) -> tuple[str, str, datetime, datetime]:
+        local = datetime.fromtimestamp(now_s, self.zone)
+        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0)
+        month_start = day_start.replace(day=1)
+        next_month = (month_start + timedelta(days=32)).replace(day=1)
+        return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
+
+    def used(self, tenant: str, kind: str, period: str) -> float:
+        return self.state(tenant).spend.get((kind, period), 0.0)
+
+    def headers(self, tenant: Tenant, now_ns: int) -> dict[str, str]:
+        limits, state, out = tenant.limits, self.state(tenant.name), {}
+        for name, limit, log in (
+            ("requests", limits.requests_per_minute, state.requests),
+            ("tokens", limits.tokens_per_minute, state.tokens),
+        ):
+            if limit is None:
+                continue
+            log.expire(now_ns)
+            out[f"x-ratelimit-limit-{name}"] = str(limit)
+            out[f"x-ratelimit-remaining-{name}"] = str(max(limit - log.total, 0))
+            out[f"x-ratelimit-reset-{name}"] = duration(
+                log.wait_ns(now_ns, limit, limit) if log.total else 0
+            )
+        return out
+
+    def admit(self, tenant: Tenant, estimate: int, now_ns: int, now_s: float) -> Ticket:
+        """Reserve one request and `estimate` tokens, or raise RateLimited / QuotaExhausted."""
+        limits, state, name = tenant.limits, self.state(tenant.name), tenant.name
+        day, month, next_day, next_month = self.periods(now_s)
+        if limits.max_concurrent is not None and state.concurrent >= limits.max_concurrent:
+            raise self._limited(
+                tenant,
+                "max_concurrent",
+                1_000_000_000,
+                now_ns,
+                f"tenant `{name}` has {state.concurrent} of "
+                f"{limits.max_concurrent} concurrent requests in flight; "
+                "retry when one finishes",
+            )
+        if limits.requests_per_minute is not None:
+            state.requests.expire(now_ns)
+            if state.requests.total + 1 > limits.requests_per_minute:
+                wait = state.requests.wait_ns(now_ns, 1, limits.requests_per_minute)
+                raise self._limited(
+                    tenant,
+                    "requests_per_minute",
+                    wait,
+                    now_ns,
+                    f"tenant `{name}` has made {state.requests.total:,} of "
+                    f"{limits.requests_per_minute:,} requests in the last "
+                    f"minute; retry in {duration(wait)}",
+                )
+        if limits.tokens_per_minute is not None:
+            state.tokens.expire(now_ns)
+            if state.tokens.total + estimate > limits.tokens_per_minute:
+                wait = state.tokens.wait_ns(now_ns, estimate, limits.tokens_per_minute)
+                raise self._limited(
+                    tenant,
+                    "tokens_per_minute",
+                    wait,
+                    now_ns,
+                    f"tenant `{name}` has used {state.tokens.total:,} of "
+                    f"{limits.tokens_per_minute:,} tokens in the last minute and "
+                    f"this request may use {estimate:,}; retry in "
+                    f"{duration(wait)}",
+                )
+        self._budget(
+            tenant,
+            "tokens_per_day",
+            limits.tokens_per_day,
+            self.used(name, "tokens", day) + state.reserved_today,
+            estimate,
+            "tokens today",
+            next_day,
+            now_s,
+        )
+        self._budget(
+            tenant,
+            "usd_per_month",
+            limits.usd_per_month,
+            self.used(name, "usd", month),
+            0,
+            "USD this month",
+            next_month,
+            now_s,
+        )
+        self._budget(
+            tenant,
+            "joules_per_day",
+            limits.joules_per_day,
+            self.used(name, "joules", day),
+            0,
+            "joules today",
+            next_day,
+            now_s,
+        )
+        state.concurrent += 1
+        state.reserved_today += estimate
+        request_entry = (
+            state.requests.add(now_ns, 1) if limits.requests_per_minute is not None else None
+        )
+        token_entry = (
+            state.tokens.add(now_ns, estimate) if limits.tokens_per_minute is not None else None
+        )
+        return Ticket(name, estimate, request_entry, token_entry, day)
+
+    def _budget(
+        self,
+        tenant: Tenant,
+        limit_name: str,
+        limit: float | None,
+        used: float,
+        need: int,
+        unit: str,
+        resets: datetime,
+        now_s: float,
+    ) -> None:
+        if limit is None or (used + need <= limit and used < limit):
+            return
+        wait_s = resets.timestamp() - now_s
+        what = f"{used:,.0f}" if unit != "USD this month" else f"{used:,.2f}"
+        cap = f"{limit:,.0f}" if unit != "USD this month" else f"{limit:,.2f}"
+        extra = f" and this request may use {need:,} more" if need and used < limit else ""
+        raise QuotaExhausted(
+            f"tenant `{tenant.name}` has used {what} of {cap} {unit}{extra}; resets at "
+            f"{resets.strftime('%Y-%m-%d %H:%M')} {resets.tzname()}",
+            limit=limit_name,
+            retry_after_s=math.ceil(wait_s),
+            headers={},
+        )
+
+    def _limited(
+        self, tenant: Tenant, limit_name: str, wait_ns: int, now_ns: int, message: str
+    ) -> RateLimited:
+        headers = self.headers(tenant, now_ns)
+        return RateLimited(
+            message,
+            limit=limit_name,
+            retry_after_s=max(1, math.ceil(wait_ns / 1e9)),
+            headers=headers,
+        )
+
+    def settle(
+        self, ticket: Ticket, tokens: int, usd: float, joules: float, now_ns: int, now_s: float
+    ) -> None:
+        """Replace the reservation by real usage; release the concurrency slot."""
+        state = self.state(ticket.tenant)
+        state.concurrent -= 1
+        state.reserved_today -= ticket.reserved
+        if ticket.token_entry is not None:
+            state.tokens.adjust(ticket.token_entry, tokens, now_ns)
+        day, month, _, _ = self.periods(now_s)
+        for kind, period, amount in (
+            ("tokens", ticket.day, tokens),
+            ("usd", month, usd),
+            ("joules", day, joules),
+        ):
+            if amount:
+                key = (kind, period)
+                state.spend[key] = state.spend.get(key, 0.0) + amount
+                self.dirty.add((ticket.tenant, kind, period))
+
+    def ratios(self, tenant: Tenant, now_ns: int, now_s: float) -> dict[str, float]:
+        """used / limit for every limit the tenant has (for the usage-ratio gauge)."""
+        limits, state, name = tenant.limits, self.state(tenant.name), tenant.name
+        day, month, _, _ = self.periods(now_s)
+        state.requests.expire(now_ns)
+        state.tokens.expire(now_ns)
+        pairs: list[tuple[str, float, float | int | None]] = [
+            ("requests_per_minute", state.requests.total, limits.requests_per_minute),
+            ("tokens_per_minute", state.tokens.total, limits.tokens_per_minute),
+            ("tokens_per_day", self.used(name, "tokens", day), limits.tokens_per_day),
+            ("usd_per_month", self.used(name, "usd", month), limits.usd_per_month),
+            ("joules_per_day", self.used(name, "joules", day), limits.joules_per_day),
+            ("max_concurrent", state.concurrent, limits.max_concurrent),
+        ]
+        return {key: used / limit for key, used, limit in pairs if limit}
+
+
+def reserve_estimate(limits: Limits, prompt_tokens: int, max_tokens: int | None) -> int:
+    return prompt_tokens + (max_tokens or limits.max_tokens_per_request or 0)
