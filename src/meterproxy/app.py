@@ -21,6 +21,7 @@ from .ledger import Ledger
 from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
 from .occupancy import Occupancy
+from .quota import Quota
 from .routing import Router
 from .runtime import Runtime
 from .tokens import TokenCounter
@@ -52,7 +53,20 @@ def create_app(
     def annotate(record: Record) -> None:
         pricing.price(runtime.settings.prices, record, gpus.get(record.upstream, 0))
 
-    all_sinks = [metrics.observe, *([ledger.add] if ledger else []), *sinks]
+    quota = Quota(settings.tenancy.timezone)
+
+    def settle_quota(record: Record) -> None:
+        ticket = record.ticket
+        if ticket is None:
+            return
+        usage, now_ns, now_s = record.usage, clock(), wall_clock()
+        tokens = (usage.prompt or 0) + (usage.completion or 0)
+        quota.settle(ticket, tokens, record.cost_usd, record.energy_j or 0.0, now_ns, now_s)
+        tenant = runtime.settings.tenancy.tenant(ticket.tenant)
+        for limit, ratio in quota.ratios(tenant, now_ns, now_s).items():
+            metrics.quota_usage_ratio.labels(tenant.name, limit).set(ratio)
+
+    all_sinks = [metrics.observe, settle_quota, *([ledger.add] if ledger else []), *sinks]
     meter = Meter(clock, all_sinks, on_error=metrics.metering_errors.inc, annotate=annotate)
     runtime = Runtime(
         settings=settings,
@@ -61,6 +75,8 @@ def create_app(
         metrics=metrics,
         tokens=tokens or TokenCounter(None),
         clock=clock,
+        wall_clock=wall_clock,
+        quota=quota,
         occupancy={u.name: Occupancy() for u in settings.upstreams},
     )
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.

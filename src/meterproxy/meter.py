@@ -11,12 +11,15 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .sse import Event
 from .usage import NO_USAGE, Usage
+
+if TYPE_CHECKING:
+    from .quota import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class Record:
     energy_j: float | None = None  # attributed GPU energy, once measured
     cost_usd: float = 0.0
     priced: bool = False  # False: no price known for this model/upstream (cost 0, not a guess)
+    ticket: Ticket | None = None  # what quota admission reserved, settled with the request
     settled: bool = False
 
     @property

@@ -136,6 +136,24 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.quota_rejections = Counter(
+            "meterproxy_quota_rejections",
+            "Requests refused by a tenant limit.",
+            ["tenant", "limit"],
+            registry=registry,
+        )
+        self.quota_usage_ratio = Gauge(
+            "meterproxy_quota_usage_ratio",
+            "Used / limit, per tenant and limit.",
+            ["tenant", "limit"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "meterproxy_config_reloads",
+            "Configuration reloads, by result (ok, error).",
+            ["result"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",

@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import discovery, errors, usage
+from . import admission, auth, discovery, errors, usage
 from .config import USAGE_STREAM_KINDS
 from .errors import ProxyError
 from .meter import (
@@ -138,7 +138,7 @@ def error_response(error: ProxyError, request_id: str) -> web.Response:
         status=error.status,
         body=errors.render(error),
         content_type="application/json",
-        headers={"x-request-id": request_id},
+        headers={**error.headers, "x-request-id": request_id},
     )
 
 
@@ -161,17 +161,27 @@ async def _serve(request: web.Request, runtime: Runtime, endpoint: str) -> web.S
         client_request_id=client_id,
     )
     try:
+        tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
+        record.tenant = tenant.name
         raw = await _read_body(request, runtime)
+        modified = False
         if endpoint == "other":
             body = _maybe_json(raw)
             route = _route_other(runtime, body)
+            if route.model != NO_LABEL and body is not None:
+                record.ticket, modified = await admission.admit(
+                    runtime, tenant, route, body, endpoint
+                )
         else:
             body = _parse_json(raw)
             route = await _route(runtime, body)
+            record.ticket, modified = await admission.admit(runtime, tenant, route, body, endpoint)
         record.model, record.upstream = route.model, route.upstream.name
-        return await _forward(request, runtime, record, route, body, raw)
+        return await _forward(request, runtime, record, route, body, raw, modified)
     except ProxyError as error:
         record.status = str(error.status)
+        if isinstance(error, (errors.RateLimited, errors.QuotaExhausted)):
+            runtime.metrics.quota_rejections.labels(record.tenant, error.limit).inc()
         return error_response(error, record.request_id)
     except asyncio.CancelledError:
         _client_left(runtime, record, None, None)
@@ -270,6 +280,7 @@ async def _forward(
     route: Route,
     body: dict[str, Any] | None,
     raw: bytes,
+    modified: bool,
 ) -> web.StreamResponse:
     upstream = route.upstream
     if body is None:
@@ -279,7 +290,7 @@ async def _forward(
         stream = body.get("stream") is True
         user = body.get("user")
         record.client_user = user if isinstance(user, str) else None
-        rewrite = route.model != NO_LABEL and body.get("model") != route.model
+        rewrite = modified or (route.model != NO_LABEL and body.get("model") != route.model)
     record.streamed = stream
     strip_usage = False
     if stream and record.endpoint in _DONE_ENDPOINTS and upstream.kind in USAGE_STREAM_KINDS:

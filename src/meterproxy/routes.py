@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import discovery, errors, proxy
+from . import auth, discovery, errors, proxy
 from .keys import RUNTIME
 
 
@@ -29,17 +29,27 @@ async def other(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    router = request.app[RUNTIME].router
-    return web.json_response({"object": "list", "data": list(router.listing)})
+    runtime = request.app[RUNTIME]
+    try:
+        tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
+    except errors.ProxyError as error:
+        return proxy.error_response(error, runtime.new_request_id())
+    # A tenant sees only the models it may use.
+    data = [m for m in runtime.router.listing if tenant.allows(m["id"])]
+    return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    try:
+        tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
+    except errors.ProxyError as refused:
+        return proxy.error_response(refused, runtime.new_request_id())
     model = request.match_info["model"]
     found = runtime.router.model_object(model)
-    if found is None:
-        error = errors.ModelNotFound(f"the model `{model[:200]}` does not exist", param="model")
-        return proxy.error_response(error, runtime.new_request_id())
+    if found is None or not tenant.allows(model):
+        missing = errors.ModelNotFound(f"the model `{model[:200]}` does not exist", param="model")
+        return proxy.error_response(missing, runtime.new_request_id())
     return web.json_response(found)
 
 

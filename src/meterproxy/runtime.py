@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from .config import Settings
 from .meter import Clock, Meter
 from .metrics import Metrics
 from .occupancy import Occupancy
+from .quota import Quota
 from .routing import Router
 from .tokens import TokenCounter
 
@@ -29,6 +30,8 @@ class Runtime:
     metrics: Metrics
     tokens: TokenCounter
     clock: Clock
+    wall_clock: Callable[[], float]
+    quota: Quota
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     # upstream name -> clock() of its last HTTP answer (any status), for /readyz
     last_answer_ns: dict[str, int] = field(default_factory=dict)
