@@ -97,6 +97,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         tree = {
             "server": {"unready_delay_s": 0, "drain_timeout_s": 5},
             "ledger": {"path": str(tmp_path / f"ledger-{len(servers)}.db")},
+            "quota": {"state_path": str(tmp_path / f"quota-{len(servers)}.db")},
             **tree,
         }
         settings = config.parse(tree, environ or {})

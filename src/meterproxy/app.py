@@ -14,14 +14,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import discovery, pricing, routes
-from .config import Settings
-from .keys import LEDGER, RUNTIME
+from . import discovery, pricing, reload, routes
+from .config import Settings, Upstream
+from .keys import LEDGER, RELOAD, RUNTIME
 from .ledger import Ledger
 from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
 from .occupancy import Occupancy
 from .quota import Quota
+from .quota_store import QuotaStore
 from .routing import Router
 from .runtime import Runtime
 from .tokens import TokenCounter
@@ -37,9 +38,11 @@ def create_app(
     wall_clock: Callable[[], float] = time.time,
     sinks: Sequence[Sink] = (),
     tokens: TokenCounter | None = None,
+    reload_from: tuple[str, reload.Loader] | None = None,
 ) -> web.Application:
     """`clock`: monotonic ns for durations; `wall_clock`: Unix seconds for ledger rows;
-    `sinks`: extra receivers of every settled record (tests count settlements with one)."""
+    `sinks`: extra receivers of every settled record (tests count settlements with one);
+    `reload_from`: the config file to watch and how to load it (hot reload)."""
     metrics = Metrics(registry)
     ledger = None
     if settings.ledger.enabled:
@@ -48,10 +51,11 @@ def create_app(
             wall_clock=wall_clock,
             on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
         )
-    gpus = {u.name: len(u.gpus) for u in settings.upstreams}
 
     def annotate(record: Record) -> None:
-        pricing.price(runtime.settings.prices, record, gpus.get(record.upstream, 0))
+        current = runtime.settings
+        gpus = next((len(u.gpus) for u in current.upstreams if u.name == record.upstream), 0)
+        pricing.price(current.prices, record, gpus)
 
     quota = Quota(settings.tenancy.timezone)
 
@@ -85,8 +89,12 @@ def create_app(
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
+    app.cleanup_ctx.append(_quota_store)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_background_tasks)
+    if reload_from is not None:
+        app[RELOAD] = reload_from
+        app.cleanup_ctx.append(_watch_config)
     routes.add_routes(app)
     return app
 
@@ -101,26 +109,45 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     await ledger.close()
 
 
+def new_session(upstream: Upstream) -> aiohttp.ClientSession:
+    """One pooled session per upstream, with explicit timeouts and no total cap (long
+    generations must survive). sock_read is the first-byte limit while waiting for headers;
+    the relay switches it to the idle limit once they arrive."""
+    t = upstream.timeouts
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=t.connect_s, sock_read=t.first_byte_s
+        ),
+        auto_decompress=True,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     for upstream in runtime.settings.upstreams:
-        t = upstream.timeouts
-        connector = aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=60.0, enable_cleanup_closed=False
-        )
-        runtime.sessions[upstream.name] = aiohttp.ClientSession(
-            connector=connector,
-            # No total cap: long generations must survive. sock_read is the first-byte limit
-            # while waiting for headers; the relay lowers it to the idle limit afterwards.
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=None, sock_connect=t.connect_s, sock_read=t.first_byte_s
-            ),
-            auto_decompress=True,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        runtime.sessions[upstream.name] = new_session(upstream)
     yield
     await asyncio.gather(*(s.close() for s in runtime.sessions.values()))
+
+
+async def _quota_store(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    store = QuotaStore(runtime.settings.tenancy.state_path, runtime.quota)
+    await store.open(runtime.wall_clock())
+    runtime.spawn("quota-store", store.run())
+    yield
+    await runtime.stop_tasks()
+    await store.close()
+
+
+async def _watch_config(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    path, load = app[RELOAD]
+    runtime.spawn("watch-config", reload.watch(runtime, path, load, new_session))
+    yield
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:

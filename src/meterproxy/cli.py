@@ -14,9 +14,12 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, config, report
-from .app import create_app, start, stop
+from . import __version__, config, reload, report
+from .app import create_app, new_session, start, stop
 from .errors import ConfigError
+from .keys import RUNTIME
+from .policy import hash_key
+from .runtime import Runtime
 from .tokens import TokenCounter
 
 log = logging.getLogger("meterproxy")
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
+    commands.add_parser("hash-key", help="read a key on stdin, print its sha256: form")
+
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
 
@@ -73,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file, environ)
     if args.command == "usage":
         return _usage(args, environ)
+    if args.command == "hash-key":
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("error: no key on standard input", file=sys.stderr)
+            return 1
+        print(f"sha256:{hash_key(key)}")
+        return 0
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -87,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     settings = config.with_listen(settings, args.host, args.port)
     _use_uvloop()
-    return asyncio.run(_serve(settings, environ))
+    return asyncio.run(_serve(settings, environ, args.config))
 
 
 def _check_config(path: str, environ: Mapping[str, str]) -> int:
@@ -135,6 +147,11 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+async def _reload(runtime: Runtime, load: reload.Loader) -> None:
+    log.info("SIGHUP: reloading the configuration")
+    await reload.reload(runtime, load, new_session)
+
+
 def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
     """Where tiktoken looks for rank files (its own lookup order)."""
     return (
@@ -144,9 +161,17 @@ def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
     )
 
 
-async def _serve(settings: config.Settings, environ: Mapping[str, str]) -> int:
+async def _serve(settings: config.Settings, environ: Mapping[str, str], path: str | None) -> int:
+    host, port = settings.server.host, settings.server.port
+
+    def load() -> config.Settings:  # a reload keeps the --host/--port of this run
+        return config.with_listen(config.load(path or "", environ), host, port)
+
     app = create_app(
-        settings, registry=CollectorRegistry(), tokens=TokenCounter(tiktoken_cache_dir(environ))
+        settings,
+        registry=CollectorRegistry(),
+        tokens=TokenCounter(tiktoken_cache_dir(environ)),
+        reload_from=(path, load) if path else None,
     )
     server = await start(app, settings.server.host, settings.server.port)
     log.info(
@@ -156,6 +181,11 @@ async def _serve(settings: config.Settings, environ: Mapping[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if path:
+        runtime = app[RUNTIME]
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: runtime.spawn("reload:SIGHUP", _reload(runtime, load))
+        )
     await stopping.wait()
     log.info(
         "shutting down: draining in-flight requests (up to %ss)", settings.server.drain_timeout_s

@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .ledger import Ledger
+from .reload import Loader
 from .runtime import Runtime
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
+RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)

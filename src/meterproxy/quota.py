@@ -103,6 +103,9 @@ class Quota:
         self.states: dict[str, TenantState] = {}
         self.dirty: set[tuple[str, str, str]] = set()  # (tenant, kind, period) to persist
 
+    def set_timezone(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+
     def state(self, tenant: str) -> TenantState:
         found = self.states.get(tenant)
         if found is None:
