@@ -141,3 +141,27 @@ async def test_bad_config_exits_1_with_every_problem(tmp_path: Path) -> None:
         "error: listen.port: expected an integer from 0 to 65535, got -1",
         "error: upstreams[0].url: expected an http:// or https:// URL, got 'nope'",
     ]
+
+
+async def test_sighup_reloads_the_config(
+    start_upstream: StartUpstream, processes: list[Process], tmp_path: Path
+) -> None:
+    up: Upstream = await start_upstream({"m": Behavior()})
+    cfg = tmp_path / "meterproxy.yaml"
+    cfg.write_text(f"upstreams: [{{name: gpu, url: '{up.url}'}}]\nauth: {{mode: open}}\n")
+    proxy = await launch("--config", str(cfg), cwd=tmp_path)
+    processes.append(proxy)
+    cfg.write_text(f"upstreams: [{{name: gpu, url: '{up.url}'}}]\naliases: {{fast: m}}\n")
+    proxy.proc.send_signal(signal.SIGHUP)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(proxy.url + "/v1/models") as r:
+                if "fast" in [m["id"] for m in (await r.json())["data"]]:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("alias not served after SIGHUP")
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proxy.proc.wait(), 10) == 0
+    log = (await proxy.proc.stdout.read()).decode()  # type: ignore[union-attr]
+    assert "SIGHUP: reloading the configuration" in log
