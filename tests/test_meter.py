@@ -26,7 +26,8 @@ DONE = b"data: [DONE]\n\n"
 def test_first_token_is_the_first_chunk_with_content_not_the_role_chunk() -> None:
     ticks = iter(range(100, 200))
     watch = StreamWatch(lambda: next(ticks), strip_usage=False)
-    assert all(watch.on_event(e) for e in events(ROLE + TOKEN + LAST + USAGE + DONE))
+    for event in events(ROLE + TOKEN + LAST + USAGE + DONE):
+        watch.on_event(event)
     assert watch.first_token_ns == 100  # read once, at the first content chunk
     assert watch.done and watch.truncated and not watch.error
     assert watch.last_usage is not None and b'"completion_tokens":2' in watch.last_usage
@@ -35,14 +36,15 @@ def test_first_token_is_the_first_chunk_with_content_not_the_role_chunk() -> Non
 
 def test_only_the_usage_only_chunk_is_stripped() -> None:
     watch = StreamWatch(lambda: 0, strip_usage=True)
-    kept = [e.raw for e in events(ROLE + TOKEN + USAGE + DONE) if watch.on_event(e)]
+    kept = [e.raw for e in events(ROLE + TOKEN + USAGE + DONE) if not watch.is_proxy_usage_chunk(e)]
     assert kept == [ROLE, TOKEN, DONE]
+    assert not StreamWatch(lambda: 0, strip_usage=False).is_proxy_usage_chunk(events(USAGE)[0])
     # A content chunk that also carries usage (continuous stats) is never dropped.
     both = (
         b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
         b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
     )
-    assert StreamWatch(lambda: 0, strip_usage=True).on_event(events(both)[0])
+    assert not StreamWatch(lambda: 0, strip_usage=True).is_proxy_usage_chunk(events(both)[0])
 
 
 def test_usage_null_is_not_usage_and_in_band_errors_are_seen() -> None:

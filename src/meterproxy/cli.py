@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--benchmark-no-metering", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     commands.add_parser("hash-key", help="read a key on stdin, print its sha256: form")
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     settings = config.with_listen(settings, args.host, args.port)
     _use_uvloop()
-    return asyncio.run(_serve(settings, environ, args.config))
+    return asyncio.run(_serve(settings, environ, args.config, args.benchmark_no_metering))
 
 
 def _check_config(path: str, environ: Mapping[str, str]) -> int:
@@ -161,7 +162,9 @@ def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
     )
 
 
-async def _serve(settings: config.Settings, environ: Mapping[str, str], path: str | None) -> int:
+async def _serve(
+    settings: config.Settings, environ: Mapping[str, str], path: str | None, no_metering: bool
+) -> int:
     host, port = settings.server.host, settings.server.port
 
     def load() -> config.Settings:  # a reload keeps the --host/--port of this run
@@ -173,6 +176,9 @@ async def _serve(settings: config.Settings, environ: Mapping[str, str], path: st
         tokens=TokenCounter(tiktoken_cache_dir(environ)),
         reload_from=(path, load) if path else None,
     )
+    if no_metering:
+        log.warning("--benchmark-no-metering: requests are relayed but NOT metered")
+        app[RUNTIME].metering = False
     server = await start(app, settings.server.host, settings.server.port)
     log.info(
         "meterproxy %s listening on %s (OPENAI_BASE_URL=%s/v1)", __version__, server.url, server.url

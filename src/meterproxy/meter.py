@@ -154,18 +154,26 @@ class StreamWatch:
         self._pending_bytes = 0
         self._texts: list[str] = []
 
-    def on_event(self, event: Event) -> bool:
-        """Note one event; False means drop it (the usage chunk the proxy asked for)."""
+    def is_proxy_usage_chunk(self, event: Event) -> bool:
+        """The usage-only chunk (`"choices":[]`) the proxy asked for, to be left out."""
+        data = event.data
+        return (
+            self.strip_usage
+            and b'"usage"' in data
+            and _USAGE_ONLY.search(data) is not None
+            and _is_usage_only(data)
+        )
+
+    def on_event(self, event: Event) -> None:
+        """Note one event that went by."""
         data = event.data
         if not data:
-            return True
+            return
         if data == b"[DONE]":
             self.done = True
-            return True
+            return
         if b'"usage"' in data and not _USAGE_NULL.search(data):
             self.last_usage = data
-            if self.strip_usage and _USAGE_ONLY.search(data) and _is_usage_only(data):
-                return False
         if self.first_token_ns is None:
             parsed = _loads(data)
             if parsed is not None and _has_content(parsed):
@@ -177,13 +185,14 @@ class StreamWatch:
                 self.terminal = True
             elif event.name in (b"error", b"response.failed"):
                 self.error = True
-        if b'"finish_reason"' in data and _LENGTH.search(data):
+        if b'"finish_reason":"length"' in data or (
+            b'"finish_reason"' in data and _LENGTH.search(data)
+        ):
             self.truncated = True
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes > _COMPACT_BYTES:
             self._compact()
-        return True
 
     def _compact(self) -> None:
         for data in self._pending:

@@ -61,6 +61,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Label children resolved once per label set: labels() costs microseconds per call.
+        self._series: dict[tuple[str, str, str, str, str], _Series] = {}
         self.requests = Counter(
             "meterproxy_requests",
             "Requests settled, by outcome status.",
@@ -161,33 +163,71 @@ class Metrics:
         )
 
     def observe(self, record: Record) -> None:
-        model, upstream, tenant = record.model, record.upstream, record.tenant
-        self.requests.labels(record.endpoint, model, upstream, tenant, record.status).inc()
+        key = (record.endpoint, record.model, record.upstream, record.tenant, record.status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(self, *key)
         usage = record.usage
-        for kind, value in (
-            ("prompt", usage.prompt),
-            ("completion", usage.completion),
-            ("cached_prompt", usage.cached_prompt),
-            ("reasoning", usage.reasoning),
+        for counter, value in (
+            (series.prompt, usage.prompt),
+            (series.completion, usage.completion),
+            (series.cached, usage.cached_prompt),
+            (series.reasoning, usage.reasoning),
         ):
             if value:
-                self.tokens.labels(model, upstream, tenant, kind).inc(value)
+                counter.inc(value)
+        series.requests.inc()
         if record.estimated:
-            self.estimates.labels(model).inc()
+            series.estimates.inc()
         if record.waste_reason is not None and usage.completion:
-            self.wasted.labels(model, tenant, record.waste_reason).inc(usage.completion)
+            self.wasted.labels(record.model, record.tenant, record.waste_reason).inc(
+                usage.completion
+            )
         if record.upstream_error is not None:
-            self.upstream_errors.labels(upstream, record.upstream_error).inc()
+            self.upstream_errors.labels(record.upstream, record.upstream_error).inc()
         if record.reached_upstream:
-            self.cost.labels(model, upstream, tenant).inc(record.cost_usd)
+            series.cost.inc(record.cost_usd)
             if not record.priced:
-                self.unpriced.labels(model).inc()
-            self.duration.labels(model, upstream).observe(record.duration_ns / 1e9)
+                series.unpriced.inc()
+            series.duration.observe(record.duration_ns / 1e9)
             if record.ttft_ns is not None:
-                self.ttft.labels(model, upstream).observe(record.ttft_ns / 1e9)
+                series.ttft.observe(record.ttft_ns / 1e9)
             tpot_ns = record.tpot_ns
             if tpot_ns is not None:
-                self.tpot.labels(model, upstream).observe(tpot_ns / 1e9)
+                series.tpot.observe(tpot_ns / 1e9)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Series:
+    """The metric children one (endpoint, model, upstream, tenant, status) settles into."""
+
+    __slots__ = (
+        "cached",
+        "completion",
+        "cost",
+        "duration",
+        "estimates",
+        "prompt",
+        "reasoning",
+        "requests",
+        "tpot",
+        "ttft",
+        "unpriced",
+    )
+
+    def __init__(
+        self, m: Metrics, endpoint: str, model: str, upstream: str, tenant: str, status: str
+    ) -> None:
+        self.requests = m.requests.labels(endpoint, model, upstream, tenant, status)
+        self.prompt = m.tokens.labels(model, upstream, tenant, "prompt")
+        self.completion = m.tokens.labels(model, upstream, tenant, "completion")
+        self.cached = m.tokens.labels(model, upstream, tenant, "cached_prompt")
+        self.reasoning = m.tokens.labels(model, upstream, tenant, "reasoning")
+        self.estimates = m.estimates.labels(model)
+        self.cost = m.cost.labels(model, upstream, tenant)
+        self.unpriced = m.unpriced.labels(model)
+        self.duration = m.duration.labels(model, upstream)
+        self.ttft = m.ttft.labels(model, upstream)
+        self.tpot = m.tpot.labels(model, upstream)

@@ -144,7 +144,8 @@ async def _serve(request: web.Request, runtime: Runtime, endpoint: str) -> web.S
         client_left(runtime, record, None, None)
         raise
     finally:
-        runtime.meter.settle(record)
+        if runtime.metering:
+            runtime.meter.settle(record)
 
 
 def upstream_headers(
@@ -183,7 +184,12 @@ async def _forward(
         rewrite = modified or (route.model != NO_LABEL and body.get("model") != route.model)
     record.streamed = stream
     strip_usage = False
-    if stream and record.endpoint in DONE_ENDPOINTS and upstream.kind in USAGE_STREAM_KINDS:
+    if (
+        stream
+        and runtime.metering
+        and record.endpoint in DONE_ENDPOINTS
+        and upstream.kind in USAGE_STREAM_KINDS
+    ):
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for exact usage; the extra usage-only chunk is removed from the relay.

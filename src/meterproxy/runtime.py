@@ -38,6 +38,9 @@ class Runtime:
     # upstream name -> wall-time split among its in-flight requests (GPU-seconds for cost)
     occupancy: dict[str, Occupancy] = field(default_factory=dict)
     draining: bool = False
+    # Benchmark-only (`serve --benchmark-no-metering`): relay without watching or settling, to
+    # measure what metering costs. Never set in production.
+    metering: bool = True
     last_on_demand_ns: int = -(2**62)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())

@@ -18,6 +18,9 @@ class Event:
 
 
 def _parse(raw: bytes, complete: bool) -> Event:
+    # Fast path: the one-line `data: ...\n\n` event that OpenAI-compatible servers send.
+    if complete and raw.startswith(b"data: ") and raw.find(b"\n", 6) == len(raw) - 2:
+        return Event(raw=raw, data=raw[6:-2])
     data: list[bytes] = []
     name: bytes | None = None
     for line in raw.splitlines():

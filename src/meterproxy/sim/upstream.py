@@ -77,6 +77,7 @@ class FakeUpstream:
     flavor: str = "vllm"  # vllm | trtllm
     models: dict[str, Behavior] = field(default_factory=lambda: {"sim-llama": Behavior()})
     seen: list[Seen] = field(default_factory=list)
+    keep_seen: bool = True  # False for long benchmark runs: remember nothing
 
     def behavior(self, model: str) -> Behavior | None:
         return self.models.get(model)
@@ -156,7 +157,8 @@ class FakeUpstream:
         raw = await request.read()
         body = orjson.loads(raw)
         seen = Seen(request.path, CIMultiDict(request.headers), body)
-        self.seen.append(seen)
+        if self.keep_seen:
+            self.seen.append(seen)
         behavior = self.behavior(body.get("model", ""))
         if behavior is None:
             return (
@@ -549,15 +551,28 @@ def _cli() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--flavor", default="vllm", choices=("vllm", "trtllm"))
     parser.add_argument(
-        "--model", action="append", default=[], help="model name (repeatable); default sim-llama"
+        "--model",
+        action="append",
+        default=[],
+        help="NAME[:TOKENS[:PACE_MS]] (repeatable); default sim-llama",
     )
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--pace-ms", type=float, default=0.0)
+    parser.add_argument("--tokens", type=int, default=64, help="default tokens per answer")
+    parser.add_argument("--pace-ms", type=float, default=0.0, help="default ms between tokens")
     args = parser.parse_args()
-    behavior = Behavior(tokens=args.tokens, pace_s=args.pace_ms / 1000)
-    fake = FakeUpstream(args.flavor, {m: behavior for m in args.model or ["sim-llama"]})
+    models: dict[str, Behavior] = {}
+    for spec in args.model or ["sim-llama"]:
+        name, *rest = spec.split(":")
+        tokens = int(rest[0]) if rest else args.tokens
+        pace_ms = float(rest[1]) if len(rest) > 1 else args.pace_ms
+        models[name] = Behavior(tokens=tokens, pace_s=pace_ms / 1000)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     web.run_app(
-        fake.app(),
+        FakeUpstream(args.flavor, models, keep_seen=False).app(),
         host=args.host,
         port=args.port,
         handler_cancellation=True,
