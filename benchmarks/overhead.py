@@ -68,10 +68,10 @@ class Target:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def rss_kb(self) -> int:
+    def rss_kb(self, field: str = "VmRSS") -> int:
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
         return 0
 
@@ -188,7 +188,8 @@ async def idle_streams(targets: list[Target], count: int) -> None:
             after = t.rss_kb()
             for r in responses:
                 r.close()
-        t.results["idle"] = {"rest_mib": before / 1024, "kb_per_stream": (after - before) / count}
+        t.results["idle"] = {"kb_per_stream": (after - before) / count,
+                             "peak_mib": t.rss_kb("VmHWM") / 1024}
 
 
 def table(targets: list[Target], levels: list[int]) -> str:
@@ -208,15 +209,16 @@ def table(targets: list[Target], levels: list[int]) -> str:
                     f"{r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} | "
                     f"{r['cpu_us']:,.0f} | {r['rps'] / b['rps']:.2f} |")
     lines += ["", "| target | TTFT p50 ms | +TTFT vs direct ms | paced gap p50 ms | "
-              "paced gap p99 ms | RSS at rest MiB | KB per idle stream |",
-              "|---|---|---|---|---|---|---|"]
+              "paced gap p99 ms | RSS at rest MiB | peak RSS MiB | KB per idle stream |",
+              "|---|---|---|---|---|---|---|---|"]
     for t in targets:
         idle = t.results.get("idle", {})
         lines.append(
             f"| {t.name} | {t.results['ttft']['p50_ms']:.2f} | "
             f"{t.results['ttft']['p50_ms'] - direct.results['ttft']['p50_ms']:+.2f} | "
             f"{t.results['paced']['gap_p50_ms']:.2f} | {t.results['paced']['gap_p99_ms']:.2f} | "
-            f"{idle.get('rest_mib', float('nan')):.1f} | "
+            f"{t.results.get('memory', {}).get('rest_mib', float('nan')):.1f} | "
+            f"{idle.get('peak_mib', float('nan')):.1f} | "
             f"{idle.get('kb_per_stream', float('nan')):.1f} |")
     return "\n".join(lines)
 
@@ -273,8 +275,10 @@ def run(args: argparse.Namespace) -> str:
             path = config.parent / f"{name}.json"
             path.write_bytes(orjson.dumps(body))
             bodies[name] = str(path)
-        for t in targets:  # warm up connections and code paths
+        for t in targets:  # warm up connections and code paths; then memory at rest
             wrk(t.url, bodies["chat"], 4, 1)
+            if t.proc is not None:
+                t.results["memory"] = {"rest_mib": t.rss_kb() / 1024}
         for scenario, body_path in bodies.items():
             for level in args.levels:
                 for _ in range(args.rounds):  # A, B, C, ... A, B, C: drift cancels

@@ -116,12 +116,13 @@ class Meter:
                 log.exception("metering sink %r failed for request %s", sink, record.request_id)
 
 
-_USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
 _LENGTH = re.compile(rb'"finish_reason"\s*:\s*"length"')
-# Relayed chunk payloads are kept raw for a possible partial count, and reduced to their text
-# once they add up to this many bytes, so a long stream holds text rather than JSON.
-_COMPACT_BYTES = 64 * 1024
+# Relayed chunk payloads are kept raw for a possible partial count (decoded only if the stream
+# is cut short without usage), and reduced to their text once they add up to this many bytes,
+# so a very long stream holds text rather than JSON.
+_COMPACT_BYTES = 512 * 1024
 
 
 class StreamWatch:
@@ -160,7 +161,7 @@ class StreamWatch:
         return (
             self.strip_usage
             and b'"usage"' in data
-            and _USAGE_ONLY.search(data) is not None
+            and USAGE_ONLY.search(data) is not None
             and _is_usage_only(data)
         )
 

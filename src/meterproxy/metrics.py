@@ -63,6 +63,7 @@ class Metrics:
         self.registry = registry
         # Label children resolved once per label set: labels() costs microseconds per call.
         self._series: dict[tuple[str, str, str, str, str], _Series] = {}
+        self._inflight: dict[str, Gauge] = {}
         self.requests = Counter(
             "meterproxy_requests",
             "Requests settled, by outcome status.",
@@ -195,6 +196,12 @@ class Metrics:
             tpot_ns = record.tpot_ns
             if tpot_ns is not None:
                 series.tpot.observe(tpot_ns / 1e9)
+
+    def inflight_for(self, upstream: str) -> Gauge:
+        found = self._inflight.get(upstream)
+        if found is None:
+            found = self._inflight[upstream] = self.inflight.labels(upstream)
+        return found
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -61,7 +61,12 @@ class Tenancy:
 
     def tenant(self, name: str) -> Tenant:
         found = self.tenants.get(name)
-        return found if found is not None else Tenant(name)
+        if found is not None:
+            return found
+        return _ANONYMOUS_TENANT if name == ANONYMOUS else Tenant(name)
+
+
+_ANONYMOUS_TENANT = Tenant(ANONYMOUS)
 
 
 def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:

@@ -204,7 +204,7 @@ async def _forward(
     url = URL(upstream.url + request.raw_path[3:], encoded=True)
     headers = upstream_headers(request.headers, route, record.request_id)
     session = runtime.sessions[upstream.name]
-    inflight = runtime.metrics.inflight.labels(upstream.name)
+    inflight = runtime.metrics.inflight_for(upstream.name)
     inflight.inc()
     occupancy = runtime.occupancy[upstream.name]
     mark = occupancy.begin(runtime.clock())

@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import errors
 from .accounting import client_left, loads, settle_body, stream_usage
-from .meter import STATUS_STREAM_BROKEN, BodyCopy, Record, StreamWatch, Waste
+from .meter import STATUS_STREAM_BROKEN, USAGE_ONLY, BodyCopy, Record, StreamWatch, Waste
 from .proxy_headers import RESPONSE_DROP
 from .routing import Route
 from .runtime import Runtime
@@ -114,23 +114,20 @@ async def relay_stream(
     broken: _StreamBroken | None = None
     try:
         async for chunk in response.content.iter_any():
-            had_pending = scanner.pending
-            events = scanner.feed(chunk)
-            if (
-                watch.strip_usage
-                and events
-                and (
-                    had_pending
-                    or scanner.pending
-                    or any(watch.is_proxy_usage_chunk(event) for event in events)
-                )
+            if not watch.strip_usage or (
+                not scanner.pending
+                and chunk.endswith(b"\n\n")
+                and not (b'"usage"' in chunk and USAGE_ONLY.search(chunk))
             ):
+                # Nothing to leave out: relay first, then let the meter look at a copy.
+                await out.write(chunk)
+                events = scanner.feed(chunk)
+            else:
                 # Whole events only, so the usage chunk the proxy asked for can be left out.
+                events = scanner.feed(chunk)
                 kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
                 if kept:
-                    await out.write(b"".join(kept))
-            elif not watch.strip_usage or not scanner.pending:
-                await out.write(chunk)  # relay first; the meter looks afterwards
+                    await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
             for event in events:
                 watch.on_event(event)
         for event in scanner.flush():
