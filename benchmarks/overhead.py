@@ -41,6 +41,9 @@ SCENARIOS = {
     "prompt100k": {"model": "bench-small",
                    "messages": [{"role": "user", "content": "lorem ipsum " * 8533}]},
 }
+# LiteLLM refuses to start without a strong master key; every target gets the same header.
+BENCH_KEY = "sk-benchmark-6f1c2e9a4b7d4c0e8f3a5b1d9e2c7a40"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 UPSTREAM_MODELS = ["bench-small:16", "bench-stream:256", "bench-paced:50:20", "bench-idle:3:60000"]
 
 
@@ -85,9 +88,9 @@ def launch(argv: list[str], core: int, env: dict[str, str] | None = None
 
 async def wait_up(url: str) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(300):
+        for _ in range(900):  # LiteLLM takes a while to start
             try:
-                async with http.get(url + "/models") as r:
+                async with http.get(url + "/models", headers=AUTH) as r:
                     if r.status == 200:
                         return
             except aiohttp.ClientError:
@@ -101,7 +104,7 @@ local f = io.open(os.getenv("BENCH_BODY"), "rb")
 wrk.method = "POST"
 wrk.body = f:read("*a")
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer bench"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
 f:close()
 """
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -113,7 +116,7 @@ def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str,
     out = subprocess.run(
         pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s",
                    str(script), url + "/chat/completions"]),
-        capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body_path},
+        capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body_path, "BENCH_KEY": BENCH_KEY},
         check=True).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -135,7 +138,7 @@ async def ttft(targets: list[Target], rounds: int) -> None:
                 start = time.perf_counter()
                 async with http.post(t.url + "/chat/completions", data=body,
                                      headers={"Content-Type": "application/json",
-                                              "Authorization": "Bearer bench"}) as r:
+                                              **AUTH}) as r:
                     async for line in r.content:
                         if b'"content":" ' in line:
                             samples[t.name].append((time.perf_counter() - start) * 1000)
@@ -152,7 +155,7 @@ async def jitter(targets: list[Target], streams: int) -> None:
     async def one(http: aiohttp.ClientSession, url: str, gaps: list[float]) -> None:
         async with http.post(url + "/chat/completions", data=body,
                              headers={"Content-Type": "application/json",
-                                      "Authorization": "Bearer bench"}) as r:
+                                      **AUTH}) as r:
             last = None
             async for line in r.content:
                 if b'"content":" ' in line:
@@ -181,7 +184,7 @@ async def idle_streams(targets: list[Target], count: int) -> None:
             before = t.rss_kb()
             responses = await asyncio.gather(*(http.post(
                 t.url + "/chat/completions", data=body,
-                headers={"Content-Type": "application/json", "Authorization": "Bearer bench"})
+                headers={"Content-Type": "application/json", **AUTH})
                 for _ in range(count)))
             await asyncio.gather(*(r.content.readline() for r in responses))  # all streaming
             await asyncio.sleep(0.5)
@@ -265,7 +268,8 @@ def run(args: argparse.Namespace) -> str:
             f"openai/{m.split(':')[0]}, api_base: '{upstream_url}/v1', api_key: x}}\n"
             for m in UPSTREAM_MODELS))
         procs.append(launch([args.litellm, "--config", str(cfg), "--port", str(port),
-                             "--num_workers", "1"], 1, {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}))
+                             "--num_workers", "1"], 1, {"LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                                        "LITELLM_MASTER_KEY": BENCH_KEY}))
         targets.append(Target("LiteLLM", f"http://127.0.0.1:{port}/v1", procs[-1]))
     try:
         args.phase = "wait"
