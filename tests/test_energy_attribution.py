@@ -28,8 +28,8 @@ def test_nothing_in_flight_is_idle_energy() -> None:
 def test_static_by_residency_dynamic_by_work() -> None:
     e = engine(default_baseline_w=100.0, prefill_s_per_token=0.0)
     e.reading("gpu0", 0, 0)
-    e.start("a", G, "A", 0)
-    e.start("b", G, "B", 0)
+    e.start("a", G, "A", 0, 0)
+    e.start("b", G, "B", 0, 0)
     e.first_token("a", G, 0, 0)
     e.first_token("b", G, 0, 0)
     e.decoded("a", G, 3)  # a does 3x the work of b in this interval
@@ -48,7 +48,7 @@ def test_static_by_residency_dynamic_by_work() -> None:
 def test_energy_is_final_only_after_a_sample_past_the_end() -> None:
     e = engine()
     e.reading("gpu0", 0, 0)
-    e.start("a", G, "A", 10 * MS)
+    e.start("a", G, "A", 10 * MS, 5)
     e.first_token("a", G, 5, 20 * MS)
     e.end("a", G, 50 * MS)
     assert e.finished("a", G) is None
@@ -73,7 +73,7 @@ def test_conservation_is_exact_under_random_traffic_resets_and_clamps() -> None:
             rid += 1
             name = f"r{rid}"
             use = gpus if rng.random() < 0.5 else ("g0",)
-            e.start(name, use, rng.choice("XYZ"), t)
+            e.start(name, use, rng.choice("XYZ"), t, rng.randrange(1, 2000))
             live[name] = 0
             setattr_use = use
             live_gpus[name] = setattr_use
@@ -106,8 +106,9 @@ def test_conservation_is_exact_under_random_traffic_resets_and_clamps() -> None:
     total_measured = sum(b.measured_mj for b in e.books.values())
     total_idle = sum(b.idle_mj for b in e.books.values())
     total_attributed = sum(b.attributed_mj for b in e.books.values())
-    assert sum(b.gaps for b in e.books.values()) > 0 and sum(
-        b.clamped for b in e.books.values()) > 0
+    assert (
+        sum(b.gaps for b in e.books.values()) > 0 and sum(b.clamped for b in e.books.values()) > 0
+    )
     assert abs(total_attributed + total_idle - total_measured) < 1  # to the millijoule
     assert abs(measured_by_request - total_attributed) < 1
     assert total_idle > 0 and total_attributed > 0

@@ -27,9 +27,14 @@ Group = Hashable  # what live metrics are keyed by: (model, upstream, tenant)
 
 @dataclass(frozen=True)
 class Weights:
-    prefill: float = 1.0  # per prompt token
-    decode: float = 3.0  # per generated token: a decode step streams the weights for few tokens
-    prefill_s_per_token: float = 0.0001  # prefill time estimate (residency starts before token 1)
+    # Relative energy of one prompt token and one generated token. Prefill is compute-bound
+    # and batched (~20-40 mJ/token for an 8B model on an H100-class GPU); a decode step streams
+    # all weights for one token per sequence (~0.4-1 J/token at typical batch sizes).
+    prefill: float = 0.03
+    decode: float = 1.0
+    # Prefill time per prompt token (20k tokens/s): when prefill work happens, first come
+    # first served, and how long before its first token a request entered the engine.
+    prefill_s_per_token: float = 0.00005
     baseline_percentile: float = 0.1  # of power seen while idle: the static (idle) level
     default_baseline_w: float = 0.0  # until an idle interval has been seen
 
@@ -44,6 +49,9 @@ class _Share:
     full_since_s: tuple[float, float] | None = None  # (S_energy, S_time) when it became full
     partial_ns: int = 0  # residency inside the open interval, when not full for all of it
     work: float = 0.0  # weighted work inside the open interval
+    prefill_left: float = 0.0  # prefill work not yet placed in an interval
+    prefill_begin_ns: int = 0  # when its prefill is estimated to start (after earlier ones)
+    prefill_end_ns: int = 0  # ...and to finish
     ended_ns: int | None = None
     energy_mj: float = 0.0
     gpu_ns: float = 0.0
@@ -66,6 +74,7 @@ class GpuBook:
     full_groups: collections.Counter[Group] = field(default_factory=collections.Counter)
     s_energy: float = 0.0  # running sum: static energy per full resident (mJ)
     s_time: float = 0.0  # running sum: GPU time per full resident (ns)
+    prefill_free_ns: int = 0  # estimated end of the prefills already queued on this GPU
     idle_power_w: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=600)
     )
@@ -88,10 +97,19 @@ class Engine:
 
     # -- request events ---------------------------------------------------------------------
 
-    def start(self, rid: object, gpus: tuple[str, ...], group: Group, t_ns: int) -> None:
+    def start(
+        self, rid: object, gpus: tuple[str, ...], group: Group, t_ns: int, prompt_tokens: int
+    ) -> None:
+        """A request reaches the upstream. Its prefill is work spread over its estimated
+        prefill time: engines prefill new prompts first come, first served, in chunks beside
+        the running decodes. Whatever is left is placed at the first token."""
+        prefill_ns = max(int(prompt_tokens * self.weights.prefill_s_per_token * 1e9), 1)
         for gpu in gpus:
             book = self.book(gpu)
             share = _Share(group, t_ns)
+            share.prefill_left = prompt_tokens * self.weights.prefill
+            share.prefill_begin_ns = max(t_ns, book.prefill_free_ns)
+            share.prefill_end_ns = book.prefill_free_ns = share.prefill_begin_ns + prefill_ns
             book.shares[rid] = share
             book.touched[rid] = share
 
@@ -107,7 +125,8 @@ class Engine:
                 continue
             floor = max(share.started_ns, book.t_ns if book.t_ns is not None else t_ns)
             share.entered_ns = max(t_ns - prefill_ns, floor)
-            share.work += prompt_tokens * self.weights.prefill
+            share.work += share.prefill_left
+            share.prefill_left = 0.0
             book.touched[rid] = share
 
     def decoded(self, rid: object, gpus: tuple[str, ...], tokens: int) -> None:
@@ -194,8 +213,9 @@ class Engine:
         t0 = t1 - dt
         # Requests that ended at or before t0 (their end event came after the last sample) took
         # no part in this interval.
-        stale = {rid for rid, s in book.touched.items()
-                 if s.ended_ns is not None and s.ended_ns <= t0}
+        stale = {
+            rid for rid, s in book.touched.items() if s.ended_ns is not None and s.ended_ns <= t0
+        }
         active = len(book.shares) > len(stale)
         if counted:
             book.measured_mj += energy
@@ -205,9 +225,15 @@ class Engine:
                 book.idle_power_w.append(energy * 1e6 / dt)
             self._roll(book, t1)
             return
-        # Residency of the requests visited in this interval (entered, left or worked).
+        # Residency of the requests visited in this interval (entered, left or worked), and
+        # the part of their pending prefill that falls inside it.
         partial_total = 0
         for share in book.touched.values():
+            if share.prefill_left and share.prefill_begin_ns < t1:
+                begin = max(t0, share.prefill_begin_ns)
+                part = min(1.0, (t1 - begin) / max(share.prefill_end_ns - begin, 1))
+                share.work += share.prefill_left * part
+                share.prefill_left -= share.prefill_left * part
             if share.full_since_s is not None or share.entered_ns is None:
                 share.partial_ns = 0
                 continue
@@ -259,9 +285,12 @@ class Engine:
 
     def _roll(self, book: GpuBook, t1: int) -> None:
         """Start the next interval: residents become full, ended requests close."""
+        pending = {}
         for rid, share in list(book.touched.items()):
             share.work = 0.0
             share.partial_ns = 0
+            if share.prefill_left and share.ended_ns is None:
+                pending[rid] = share  # its prefill continues into the next interval
             if share.ended_ns is not None:
                 book.done[rid] = book.shares.pop(rid)
             elif share.entered_ns is not None and rid not in book.full:
@@ -269,6 +298,7 @@ class Engine:
                 book.full_groups[share.group] += 1
                 share.full_since_s = (book.s_energy, book.s_time)
         book.touched.clear()
+        book.touched.update(pending)
         book.t_ns = t1
 
     def _baseline_w(self, book: GpuBook) -> float:
