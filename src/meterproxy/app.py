@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +17,11 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery, pricing, reload, routes
 from .config import Settings, Upstream
-from .keys import LEDGER, RELOAD, RUNTIME
+from .energy.factory import open_source
+from .energy.sampler import Sampler
+from .energy.sources import Source
+from .energy.tracker import EnergyTracker
+from .keys import ENERGY_SOURCE, LEDGER, RELOAD, RUNTIME
 from .ledger import Ledger
 from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
@@ -39,10 +44,12 @@ def create_app(
     sinks: Sequence[Sink] = (),
     tokens: TokenCounter | None = None,
     reload_from: tuple[str, reload.Loader] | None = None,
+    energy: Source | Literal["configured"] | None = "configured",
 ) -> web.Application:
     """`clock`: monotonic ns for durations; `wall_clock`: Unix seconds for ledger rows;
     `sinks`: extra receivers of every settled record (tests count settlements with one);
-    `reload_from`: the config file to watch and how to load it (hot reload)."""
+    `reload_from`: the config file to watch and how to load it (hot reload);
+    `energy`: the GPU energy source (default: the one the config names; tests inject fakes)."""
     metrics = Metrics(registry)
     ledger = None
     if settings.ledger.enabled:
@@ -92,6 +99,8 @@ def create_app(
     app.cleanup_ctx.append(_quota_store)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_background_tasks)
+    app[ENERGY_SOURCE] = energy
+    app.cleanup_ctx.append(_energy)
     if reload_from is not None:
         app[RELOAD] = reload_from
         app.cleanup_ctx.append(_watch_config)
@@ -141,6 +150,48 @@ async def _quota_store(app: web.Application) -> AsyncIterator[None]:
     yield
     await runtime.stop_tasks()
     await store.close()
+
+
+async def _energy(app: web.Application) -> AsyncIterator[None]:
+    runtime, settings = app[RUNTIME], app[RUNTIME].settings
+    upstream_gpus = {u.name: tuple(str(g) for g in u.gpus) for u in settings.upstreams}
+    gpus = sorted({g for gs in upstream_gpus.values() for g in gs})
+    injected = app[ENERGY_SOURCE]
+    loop = asyncio.get_running_loop()
+    source: Source | None
+    if isinstance(injected, str):
+        # NVML initialization and a first DCGM scrape may block: not on the loop.
+        source = await loop.run_in_executor(
+            None, lambda: open_source(settings.energy, gpus, runtime.clock)
+        )
+    else:
+        source = injected
+    if source is None:
+        yield
+        return
+    tracker = EnergyTracker(
+        source,
+        upstream_gpus,
+        runtime.metrics,
+        runtime.clock,
+        settings.energy.weights,
+        settings.energy.interval_s,
+    )
+    runtime.energy = tracker
+    runtime.meter.defer = tracker.defer
+    sampler = Sampler(
+        source, settings.energy.interval_s, loop, tracker.on_readings, tracker.on_error
+    )
+    sampler.start()
+    log.info(
+        "energy: %s source on GPUs %s, sampled every %ss",
+        source.name,
+        ", ".join(gpus),
+        settings.energy.interval_s,
+    )
+    yield
+    await loop.run_in_executor(None, sampler.stop)
+    tracker.close()
 
 
 async def _watch_config(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .energy.settings import EnergySettings, parse_energy
 from .errors import ConfigError
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
@@ -80,6 +81,7 @@ class Settings:
     prices: PriceTable = field(default_factory=default_table)
     ledger: Ledger = Ledger()
     tenancy: Tenancy = field(default_factory=Tenancy)
+    energy: EnergySettings = field(default_factory=EnergySettings)
     source: str = "<built-in>"
 
 
@@ -111,6 +113,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "auth",
             "tenants",
             "quota",
+            "energy",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -149,6 +152,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         enabled=enabled is not False,
     )
     tenancy = parse_tenancy(check, top, environ)
+    energy = parse_energy(check, top.get("energy"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -158,6 +162,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         prices=prices,
         ledger=ledger,
         tenancy=tenancy,
+        energy=energy,
         source=source,
     )
 

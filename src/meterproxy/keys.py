@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .energy.sources import Source
 from .ledger import Ledger
 from .reload import Loader
 from .runtime import Runtime
@@ -11,3 +12,4 @@ from .runtime import Runtime
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
 RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)
+ENERGY_SOURCE: web.AppKey[Source | str | None] = web.AppKey("energy_source", object)  # type: ignore[arg-type]

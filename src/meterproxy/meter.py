@@ -96,12 +96,20 @@ class Meter:
         self._sinks = tuple(sinks)
         self._on_error = on_error
         self._annotate = annotate
+        # A hook that may hold a settled record until its energy is final; it calls back
+        # `complete` (synchronously, on the loop) exactly once.
+        self.defer: Callable[[Record, Callable[[Record], None]], bool] | None = None
 
     def settle(self, record: Record) -> None:
         if record.settled:
             raise RuntimeError(f"request {record.request_id} settled twice")
         record.settled = True
         record.ended_ns = self.clock()
+        if self.defer is not None and self.defer(record, self.complete):
+            return
+        self.complete(record)
+
+    def complete(self, record: Record) -> None:
         if self._annotate is not None:
             try:
                 self._annotate(record)
@@ -133,6 +141,7 @@ class StreamWatch:
         "_pending",
         "_pending_bytes",
         "_texts",
+        "content_events",
         "done",
         "error",
         "first_token_ns",
@@ -151,6 +160,7 @@ class StreamWatch:
         self.terminal = False  # a Responses API terminal event seen
         self.error = False  # an in-band error event seen
         self.truncated = False
+        self.content_events = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._texts: list[str] = []
@@ -179,6 +189,8 @@ class StreamWatch:
             parsed = _loads(data)
             if parsed is not None and _has_content(parsed):
                 self.first_token_ns = self._clock()
+        if self.first_token_ns is not None:
+            self.content_events += 1  # about one token each (vLLM, trtllm: one per chunk)
         if b'"error"' in data and data.lstrip().startswith(b'{"error"'):
             self.error = True
         elif event.name is not None:

@@ -53,6 +53,8 @@ TPOT_BUCKETS = (
     1.0,
     2.5,
 )
+# Joules per request: a short chat on a shared GPU (~1 J) to minutes of generation (~100 kJ).
+JOULE_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 TOKEN_TYPES = ("prompt", "completion", "cached_prompt", "reasoning")
 
 
@@ -157,6 +159,40 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.energy = Counter(
+            "meterproxy_energy_joules",
+            "GPU energy attributed to requests, interval by interval.",
+            ["model", "upstream", "tenant"],
+            registry=registry,
+        )
+        self.gpu_energy = Counter(
+            "meterproxy_gpu_energy_joules", "GPU energy measured.", ["gpu"], registry=registry
+        )
+        self.gpu_idle_energy = Counter(
+            "meterproxy_gpu_idle_energy_joules",
+            "Measured GPU energy with nothing in flight.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.gpu_power = Gauge(
+            "meterproxy_gpu_power_watts",
+            "GPU power over the last sampling interval.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.energy_source_up = Gauge(
+            "meterproxy_energy_source_up",
+            "1 while the energy source answers.",
+            ["source"],
+            registry=registry,
+        )
+        self.request_energy = Histogram(
+            "meterproxy_request_energy_joules",
+            "Attributed GPU energy per request.",
+            ["model", "upstream"],
+            buckets=JOULE_BUCKETS,
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",
@@ -191,6 +227,8 @@ class Metrics:
             if not record.priced:
                 series.unpriced.inc()
             series.duration.observe(record.duration_ns / 1e9)
+            if record.energy_j is not None:
+                self.request_energy.labels(record.model, record.upstream).observe(record.energy_j)
             if record.ttft_ns is not None:
                 series.ttft.observe(record.ttft_ns / 1e9)
             tpot_ns = record.tpot_ns

@@ -208,6 +208,11 @@ async def _forward(
     inflight.inc()
     occupancy = runtime.occupancy[upstream.name]
     mark = occupancy.begin(runtime.clock())
+    energy = runtime.energy
+    if energy is not None:
+        energy.start(record, len(raw) // 4)  # prompt size for prefill weights: bytes / 4
+        if not stream:  # no token progress will show: resident from the start
+            energy.first_token(record, 0)
     response: aiohttp.ClientResponse | None = None
     watch: StreamWatch | None = None
     try:
@@ -235,6 +240,8 @@ async def _forward(
     finally:
         inflight.dec()
         record.gpu_seconds = occupancy.end(runtime.clock(), mark)
+        if energy is not None:
+            energy.end(record)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
 

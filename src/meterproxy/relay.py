@@ -69,6 +69,8 @@ async def relay_body(
                 f"upstream `{route.upstream.name}` broke off its response"
             ) from None
         await settle_body(runtime, record, route, body, loads(payload), complete=True)
+        if runtime.energy is not None:
+            runtime.energy.decoded(record, record.usage.completion or 0)
         return web.Response(status=response.status, body=payload, headers=headers)
     out = web.StreamResponse(status=response.status, headers=headers)
     await out.prepare(request)
@@ -112,6 +114,8 @@ async def relay_stream(
         return out
     scanner = SSEScanner()
     broken: _StreamBroken | None = None
+    energy = runtime.energy
+    raw_body = request.content_length or 0
     try:
         async for chunk in response.content.iter_any():
             if not watch.strip_usage or (
@@ -128,8 +132,13 @@ async def relay_stream(
                 kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
                 if kept:
                     await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
+            seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in events:
                 watch.on_event(event)
+            if energy is not None:
+                if not had_first and watch.first_token_ns is not None:
+                    energy.first_token(record, raw_body // 4, watch.first_token_ns)
+                energy.decoded(record, watch.content_events - seen)
         for event in scanner.flush():
             watch.on_event(event)
             await out.write(event.raw)

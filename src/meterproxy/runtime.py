@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from .config import Settings
+from .energy.tracker import EnergyTracker
 from .meter import Clock, Meter
 from .metrics import Metrics
 from .occupancy import Occupancy
@@ -41,6 +42,7 @@ class Runtime:
     # Benchmark-only (`serve --benchmark-no-metering`): relay without watching or settling, to
     # measure what metering costs. Never set in production.
     metering: bool = True
+    energy: EnergyTracker | None = None  # set when an energy source is open
     last_on_demand_ns: int = -(2**62)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
