@@ -33,8 +33,12 @@ def test_aggregates_are_within_two_percent(results: dict[str, Result]) -> None:
 
 def test_per_request_accuracy(results: dict[str, Result]) -> None:
     assert results["one at a time"].max < 0.05
-    for name in ("overlapping, equal", "overlapping, unequal", "100 ms counter steps",
-                 "counter reset"):
+    for name in (
+        "overlapping, equal",
+        "overlapping, unequal",
+        "100 ms counter steps",
+        "counter reset",
+    ):
         assert results[name].long_p90 <= 0.10, results[name]
     # Bursts of 16 prompts after idle queue for prefill; measured 10.3 % at p90 (see README).
     assert results["bursts after idle"].long_p90 < 0.11
