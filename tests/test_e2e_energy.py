@@ -204,8 +204,8 @@ DCGM_TEXT = """# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).
 DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-abc",device="nvidia0",Hostname="n1"} 312.5
 DCGM_FI_DEV_POWER_USAGE{gpu="1",UUID="GPU-def",device="nvidia1",Hostname="n1"} 80.25
 # TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter
-DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",UUID="GPU-abc",device="nvidia0",Hostname="n1"} 123456789
-DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="1",UUID="GPU-def",device="nvidia1",Hostname="n1"} 987654
+DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",UUID="GPU-abc",device="nvidia0"} 123456789
+DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="1",UUID="GPU-def",device="nvidia1"} 987654
 """
 
 
