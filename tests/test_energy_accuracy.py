@@ -1,8 +1,8 @@
 """Attribution against the GPU twin's truth, in virtual time (benchmarks/energy_accuracy.py
 prints the full table). What must hold in every scenario: exact conservation; aggregate within
-2 % (the +5 % gain scenario measures 5 % more, as its sensor does); per request within 5 % one at
-a time and 10 % at p90 under batching for requests of 2 s or more; far better than the naive
-average-joules-per-token baseline."""
+2 % (the +5 % gain scenario measures 5 % more, as its sensor does); per request, against the
+energy the sensor saw, within 5 % one at a time and 10 % at p90 under batching for requests of
+2 s or more; far better than the naive average-joules-per-token baseline."""
 
 from __future__ import annotations
 

@@ -171,11 +171,7 @@ def _pricing(check: Checker, value: Any, upstreams: tuple[Upstream, ...]) -> Pri
     table = default_table()
     tree = check.mapping(value, "pricing", ("models", "upstreams"))
     models = dict(table.models)
-    model_tree = tree.get("models") or {}
-    if not isinstance(model_tree, dict):
-        check.fail("pricing.models", f"expected a mapping, got {show(model_tree)}")
-        model_tree = {}
-    for name, price in model_tree.items():
+    for name, price in check.entries(tree.get("models"), "pricing.models").items():
         path = f"pricing.models.{name}"
         p = check.mapping(price, path, ("input", "cached_input", "output"))
         if "input" not in p or "output" not in p:
@@ -189,11 +185,7 @@ def _pricing(check: Checker, value: Any, upstreams: tuple[Upstream, ...]) -> Pri
         )
     names = {u.name for u in upstreams}
     local: dict[str, UpstreamPrice] = {}
-    upstream_tree = tree.get("upstreams") or {}
-    if not isinstance(upstream_tree, dict):
-        check.fail("pricing.upstreams", f"expected a mapping, got {show(upstream_tree)}")
-        upstream_tree = {}
-    for name, price in upstream_tree.items():
+    for name, price in check.entries(tree.get("upstreams"), "pricing.upstreams").items():
         path = f"pricing.upstreams.{name}"
         if name not in names:
             check.fail(

@@ -14,9 +14,9 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from .meter import Record
+from .storage import open_wal
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,7 @@ Row = tuple[object, ...]
 
 
 def connect(path: str) -> sqlite3.Connection:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(SCHEMA)
-    return db
+    return open_wal(path, SCHEMA)
 
 
 class Ledger:

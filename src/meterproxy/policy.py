@@ -72,15 +72,9 @@ _ANONYMOUS_TENANT = Tenant(ANONYMOUS)
 def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:
     auth = check.mapping(top.get("auth"), "auth", ("mode",))
     quota = check.mapping(top.get("quota"), "quota", ("timezone", "state_path"))
-    tenants_tree = top.get("tenants") or {}
-    if not isinstance(tenants_tree, dict):
-        check.fail(
-            "tenants", f"expected a mapping of tenant name -> tenant, got {show(tenants_tree)}"
-        )
-        tenants_tree = {}
     tenants: dict[str, Tenant] = {}
     by_key: dict[str, str] = {}
-    for name, tree in tenants_tree.items():
+    for name, tree in check.entries(top.get("tenants"), "tenants").items():
         tenant = _tenant(check, str(name), tree, environ)
         for digest in tenant.key_hashes:
             if digest in by_key:

@@ -7,9 +7,9 @@ import asyncio
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from .quota import Quota
+from .storage import open_wal
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,6 @@ CREATE TABLE IF NOT EXISTS spend (
 """
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(SCHEMA)
-    return db
-
-
 class QuotaStore:
     def __init__(self, path: str, quota: Quota, interval_s: float = 1.0) -> None:
         self.path, self.quota, self.interval_s = path, quota, interval_s
@@ -42,7 +33,7 @@ class QuotaStore:
     async def open(self, now_s: float) -> None:
         """Load the spend of the current day and month."""
         loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._thread, _connect, self.path)
+        self._db = await loop.run_in_executor(self._thread, lambda: open_wal(self.path, SCHEMA))
         day, month, _, _ = self.quota.periods(now_s)
         rows = await loop.run_in_executor(self._thread, self._load, (day, month))
         for tenant, kind, period, used in rows:

@@ -26,6 +26,15 @@ class Checker:
                 self.fail(where, f"unknown key (expected one of: {', '.join(allowed)})")
         return value
 
+    def entries(self, value: Any, path: str) -> dict[Any, Any]:
+        """A mapping whose keys are names (models, upstreams, tenants), not fixed keys."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {show(value)}")
+            return {}
+        return value
+
     def string(self, value: Any, path: str, default: str | None = None) -> str | None:
         if value is None:
             return default

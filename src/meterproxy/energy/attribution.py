@@ -32,9 +32,9 @@ class Weights:
     # all weights for one token per sequence (~0.4-1 J/token at typical batch sizes).
     prefill: float = 0.03
     decode: float = 1.0
-    # Prefill time per prompt token (20k tokens/s): when prefill work happens, first come
-    # first served, and how long before its first token a request entered the engine.
-    prefill_s_per_token: float = 0.00005
+    # Prefill time per prompt token (25k tokens/s): when prefill work happens, first come
+    # first served, and so when a request entered the engine.
+    prefill_s_per_token: float = 0.00004
     baseline_percentile: float = 0.1  # of power seen while idle: the static (idle) level
     default_baseline_w: float = 0.0  # until an idle interval has been seen
 
@@ -110,6 +110,8 @@ class Engine:
             share.prefill_left = prompt_tokens * self.weights.prefill
             share.prefill_begin_ns = max(t_ns, book.prefill_free_ns)
             share.prefill_end_ns = book.prefill_free_ns = share.prefill_begin_ns + prefill_ns
+            # In the engine from its (estimated) prefill on; the time before that is queueing.
+            share.entered_ns = share.prefill_begin_ns
             book.shares[rid] = share
             book.touched[rid] = share
 
@@ -121,10 +123,13 @@ class Engine:
         for gpu in gpus:
             book = self.books[gpu]
             share = book.shares.get(rid)
-            if share is None or share.entered_ns is not None:
+            if share is None:
                 continue
             floor = max(share.started_ns, book.t_ns if book.t_ns is not None else t_ns)
-            share.entered_ns = max(t_ns - prefill_ns, floor)
+            estimate = max(t_ns - prefill_ns, floor)
+            if share.entered_ns is None or (share.full_since_s is None
+                                            and share.entered_ns > estimate):
+                share.entered_ns = estimate  # the prefill queue was shorter than estimated
             share.work += share.prefill_left
             share.prefill_left = 0.0
             book.touched[rid] = share
@@ -293,6 +298,8 @@ class Engine:
                 pending[rid] = share  # its prefill continues into the next interval
             if share.ended_ns is not None:
                 book.done[rid] = book.shares.pop(rid)
+            elif share.entered_ns is not None and share.entered_ns > t1:
+                pending[rid] = share  # not in the engine yet (waiting for its prefill)
             elif share.entered_ns is not None and rid not in book.full:
                 book.full[rid] = share
                 book.full_groups[share.group] += 1

@@ -32,7 +32,7 @@ class Result:
     requests: int
     conservation_mj: float  # |attributed + idle - measured|
     aggregate_error: float  # |sum attributed - sum true| / sum true, for completed requests
-    p50: float
+    p50: float  # per-request error against the energy the sensor saw (truth x gain)
     p90: float
     max: float
     naive_p50: float
@@ -102,7 +102,9 @@ def run(
             engine.abandon(r.rid, GPU)
             unknown += 1
             continue
-        error = abs(result[0] - r.true_mj) / r.true_mj
+        # Against what the sensor saw (truth x gain): attribution's own error, not the sensor's.
+        seen_mj = r.true_mj * s.gain
+        error = abs(result[0] - seen_mj) / seen_mj
         errors.append(error)
         naive.append(abs(per_token * (r.prompt_tokens + r.output_tokens) - r.true_mj) / r.true_mj)
         if r.end_s is not None and r.end_s - r.arrival_s >= 2.0:
