@@ -233,3 +233,49 @@ async def test_dcgm_exporter_is_scraped() -> None:
             await asyncio.to_thread(DcgmSource, url, ["7"])
     finally:
         await runner.cleanup()
+
+
+class _Stalls:
+    """A source that answers a few times, then blocks (a hung driver call)."""
+
+    name = "nvml"
+
+    def __init__(self, inner: NvmlSource, answers: int) -> None:
+        import threading
+
+        self.inner, self.answers, self.released = inner, answers, threading.Event()
+
+    def read(self) -> list:  # type: ignore[type-arg]
+        if self.answers <= 0:
+            self.released.wait(30)
+        self.answers -= 1
+        return self.inner.read()
+
+    def board_w(self, gpu: str) -> float | None:
+        return self.inner.board_w(gpu)
+
+    def close(self) -> None:
+        self.released.set()
+
+
+async def test_a_stalled_source_is_down_and_a_counter_reset_is_a_counted_gap(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    up = await start_upstream({"sim-llama": Behavior(tokens=10)})
+    t0 = time.monotonic()
+
+    def resets(t: float) -> float:  # 250 W, and the driver reloads 0.3 s in
+        return (t - t0) * 250_000 if t < t0 + 0.3 else (t - t0 - 0.3) * 250_000
+
+    source = _Stalls(NvmlSource(FakeNvml({"0": resets}), ["0"]), answers=8)
+    server, registry, _ = await serve(up, tmp_path, source)
+    try:
+        await asyncio.sleep(0.7)
+        assert value(registry, "meterproxy_gpu_energy_gaps_total", gpu="0") == 1
+        for _ in range(40):
+            if value(registry, "meterproxy_energy_source_up", source="nvml") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert value(registry, "meterproxy_energy_source_up", source="nvml") == 0
+    finally:
+        await stop(server)  # type: ignore[arg-type]

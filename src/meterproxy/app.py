@@ -183,6 +183,7 @@ async def _energy(app: web.Application) -> AsyncIterator[None]:
         source, settings.energy.interval_s, loop, tracker.on_readings, tracker.on_error
     )
     sampler.start()
+    runtime.spawn("energy-watchdog", tracker.watchdog())
     log.info(
         "energy: %s source on GPUs %s, sampled every %ss",
         source.name,

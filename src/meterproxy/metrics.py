@@ -180,6 +180,18 @@ class Metrics:
             ["gpu"],
             registry=registry,
         )
+        self.energy_gaps = Counter(
+            "meterproxy_gpu_energy_gaps",
+            "Sampling intervals dropped: the counter went backwards (driver reload).",
+            ["gpu"],
+            registry=registry,
+        )
+        self.energy_clamped = Counter(
+            "meterproxy_gpu_energy_clamped",
+            "Readings above 1.3x the board power limit, clamped.",
+            ["gpu"],
+            registry=registry,
+        )
         self.energy_source_up = Gauge(
             "meterproxy_energy_source_up",
             "1 while the energy source answers.",

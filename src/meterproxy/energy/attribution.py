@@ -127,8 +127,9 @@ class Engine:
                 continue
             floor = max(share.started_ns, book.t_ns if book.t_ns is not None else t_ns)
             estimate = max(t_ns - prefill_ns, floor)
-            if share.entered_ns is None or (share.full_since_s is None
-                                            and share.entered_ns > estimate):
+            if share.entered_ns is None or (
+                share.full_since_s is None and share.entered_ns > estimate
+            ):
                 share.entered_ns = estimate  # the prefill queue was shorter than estimated
             share.work += share.prefill_left
             share.prefill_left = 0.0

@@ -9,6 +9,7 @@ completed with its joules and GPU-seconds. A source that fails or stalls shows i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -43,7 +44,9 @@ class EnergyTracker:
         self._tracked: dict[int, tuple[Record, tuple[str, ...]]] = {}
         self._parked: dict[int, tuple[Record, Complete, int]] = {}  # id -> (record, done, due)
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
-        self._last: dict[str, tuple[int, int]] = {}  # gpu -> (measured, idle) already exported
+        self._last: dict[str, tuple[int, int, int, int]] = {}  # gpu -> exported so far
+        self._interval_ns = int(interval_s * 1e9)
+        self.last_reading_ns = clock()
         self.up = True
         self._up_gauge = metrics.energy_source_up.labels(source.name)
         self._up_gauge.set(1)
@@ -99,14 +102,24 @@ class EnergyTracker:
         self.up = True
         self._up_gauge.set(1)
         m = self.metrics
+        self.last_reading_ns = self.clock()
         for r in readings:
             self.engine.reading(r.gpu, r.t_ns, r.energy_mj)
             book = self.engine.books[r.gpu]
-            measured, idle = self._last.get(r.gpu, (0, 0))
+            measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0, 0, 0))
             m.gpu_energy.labels(r.gpu).inc((book.measured_mj - measured) / 1000)
             m.gpu_idle_energy.labels(r.gpu).inc((book.idle_mj - idle) / 1000)
+            if book.gaps > gaps:
+                m.energy_gaps.labels(r.gpu).inc(book.gaps - gaps)
+                log.warning(
+                    "GPU %s: energy counter went backwards (driver reload?); "
+                    "that interval is dropped",
+                    r.gpu,
+                )
+            if book.clamped > clamped:
+                m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
             m.gpu_power.labels(r.gpu).set(r.power_w if r.power_w is not None else book.power_w)
-            self._last[r.gpu] = (book.measured_mj, book.idle_mj)
+            self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
         for group, mj in self.engine.drain_live().items():
             labels: tuple[str, str, str] = group  # type: ignore[assignment]
             m.energy.labels(*labels).inc(mj / 1000)
@@ -118,6 +131,22 @@ class EnergyTracker:
         self.up = False
         self._up_gauge.set(0)
         self._finish_ready()
+
+    def check_stalled(self) -> None:
+        """Called periodically: a source that stopped producing readings is down."""
+        if self.up and self.clock() - self.last_reading_ns > 10 * self._interval_ns:
+            self.on_error(
+                EnergyError(
+                    f"no reading for {(self.clock() - self.last_reading_ns) / 1e9:.1f} s (stalled)"
+                )
+            )
+        elif not self.up:
+            self._finish_ready()
+
+    async def watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._interval_ns / 1e9, 0.1) * 5)
+            self.check_stalled()
 
     def _finish_ready(self) -> None:
         now = self.clock()
