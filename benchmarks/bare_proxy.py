@@ -14,8 +14,20 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length",
-                 "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate"})
+HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "host",
+        "content-length",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream", str)
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 
@@ -24,8 +36,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
     session = request.app[SESSION]
     body = await request.read()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-    async with session.request(request.method, request.app[UPSTREAM] + request.path_qs,
-                               data=body, headers=headers, allow_redirects=False) as upstream:
+    async with session.request(
+        request.method,
+        request.app[UPSTREAM] + request.path_qs,
+        data=body,
+        headers=headers,
+        allow_redirects=False,
+    ) as upstream:
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP}
         if upstream.content_length is not None:
             payload = await upstream.read()
@@ -63,8 +80,14 @@ def main() -> None:
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(session_ctx)  # type: ignore[arg-type]
     app.router.add_route("*", "/{tail:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                handler_cancellation=True)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        handler_cancellation=True,
+    )
 
 
 if __name__ == "__main__":

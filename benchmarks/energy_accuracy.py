@@ -12,14 +12,18 @@ from meterproxy.energy.scenarios import run, scenarios
 
 
 def main() -> None:
-    print("| scenario | requests | conservation error mJ | aggregate error | p50 | p90 | max | "
-          "long p90 | naive p50 | naive p90 | energy unknown |")
+    print(
+        "| scenario | requests | conservation error mJ | aggregate error | p50 | p90 | max | "
+        "long p90 | naive p50 | naive p90 | energy unknown |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in scenarios():
         r = run(s)
-        print(f"| {r.name} | {r.requests} | {r.conservation_mj:.6f} | {r.aggregate_error:.2%} | "
-              f"{r.p50:.1%} | {r.p90:.1%} | {r.max:.1%} | {r.long_p90:.1%} | "
-              f"{r.naive_p50:.1%} | {r.naive_p90:.1%} | {r.unknown} |")
+        print(
+            f"| {r.name} | {r.requests} | {r.conservation_mj:.6f} | {r.aggregate_error:.2%} | "
+            f"{r.p50:.1%} | {r.p90:.1%} | {r.max:.1%} | {r.long_p90:.1%} | "
+            f"{r.naive_p50:.1%} | {r.naive_p90:.1%} | {r.unknown} |"
+        )
 
 
 if __name__ == "__main__":

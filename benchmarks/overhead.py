@@ -38,8 +38,10 @@ MESSAGES = [{"role": "user", "content": "Benchmark the proxy, please."}]
 SCENARIOS = {
     "chat": {"model": "bench-small", "messages": MESSAGES},
     "stream256": {"model": "bench-stream", "messages": MESSAGES, "stream": True},
-    "prompt100k": {"model": "bench-small",
-                   "messages": [{"role": "user", "content": "lorem ipsum " * 8533}]},
+    "prompt100k": {
+        "model": "bench-small",
+        "messages": [{"role": "user", "content": "lorem ipsum " * 8533}],
+    },
 }
 # LiteLLM refuses to start without a strong master key; every target gets the same header.
 BENCH_KEY = "sk-benchmark-6f1c2e9a4b7d4c0e8f3a5b1d9e2c7a40"
@@ -79,11 +81,16 @@ class Target:
         return 0
 
 
-def launch(argv: list[str], core: int, env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-                            cwd=tempfile.gettempdir())
+def launch(
+    argv: list[str], core: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        pinned(core, argv),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        cwd=tempfile.gettempdir(),
+    )
 
 
 async def wait_up(url: str) -> None:
@@ -114,10 +121,24 @@ def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str,
     script = Path(tempfile.gettempdir()) / "meterproxy-bench.lua"
     script.write_text(_WRK_SCRIPT)
     out = subprocess.run(
-        pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s",
-                   str(script), url + "/chat/completions"]),
-        capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body_path, "BENCH_KEY": BENCH_KEY},
-        check=True).stdout
+        pinned(
+            0,
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{round(seconds)}s",
+                "--latency",
+                "-s",
+                str(script),
+                url + "/chat/completions",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENCH_BODY": body_path, "BENCH_KEY": BENCH_KEY},
+        check=True,
+    ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     for pct in ("50", "99"):
@@ -136,9 +157,11 @@ async def ttft(targets: list[Target], rounds: int) -> None:
         for _ in range(rounds):
             for t in targets:
                 start = time.perf_counter()
-                async with http.post(t.url + "/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json",
-                                              **AUTH}) as r:
+                async with http.post(
+                    t.url + "/chat/completions",
+                    data=body,
+                    headers={"Content-Type": "application/json", **AUTH},
+                ) as r:
                     async for line in r.content:
                         if b'"content":" ' in line:
                             samples[t.name].append((time.perf_counter() - start) * 1000)
@@ -153,9 +176,11 @@ async def jitter(targets: list[Target], streams: int) -> None:
     body = orjson.dumps({"model": "bench-paced", "messages": MESSAGES, "stream": True})
 
     async def one(http: aiohttp.ClientSession, url: str, gaps: list[float]) -> None:
-        async with http.post(url + "/chat/completions", data=body,
-                             headers={"Content-Type": "application/json",
-                                      **AUTH}) as r:
+        async with http.post(
+            url + "/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", **AUTH},
+        ) as r:
             last = None
             async for line in r.content:
                 if b'"content":" ' in line:
@@ -169,8 +194,10 @@ async def jitter(targets: list[Target], streams: int) -> None:
             gaps: list[float] = []
             await asyncio.gather(*(one(http, t.url, gaps) for _ in range(streams)))
             gaps.sort()
-            t.results["paced"] = {"gap_p50_ms": gaps[len(gaps) // 2],
-                                  "gap_p99_ms": gaps[int(len(gaps) * 0.99)]}
+            t.results["paced"] = {
+                "gap_p50_ms": gaps[len(gaps) // 2],
+                "gap_p99_ms": gaps[int(len(gaps) * 0.99)],
+            }
 
 
 async def idle_streams(targets: list[Target], count: int) -> None:
@@ -182,23 +209,34 @@ async def idle_streams(targets: list[Target], count: int) -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             await asyncio.sleep(0.5)
             before = t.rss_kb()
-            responses = await asyncio.gather(*(http.post(
-                t.url + "/chat/completions", data=body,
-                headers={"Content-Type": "application/json", **AUTH})
-                for _ in range(count)))
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        t.url + "/chat/completions",
+                        data=body,
+                        headers={"Content-Type": "application/json", **AUTH},
+                    )
+                    for _ in range(count)
+                )
+            )
             await asyncio.gather(*(r.content.readline() for r in responses))  # all streaming
             await asyncio.sleep(0.5)
             after = t.rss_kb()
             for r in responses:
                 r.close()
-        t.results["idle"] = {"kb_per_stream": (after - before) / count,
-                             "peak_mib": t.rss_kb("VmHWM") / 1024}
+        t.results["idle"] = {
+            "kb_per_stream": (after - before) / count,
+            "peak_mib": t.rss_kb("VmHWM") / 1024,
+        }
 
 
 def table(targets: list[Target], levels: list[int]) -> str:
     direct, bare = targets[0], targets[1]
-    lines = ["| scenario | conns | target | req/s | p50 ms | p99 ms | +p50 vs direct ms | "
-             "CPU µs/req | req/s vs bare |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | conns | target | req/s | p50 ms | p99 ms | +p50 vs direct ms | "
+        "CPU µs/req | req/s vs bare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for scenario in SCENARIOS:
         for level in levels:
             key = f"{scenario}@{level}"
@@ -210,10 +248,14 @@ def table(targets: list[Target], levels: list[int]) -> str:
                 lines.append(
                     f"| {scenario} | {level} | {t.name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
                     f"{r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} | "
-                    f"{r['cpu_us']:,.0f} | {r['rps'] / b['rps']:.2f} |")
-    lines += ["", "| target | TTFT p50 ms | +TTFT vs direct ms | paced gap p50 ms | "
-              "paced gap p99 ms | RSS at rest MiB | peak RSS MiB | KB per idle stream |",
-              "|---|---|---|---|---|---|---|---|"]
+                    f"{r['cpu_us']:,.0f} | {r['rps'] / b['rps']:.2f} |"
+                )
+    lines += [
+        "",
+        "| target | TTFT p50 ms | +TTFT vs direct ms | paced gap p50 ms | "
+        "paced gap p99 ms | RSS at rest MiB | peak RSS MiB | KB per idle stream |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in targets:
         idle = t.results.get("idle", {})
         lines.append(
@@ -222,7 +264,8 @@ def table(targets: list[Target], levels: list[int]) -> str:
             f"{t.results['paced']['gap_p50_ms']:.2f} | {t.results['paced']['gap_p99_ms']:.2f} | "
             f"{t.results.get('memory', {}).get('rest_mib', float('nan')):.1f} | "
             f"{idle.get('peak_mib', float('nan')):.1f} | "
-            f"{idle.get('kb_per_stream', float('nan')):.1f} |")
+            f"{idle.get('kb_per_stream', float('nan')):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -247,29 +290,68 @@ def run(args: argparse.Namespace) -> str:
     procs.append(upstream)
     targets = [Target("direct", upstream_url + "/v1", upstream)]
     bare_port = free_port()
-    procs.append(launch([py, str(ROOT / "benchmarks" / "bare_proxy.py"), "--upstream",
-                         upstream_url, "--port", str(bare_port)], 1))
+    procs.append(
+        launch(
+            [
+                py,
+                str(ROOT / "benchmarks" / "bare_proxy.py"),
+                "--upstream",
+                upstream_url,
+                "--port",
+                str(bare_port),
+            ],
+            1,
+        )
+    )
     targets.append(Target("bare aiohttp", f"http://127.0.0.1:{bare_port}/v1", procs[-1]))
     config = Path(tempfile.mkdtemp()) / "meterproxy.yaml"
-    config.write_text(f"upstreams: [{{name: bench, url: '{upstream_url}/v1', kind: vllm}}]\n"
-                      f"ledger: {{path: '{config.parent / 'usage.db'}'}}\n"
-                      f"quota: {{state_path: '{config.parent / 'quota.db'}'}}\n")
-    for name, extra in (("meterproxy", []), ("meterproxy, metering off",
-                                              ["--benchmark-no-metering"])):
+    config.write_text(
+        f"upstreams: [{{name: bench, url: '{upstream_url}/v1', kind: vllm}}]\n"
+        f"ledger: {{path: '{config.parent / 'usage.db'}'}}\n"
+        f"quota: {{state_path: '{config.parent / 'quota.db'}'}}\n"
+    )
+    for name, extra in (
+        ("meterproxy", []),
+        ("meterproxy, metering off", ["--benchmark-no-metering"]),
+    ):
         port = free_port()
-        procs.append(launch([py, "-m", "meterproxy", "serve", "--config", str(config),
-                             "--port", str(port), "--log-level", "WARNING", *extra], 1))
+        procs.append(
+            launch(
+                [
+                    py,
+                    "-m",
+                    "meterproxy",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "WARNING",
+                    *extra,
+                ],
+                1,
+            )
+        )
         targets.append(Target(name, f"http://127.0.0.1:{port}/v1", procs[-1]))
     if args.litellm:
         port = free_port()
         cfg = config.parent / "litellm.yaml"
-        cfg.write_text("model_list:\n" + "".join(
-            f"  - model_name: {m.split(':')[0]}\n    litellm_params: {{model: "
-            f"openai/{m.split(':')[0]}, api_base: '{upstream_url}/v1', api_key: x}}\n"
-            for m in UPSTREAM_MODELS))
-        procs.append(launch([args.litellm, "--config", str(cfg), "--port", str(port),
-                             "--num_workers", "1"], 1, {"LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                                                        "LITELLM_MASTER_KEY": BENCH_KEY}))
+        cfg.write_text(
+            "model_list:\n"
+            + "".join(
+                f"  - model_name: {m.split(':')[0]}\n    litellm_params: {{model: "
+                f"openai/{m.split(':')[0]}, api_base: '{upstream_url}/v1', api_key: x}}\n"
+                for m in UPSTREAM_MODELS
+            )
+        )
+        procs.append(
+            launch(
+                [args.litellm, "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
+                1,
+                {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": BENCH_KEY},
+            )
+        )
         targets.append(Target("LiteLLM", f"http://127.0.0.1:{port}/v1", procs[-1]))
     try:
         args.phase = "wait"
@@ -304,12 +386,19 @@ def run(args: argparse.Namespace) -> str:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               "unknown CPU")
-    header = (f"machine: {os.cpu_count()} cores, {cpu}; Python {sys.version.split()[0]}; "
-              f"{args.duration}s per run x {args.rounds} rounds; streamed chunks/s = req/s x 258 "
-              "for stream256")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    header = (
+        f"machine: {os.cpu_count()} cores, {cpu}; Python {sys.version.split()[0]}; "
+        f"{args.duration}s per run x {args.rounds} rounds; streamed chunks/s = req/s x 258 "
+        "for stream256"
+    )
     return header + "\n\n" + table(targets, args.levels)
 
 
@@ -317,16 +406,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per run, levels 1 and 16")
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 16, 64, 256])
+    parser.add_argument(
+        "--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256]
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ttft-rounds", type=int, default=200)
     parser.add_argument("--idle-streams", type=int, default=1000)
     parser.add_argument("--litellm", help="path to a `litellm` executable to compare with")
     args = parser.parse_args()
-    if args.quick:
-        args.duration, args.levels, args.rounds = 2.0, [1, 16], 1
-        args.ttft_rounds, args.idle_streams = 20, 100
+    if args.quick:  # a smoke run: explicit --duration/--levels/... still win
+        defaults = parser.parse_args([])
+        for name, quick in (
+            ("duration", 2.0),
+            ("levels", [1, 16]),
+            ("rounds", 1),
+            ("ttft_rounds", 20),
+            ("idle_streams", 100),
+        ):
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, quick)
     print(run(args))
 
 

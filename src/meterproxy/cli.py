@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, config, reload, report
+from . import __version__, config, demo, reload, report
 from .app import create_app, new_session, start, stop
 from .errors import ConfigError
 from .keys import RUNTIME
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("hash-key", help="read a key on stdin, print its sha256: form")
 
+    demo = commands.add_parser("demo", help="the proxy, a simulated vLLM and GPU, and a load")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
 
@@ -79,6 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file, environ)
     if args.command == "usage":
         return _usage(args, environ)
+    if args.command == "demo":
+        logging.basicConfig(
+            level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        _use_uvloop()
+        try:
+            return asyncio.run(demo.main(args.port, args.host))
+        except KeyboardInterrupt:
+            print("demo stopped")
+            return 0
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:

@@ -78,6 +78,8 @@ class FakeUpstream:
     models: dict[str, Behavior] = field(default_factory=lambda: {"sim-llama": Behavior()})
     seen: list[Seen] = field(default_factory=list)
     keep_seen: bool = True  # False for long benchmark runs: remember nothing
+    prompt_tokens_total: int = 0  # the truth, kept even when `seen` is not
+    generated_total: int = 0
 
     def behavior(self, model: str) -> Behavior | None:
         return self.models.get(model)
@@ -216,12 +218,14 @@ class FakeUpstream:
         finish = "length" if isinstance(limit, int) and limit < behavior.tokens else "stop"
         prompt = _prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
         seen.prompt_tokens = prompt
+        self.prompt_tokens_total += prompt
         try:
             if body.get("stream") is True:
                 return await self._stream(request, seen, behavior, kind, count, finish)
             if behavior.first_token_s or behavior.pace_s:
                 await asyncio.sleep(behavior.first_token_s + behavior.pace_s * count)
             seen.generated = count
+            self.generated_total += count
             return _json(_full_body(body, behavior, kind, count, finish, prompt))
         except asyncio.CancelledError:
             seen.cancelled = True
@@ -258,6 +262,7 @@ class FakeUpstream:
                 return await self._fail_stream(request, out, behavior)
             await out.write(frames.token(i, finish if i == count - 1 else None))
             seen.generated += 1
+            self.generated_total += 1
         if include_usage:
             await out.write(frames.usage(count))
         await out.write(b"data: [DONE]\n\n")
@@ -318,6 +323,7 @@ class FakeUpstream:
                 )
             )
             seen.generated += 1
+            self.generated_total += 1
         usage = frames.response_usage(count) if behavior.usage else None
         await out.write(
             frames.event("response.completed", frames.response("completed", count, usage))
