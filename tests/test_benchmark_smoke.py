@@ -19,9 +19,23 @@ def test_overhead_harness_runs() -> None:
             pytest.fail("wrk is missing; .ci/run installs the Debian package `wrk`")
         pytest.skip("wrk is not installed (apt-get install -y wrk)")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--duration", "1",
-         "--levels", "1", "--ttft-rounds", "5", "--idle-streams", "20"],
-        capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "overhead.py"),
+            "--quick",
+            "--duration",
+            "1",
+            "--levels",
+            "1",
+            "--ttft-rounds",
+            "5",
+            "--idle-streams",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| chat | 1 | meterproxy |" in result.stdout
     assert "KB per idle stream" in result.stdout

@@ -178,8 +178,14 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                 per_joule = substitute(efficiency[0]["targets"][0]["expr"]).replace(
                     "[20s]", "[10m]"
                 )
-                [row] = await query(http, prom_url, per_joule)
-                assert float(row["value"][1]) == pytest.approx(tokens / energy_j, rel=0.05)
+                by_model = await query(http, prom_url, per_joule)
+                assert {r["metric"]["model"] for r in by_model} == {"llama-3.1-8b", "qwen2.5-7b"}
+                # The panel's query summed over models and upstreams: the whole run's tokens
+                # per joule, which the test knows from the simulated server and GPU.
+                [total] = await query(
+                    http, prom_url, per_joule.replace("sum by (model, upstream)", "sum")
+                )
+                assert float(total["value"][1]) == pytest.approx(tokens / energy_j, rel=0.05)
                 power = await query(
                     http, prom_url, "avg_over_time(meterproxy_gpu_power_watts[20s])"
                 )
