@@ -278,6 +278,21 @@ async def client_measurements(targets: list[Target], args: argparse.Namespace) -
         await idle_streams(targets[1:], args.idle_streams)
 
 
+def soak(target: Target, body_path: str, seconds: float) -> str:
+    """Constant streaming load on one target; resident memory sampled every 10 s."""
+    samples = [target.rss_kb() / 1024]
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        wrk(target.url, body_path, 16, min(10, max(1, t_end - time.monotonic())))
+        samples.append(target.rss_kb() / 1024)
+    return (
+        f"soak: {seconds:.0f} s of 16 concurrent 256-token streams through {target.name}: "
+        f"RSS {samples[0]:.1f} MiB at start, {samples[-1]:.1f} MiB at the end, "
+        f"{max(samples):.1f} MiB at most; samples every 10 s: "
+        + ", ".join(f"{s:.0f}" for s in samples)
+    )
+
+
 def run(args: argparse.Namespace) -> str:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install -y wrk")
@@ -366,6 +381,8 @@ def run(args: argparse.Namespace) -> str:
             if t.proc is not None:
                 t.results["memory"] = {"rest_mib": t.rss_kb() / 1024}
         for scenario, body_path in bodies.items():
+            if args.soak:
+                break
             for level in args.levels:
                 for _ in range(args.rounds):  # A, B, C, ... A, B, C: drift cancels
                     for t in targets:
@@ -376,6 +393,8 @@ def run(args: argparse.Namespace) -> str:
                         for k, v in r.items():
                             acc[k] = acc.get(k, 0.0) + v / args.rounds
                 print(f"  done: {scenario} at {level} connections", file=sys.stderr)
+        if args.soak:
+            return soak(targets[2], bodies["stream256"], args.soak)
         args.phase = "clients"
         asyncio.run(client_measurements(targets, args))
     finally:
@@ -413,6 +432,12 @@ def main() -> None:
     parser.add_argument("--ttft-rounds", type=int, default=200)
     parser.add_argument("--idle-streams", type=int, default=1000)
     parser.add_argument("--litellm", help="path to a `litellm` executable to compare with")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        help="instead: SECONDS of constant load on meterproxy, memory sampled",
+    )
     args = parser.parse_args()
     if args.quick:  # a smoke run: explicit --duration/--levels/... still win
         defaults = parser.parse_args([])

@@ -1,0 +1,67 @@
+"""`meterproxy demo` as a newcomer runs it: URLs printed, live figures, a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from .test_cli_serve import free_port
+
+
+async def test_demo_shows_live_plausible_figures_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meterproxy",
+        "demo",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    banner = b""
+    try:
+        while b"Ctrl-C stops" not in banner:
+            banner += await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert f"http://127.0.0.1:{port}/v1".encode() in banner
+        await asyncio.sleep(6)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as r,
+        ):
+            text = await r.text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+    def total(name: str, **labels: str) -> float:
+        pattern = rf"^{name}\{{([^}}]*)\}} ([0-9.e+-]+)$"
+        return sum(
+            float(m.group(2))
+            for m in re.finditer(pattern, text, re.M)
+            if all(f'{k}="{v}"' in m.group(1) for k, v in labels.items())
+        )
+
+    tokens = total("meterproxy_tokens_total", type="completion") + total(
+        "meterproxy_tokens_total", type="prompt"
+    )
+    joules = total("meterproxy_energy_joules_total")
+    watts = total("meterproxy_gpu_power_watts")
+    assert tokens > 1000 and joules > 0
+    assert 70 <= watts <= 700  # between idle and the board limit
+    assert 1 <= tokens / joules <= 20  # 8B-class models on modern GPUs
+    for tenant in ("research", "support"):
+        assert total("meterproxy_requests_total", tenant=tenant, status="200") > 0
+    assert total("meterproxy_quota_rejections_total", tenant="support") > 0
+    assert total("meterproxy_wasted_tokens_total", reason="truncated") > 0
+    assert total("meterproxy_cost_usd_total") > 0
