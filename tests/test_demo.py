@@ -34,7 +34,7 @@ async def test_demo_shows_live_plausible_figures_and_stops_on_ctrl_c(tmp_path: P
         while b"Ctrl-C stops" not in banner:
             banner += await asyncio.wait_for(proc.stdout.readline(), 30)
         assert f"http://127.0.0.1:{port}/v1".encode() in banner
-        await asyncio.sleep(6)
+        await asyncio.sleep(9)
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{port}/metrics") as r,

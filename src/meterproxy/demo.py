@@ -69,7 +69,7 @@ def demo_tree(upstream_url: str, workdir: Path, port: int, host: str) -> dict[st
                 "keys": ["env:DEMO_SUPPORT_KEY"],
                 "models": ["qwen*"],
                 "limits": {
-                    "requests_per_minute": 40,
+                    "requests_per_minute": 20,
                     "max_tokens_per_request": 64,
                     "usd_per_month": 100,
                 },
