@@ -129,8 +129,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def query(http: aiohttp.ClientSession, url: str, expr: str) -> list[dict[str, Any]]:
-    async with http.get(url + "/api/v1/query", params={"query": expr}) as r:
+async def query(
+    http: aiohttp.ClientSession, url: str, expr: str, at: float | None = None
+) -> list[dict[str, Any]]:
+    params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+    async with http.get(url + "/api/v1/query", params=params) as r:
         body = await r.json()
     assert body["status"] == "success", (expr, body)
     result: list[dict[str, Any]] = body["data"]["result"]
@@ -158,12 +161,21 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
             tracker = d.proxy.runner.app[RUNTIME].energy
             assert tracker is not None and isinstance(tracker.source, SimulatedGpus)
             gpu = tracker.source
-            energy_before, start = gpu.true_mj("0"), time.monotonic()
-            await demo.load(d.proxy.url + "/v1", workers=4, stop_after_s=25)
-            energy_j = (gpu.true_mj("0") - energy_before) / 1000
-            elapsed = time.monotonic() - start
-            tokens = d.upstream.prompt_tokens_total + d.upstream.generated_total
-            await asyncio.sleep(3)  # last scrapes
+            base = d.proxy.url + "/v1"
+            await demo.load(base, workers=4, stop_after_s=8)  # every series exists
+            await asyncio.sleep(2)  # all settled, energy final, scraped: the GPU is idle
+
+            def truth() -> tuple[int, float]:
+                """What the simulated server generated and the simulated GPU consumed."""
+                served = d.upstream.prompt_tokens_total + d.upstream.generated_total
+                return served, gpu.true_mj("0") / 1000
+
+            (tokens_a, energy_a), t_a = truth(), time.time()
+            await demo.load(base, workers=4, stop_after_s=20)
+            await asyncio.sleep(0.5)  # the last requests' energy becomes final
+            (tokens_b, energy_b), t_b = truth(), time.time()
+            tokens, energy_j, elapsed = tokens_b - tokens_a, energy_b - energy_a, t_b - t_a
+            await asyncio.sleep(2)  # scraped
             async with aiohttp.ClientSession() as http:
                 empty = []
                 for board in dashboards().values():
@@ -173,27 +185,33 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                             if not await query(http, prom_url, expr):
                                 empty.append(f"{board['title']} / {panel['title']}: {expr}")
                 assert empty == []
-                # The efficiency figures against what the test knows independently.
+                # The efficiency figures against what the test knows independently: the
+                # tokens-per-joule panel's query summed over models and upstreams, over the
+                # second run, against the simulated server's tokens / the simulated GPU's joules.
                 efficiency = dashboards()["efficiency"]["panels"]
-                per_joule = substitute(efficiency[0]["targets"][0]["expr"]).replace(
-                    "[20s]", "[10m]"
-                )
+                per_joule = substitute(efficiency[0]["targets"][0]["expr"])
                 by_model = await query(http, prom_url, per_joule)
                 assert {r["metric"]["model"] for r in by_model} == {"llama-3.1-8b", "qwen2.5-7b"}
-                # The panel's query summed over models and upstreams: the whole run's tokens
-                # per joule, which the test knows from the simulated server and GPU.
+                # A window reaching into the idle time on both sides holds exactly this run.
+                window = f"[{round(elapsed) + 2}s]"
                 [total] = await query(
-                    http, prom_url, per_joule.replace("sum by (model, upstream)", "sum")
+                    http,
+                    prom_url,
+                    per_joule.replace("sum by (model, upstream)", "sum").replace("[20s]", window),
+                    at=t_b + 1,
                 )
                 assert float(total["value"][1]) == pytest.approx(tokens / energy_j, rel=0.05)
                 power = await query(
-                    http, prom_url, "avg_over_time(meterproxy_gpu_power_watts[20s])"
+                    http,
+                    prom_url,
+                    f"avg_over_time(meterproxy_gpu_power_watts[{round(elapsed)}s])",
+                    at=t_b,
                 )
                 watts = float(power[0]["value"][1])
                 assert 70 <= watts <= 700  # between idle and the board limit
-                assert energy_j / elapsed == pytest.approx(watts, rel=0.5)
+                assert energy_j / elapsed == pytest.approx(watts, rel=0.2)
                 # 8B-class models on modern GPUs: about 1 to 20 tokens per joule
-                assert 1 <= tokens / energy_j <= 20
+                assert 0.5 <= tokens / energy_j <= 20
     finally:
         prom.terminate()
         await asyncio.wait_for(prom.wait(), 10)
