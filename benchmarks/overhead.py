@@ -230,6 +230,9 @@ async def idle_streams(targets: list[Target], count: int) -> None:
         }
 
 
+CHUNKS_PER_STREAM = 258  # role chunk + 256 tokens + [DONE]
+
+
 def table(targets: list[Target], levels: list[int]) -> str:
     direct, bare = targets[0], targets[1]
     lines = [
@@ -238,6 +241,10 @@ def table(targets: list[Target], levels: list[int]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in SCENARIOS:
+
+        def chunks(r: dict[str, float], scenario: str = scenario) -> str:
+            return f"{r['rps'] * CHUNKS_PER_STREAM:,.0f}" if scenario == "stream256" else "-"
+
         for level in levels:
             key = f"{scenario}@{level}"
             for t in targets:
@@ -246,9 +253,9 @@ def table(targets: list[Target], levels: list[int]) -> str:
                     continue
                 d, b = direct.results[key], bare.results[key]
                 lines.append(
-                    f"| {scenario} | {level} | {t.name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-                    f"{r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} | "
-                    f"{r['cpu_us']:,.0f} | {r['rps'] / b['rps']:.2f} |"
+                    f"| {scenario} | {level} | {t.name} | {r['rps']:,.0f} | {chunks(r)} | "
+                    f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} | "
+                    f"{r['cpu_us']:,.0f} | {r['rps'] / d['rps']:.2f} | {r['rps'] / b['rps']:.2f} |"
                 )
     lines += [
         "",
@@ -415,8 +422,7 @@ def run(args: argparse.Namespace) -> str:
     )
     header = (
         f"machine: {os.cpu_count()} cores, {cpu}; Python {sys.version.split()[0]}; "
-        f"{args.duration}s per run x {args.rounds} rounds; streamed chunks/s = req/s x 258 "
-        "for stream256"
+        f"{args.duration}s per run x {args.rounds} rounds"
     )
     return header + "\n\n" + table(targets, args.levels)
 

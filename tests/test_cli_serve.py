@@ -165,3 +165,37 @@ async def test_sighup_reloads_the_config(
     assert await asyncio.wait_for(proxy.proc.wait(), 10) == 0
     log = (await proxy.proc.stdout.read()).decode()  # type: ignore[union-attr]
     assert "SIGHUP: reloading the configuration" in log
+
+
+async def test_serve_with_a_simulated_gpu_shows_tokens_per_joule(
+    start_upstream: StartUpstream, processes: list[Process], tmp_path: Path
+) -> None:
+    up: Upstream = await start_upstream({"llama": Behavior(tokens=60, pace_s=0.005)})
+    cfg = tmp_path / "meterproxy.yaml"
+    cfg.write_text(
+        f"upstreams: [{{name: gpu, url: '{up.url}', kind: vllm, gpus: [0]}}]\n"
+        "energy: {source: simulated}\n"
+    )
+    proxy = await launch("--config", str(cfg), cwd=tmp_path)
+    processes.append(proxy)
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k") as c:
+        for _ in range(3):
+            stream = await c.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            async for _ in stream:
+                pass
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as r:
+        text = await r.text()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("meterproxy_tokens_total{", "meterproxy_energy_joules_total{")):
+            name = line.split("{")[0] + (
+                "/" + line.split('type="')[1].split('"')[0] if 'type="' in line else ""
+            )
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    tokens = values["meterproxy_tokens_total/prompt"] + values["meterproxy_tokens_total/completion"]
+    joules = values["meterproxy_energy_joules_total"]
+    assert 'meterproxy_energy_source_up{source="simulated"} 1.0' in text
+    assert 0.3 < tokens / joules < 30  # plausible for an 8B-class model

@@ -165,16 +165,17 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
             await demo.load(base, workers=4, stop_after_s=8)  # every series exists
             await asyncio.sleep(2)  # all settled, energy final, scraped: the GPU is idle
 
-            def truth() -> tuple[int, float]:
-                """What the simulated server generated and the simulated GPU consumed."""
+            def truth() -> tuple[int, float, int]:
+                """What the simulated server served and the simulated GPU consumed."""
                 served = d.upstream.prompt_tokens_total + d.upstream.generated_total
-                return served, gpu.true_mj("0") / 1000
+                return served, gpu.true_mj("0") / 1000, d.upstream.requests_total
 
-            (tokens_a, energy_a), t_a = truth(), time.time()
+            (tokens_a, energy_a, requests_a), t_a = truth(), time.time()
             await demo.load(base, workers=4, stop_after_s=20)
             await asyncio.sleep(0.5)  # the last requests' energy becomes final
-            (tokens_b, energy_b), t_b = truth(), time.time()
+            (tokens_b, energy_b, requests_b), t_b = truth(), time.time()
             tokens, energy_j, elapsed = tokens_b - tokens_a, energy_b - energy_a, t_b - t_a
+            requests = requests_b - requests_a
             await asyncio.sleep(2)  # scraped
             async with aiohttp.ClientSession() as http:
                 empty = []
@@ -201,6 +202,15 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                     at=t_b + 1,
                 )
                 assert float(total["value"][1]) == pytest.approx(tokens / energy_j, rel=0.05)
+                per_request = substitute(efficiency[1]["targets"][0]["expr"])
+                assert efficiency[1]["title"] == "Joules per request"
+                [joules] = await query(
+                    http,
+                    prom_url,
+                    per_request.replace("sum by (model)", "sum").replace("[20s]", window),
+                    at=t_b + 1,
+                )
+                assert float(joules["value"][1]) == pytest.approx(energy_j / requests, rel=0.05)
                 power = await query(
                     http,
                     prom_url,

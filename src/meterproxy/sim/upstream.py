@@ -78,7 +78,8 @@ class FakeUpstream:
     models: dict[str, Behavior] = field(default_factory=lambda: {"sim-llama": Behavior()})
     seen: list[Seen] = field(default_factory=list)
     keep_seen: bool = True  # False for long benchmark runs: remember nothing
-    prompt_tokens_total: int = 0  # the truth, kept even when `seen` is not
+    requests_total: int = 0  # the truth, kept even when `seen` is not
+    prompt_tokens_total: int = 0
     generated_total: int = 0
 
     def behavior(self, model: str) -> Behavior | None:
@@ -159,6 +160,7 @@ class FakeUpstream:
         raw = await request.read()
         body = orjson.loads(raw)
         seen = Seen(request.path, CIMultiDict(request.headers), body)
+        self.requests_total += 1
         if self.keep_seen:
             self.seen.append(seen)
         behavior = self.behavior(body.get("model", ""))
