@@ -236,9 +236,9 @@ CHUNKS_PER_STREAM = 258  # role chunk + 256 tokens + [DONE]
 def table(targets: list[Target], levels: list[int]) -> str:
     direct, bare = targets[0], targets[1]
     lines = [
-        "| scenario | conns | target | req/s | p50 ms | p99 ms | +p50 vs direct ms | "
-        "CPU µs/req | req/s vs bare |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | conns | target | req/s | chunks/s | p50 ms | p99 ms | "
+        "+p50 vs direct ms | CPU µs/req | req/s vs direct | req/s vs bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in SCENARIOS:
 

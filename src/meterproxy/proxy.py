@@ -125,15 +125,12 @@ async def _serve(request: web.Request, runtime: Runtime, endpoint: str) -> web.S
         if endpoint == "other":
             body = intake.maybe_json(raw)
             route = intake.route_other(runtime, body)
-            if route.model != NO_LABEL and body is not None:
-                record.ticket, modified = await admission.admit(
-                    runtime, tenant, route, body, endpoint
-                )
         else:
             body = intake.parse_json(raw)
             route = await intake.route_for(runtime, body)
-            record.ticket, modified = await admission.admit(runtime, tenant, route, body, endpoint)
         record.model, record.upstream = route.model, route.upstream.name
+        if body is not None and route.model != NO_LABEL:
+            record.ticket, modified = await admission.admit(runtime, tenant, route, body, endpoint)
         return await _forward(request, runtime, record, route, body, raw, modified)
     except ProxyError as error:
         record.status = str(error.status)
@@ -152,10 +149,11 @@ def upstream_headers(
     headers: CIMultiDictProxy[str], route: Route, request_id: str
 ) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    connection = headers.get("connection", "").lower()
+    # Headers the client names in `Connection` are hop-by-hop too (RFC 9110 7.6.1).
+    named = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     for name, value in headers.items():
         lower = name.lower()
-        if lower in REQUEST_DROP or (connection and lower in connection):
+        if lower in REQUEST_DROP or lower in named:
             continue
         out.add(name, value)
     if route.upstream.api_key:

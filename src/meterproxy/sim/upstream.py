@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,22 +18,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-CREATED = 1_730_000_000
-# Each of these is one token in cl100k and o200k, so tiktoken estimates match the fake's counts.
-WORDS = (
-    " the",
-    " quick",
-    " brown",
-    " fox",
-    " jumps",
-    " over",
-    " lazy",
-    " dog",
-    " and",
-    " runs",
-    " far",
-    " away",
-)
+from .frames import CREATED, WORDS, Frames, full_body, is_ids, make_id, prompt_tokens
+
 FAILURES = (
     "http_500_html",
     "http_400",
@@ -131,8 +116,8 @@ class FakeUpstream:
         if isinstance(behavior, web.StreamResponse):
             return behavior
         inputs = body.get("input")
-        items = inputs if isinstance(inputs, list) and not _is_ids(inputs) else [inputs]
-        prompt = sum(_prompt_tokens(item) for item in items)
+        items = inputs if isinstance(inputs, list) and not is_ids(inputs) else [inputs]
+        prompt = sum(prompt_tokens(item) for item in items)
         data = [
             {"index": i, "object": "embedding", "embedding": [0.0125 * (i + 1)] * 8}
             for i in range(len(items))
@@ -140,7 +125,7 @@ class FakeUpstream:
         seen.finished_ns = time.monotonic_ns()
         return _json(
             {
-                "id": _id("embd", body),
+                "id": make_id("embd", body),
                 "object": "list",
                 "created": CREATED,
                 "model": body["model"],
@@ -218,7 +203,7 @@ class FakeUpstream:
         )
         count = behavior.tokens if not isinstance(limit, int) else min(limit, behavior.tokens)
         finish = "length" if isinstance(limit, int) and limit < behavior.tokens else "stop"
-        prompt = _prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
+        prompt = prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
         seen.prompt_tokens = prompt
         self.prompt_tokens_total += prompt
         try:
@@ -228,7 +213,7 @@ class FakeUpstream:
                 await asyncio.sleep(behavior.first_token_s + behavior.pace_s * count)
             seen.generated = count
             self.generated_total += count
-            return _json(_full_body(body, behavior, kind, count, finish, prompt))
+            return _json(full_body(body, behavior, kind, count, finish, prompt))
         except asyncio.CancelledError:
             seen.cancelled = True
             raise
@@ -250,7 +235,7 @@ class FakeUpstream:
         options = body.get("stream_options") or {}
         include_usage = behavior.usage and bool(options.get("include_usage"))
         continuous = include_usage and bool(options.get("continuous_usage_stats"))
-        frames = _Frames(self.flavor, body, kind, prompt, behavior, continuous)
+        frames = Frames(self.flavor, body, kind, prompt, behavior, continuous)
         if kind == "response":
             return await self._stream_response(out, frames, behavior, count, seen)
         if kind == "chat":
@@ -299,7 +284,7 @@ class FakeUpstream:
     async def _stream_response(
         self,
         out: web.StreamResponse,
-        frames: _Frames,
+        frames: Frames,
         behavior: Behavior,
         count: int,
         seen: Seen,
@@ -332,215 +317,6 @@ class FakeUpstream:
         )
         await out.write_eof()
         return out
-
-
-class _Frames:
-    """Serializes chunks the way the flavor's server does."""
-
-    def __init__(
-        self,
-        flavor: str,
-        body: dict[str, Any],
-        kind: str,
-        prompt: int,
-        behavior: Behavior,
-        continuous: bool,
-    ) -> None:
-        self.flavor, self.kind, self.prompt, self.behavior = flavor, kind, prompt, behavior
-        self.continuous = continuous
-        self.model = body["model"]
-        self.id = _id({"chat": "chatcmpl", "completion": "cmpl", "response": "resp"}[kind], body)
-        self.item_id = "msg_" + self.id[-16:]
-        self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": self.object,
-            "created": CREATED,
-            "model": self.model,
-            "choices": choices,
-        }
-        if usage is not None:
-            chunk["usage"] = usage
-        return orjson.dumps(chunk)
-
-    def role(self) -> bytes:
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        usage = self._usage(0, details=False) if self.continuous else None
-        # trtllm-serve's role chunk carries a stray space before the blank line.
-        tail = b" \n\n" if self.flavor == "trtllm" else b"\n\n"
-        return b"data: " + self._chunk([choice], usage) + tail
-
-    def token(self, i: int, finish: str | None) -> bytes:
-        word = WORDS[i % len(WORDS)]
-        if self.kind == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "delta": {"content": word},
-                "logprobs": None,
-                "finish_reason": finish,
-                "token_ids": None,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": word,
-                "logprobs": None,
-                "finish_reason": finish,
-                "token_ids": None,
-            }
-        if finish is not None:
-            choice["stop_reason"] = None
-        usage = self._usage(i + 1, details=False) if self.continuous else None
-        return b"data: " + self._chunk([choice], usage) + b"\n\n"
-
-    def usage(self, completion: int) -> bytes:
-        return b"data: " + self._chunk([], self._usage(completion, details=True)) + b"\n\n"
-
-    def _usage(self, completion: int, *, details: bool) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "prompt_tokens": self.prompt,
-            "total_tokens": self.prompt + completion,
-            "completion_tokens": completion,
-        }
-        if details and self.behavior.reasoning_tokens is not None:
-            usage["completion_tokens_details"] = {
-                "reasoning_tokens": min(completion, self.behavior.reasoning_tokens)
-            }
-        if details and self.behavior.cached_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.behavior.cached_tokens}
-        return usage
-
-    def event(self, name: str, payload: dict[str, Any]) -> bytes:
-        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-
-    def response(self, status: str, count: int, usage: Any) -> dict[str, Any]:
-        text = "".join(WORDS[i % len(WORDS)] for i in range(count))
-        output = (
-            [
-                {
-                    "id": self.item_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "status": "completed",
-                    "content": [
-                        {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
-                    ],
-                }
-            ]
-            if status == "completed"
-            else []
-        )
-        return {
-            "type": f"response.{'created' if status == 'in_progress' else status}",
-            "sequence_number": 0 if status == "in_progress" else count + 1,
-            "response": {
-                "id": self.id,
-                "object": "response",
-                "created_at": CREATED,
-                "model": self.model,
-                "status": status,
-                "output": output,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": usage,
-            },
-        }
-
-    def response_usage(self, count: int) -> dict[str, Any]:
-        return {
-            "input_tokens": self.prompt,
-            "input_tokens_details": {"cached_tokens": self.behavior.cached_tokens or 0},
-            "output_tokens": count,
-            "output_tokens_details": {"reasoning_tokens": self.behavior.reasoning_tokens or 0},
-            "total_tokens": self.prompt + count,
-        }
-
-
-def _full_body(
-    body: dict[str, Any], behavior: Behavior, kind: str, count: int, finish: str, prompt: int
-) -> dict[str, Any]:
-    frames = _Frames("vllm", body, kind, prompt, behavior, False)
-    text = "".join(WORDS[i % len(WORDS)] for i in range(count))
-    usage = frames._usage(count, details=True) if behavior.usage else None
-    if kind == "response":
-        result = frames.response(
-            "completed", count, frames.response_usage(count) if behavior.usage else None
-        )
-        response: dict[str, Any] = result["response"]
-        return response
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": text,
-                "refusal": None,
-                "annotations": None,
-                "audio": None,
-                "function_call": None,
-                "tool_calls": [],
-                "reasoning_content": None,
-            },
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": None,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": None,
-            "prompt_logprobs": None,
-        }
-        obj = "text_completion"
-    out: dict[str, Any] = {
-        "id": frames.id,
-        "object": obj,
-        "created": CREATED,
-        "model": body["model"],
-        "choices": [choice],
-    }
-    if usage is not None:
-        out["usage"] = usage
-    return out
-
-
-def _prompt_tokens(value: Any) -> int:
-    """The fake's own prompt count: words plus per-message framing. Deterministic, not tiktoken."""
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value.split()) + 1
-    if isinstance(value, list):
-        if _is_ids(value):
-            return len(value)
-        return sum(_prompt_tokens(v) for v in value) + 2
-    if isinstance(value, dict):
-        return _prompt_tokens(value.get("content")) + 3
-    return 1
-
-
-def _is_ids(value: list[Any]) -> bool:
-    return bool(value) and all(isinstance(v, int) for v in value)
-
-
-def _id(prefix: str, body: dict[str, Any]) -> str:
-    # Deterministic (vLLM's are random) so streams can be compared byte for byte; options the
-    # proxy may add are left out of the hash.
-    key = {k: v for k, v in body.items() if k != "stream_options"}
-    digest = hashlib.sha256(orjson.dumps(key, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return f"{prefix}-{digest[:32]}"
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
