@@ -88,11 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _use_uvloop()
-        try:
-            return asyncio.run(demo.main(args.port, args.host))
-        except KeyboardInterrupt:
-            print("demo stopped")
-            return 0
+        code = asyncio.run(demo.main(args.port, args.host))
+        print("demo stopped")
+        return code
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:

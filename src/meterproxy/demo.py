@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -176,8 +177,13 @@ Ctrl-C stops.
             flush=True,
         )
         traffic = asyncio.create_task(load(base + "/v1"), name="demo-load")
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
+            print("stopping: the load first, then the proxy and the simulated server", flush=True)
         finally:
             traffic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
