@@ -39,12 +39,18 @@ async def reload(
         )
         return False
     old = runtime.settings
-    if (settings.server.host, settings.server.port) != (old.server.host, old.server.port) or (
-        settings.ledger != old.ledger or settings.tenancy.state_path != old.tenancy.state_path
+    gpus = {u.name: u.gpus for u in settings.upstreams}
+    old_gpus = {u.name: u.gpus for u in old.upstreams}
+    if (
+        (settings.server.host, settings.server.port) != (old.server.host, old.server.port)
+        or settings.ledger != old.ledger
+        or settings.tenancy.state_path != old.tenancy.state_path
+        or settings.energy != old.energy
+        or gpus != old_gpus
     ):
         log.warning(
-            "config reload: listen address, ledger and quota state paths take effect "
-            "only after a restart"
+            "config reload: the listen address, ledger and quota state paths, the energy "
+            "section and upstream GPU lists take effect only after a restart"
         )
     added = [u for u in settings.upstreams if u.name not in runtime.sessions]
     for upstream in added:
