@@ -3,10 +3,9 @@ labelled tiktoken count of what was asked and what was relayed."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
-
-import orjson
 
 from . import usage
 from .meter import STATUS_CLIENT_DISCONNECT, Record, StreamWatch, Waste, text_of
@@ -15,13 +14,6 @@ from .runtime import Runtime
 from .tokens import off_loop
 
 log = logging.getLogger(__name__)
-
-
-def loads(payload: bytes) -> Any:
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
 
 
 async def settle_body(
@@ -86,16 +78,20 @@ async def stream_usage(
     *,
     complete: bool,
 ) -> usage.Usage:
-    source = usage.Source.UPSTREAM if complete else usage.Source.PARTIAL
-    if watch.last_usage is not None:
-        found = usage.from_body(loads(watch.last_usage))
-        if found is not None:
-            return usage.Usage(
-                found.prompt, found.completion, found.cached_prompt, found.reasoning, source
-            )
+    found = _watched_usage(watch, usage.Source.UPSTREAM if complete else usage.Source.PARTIAL)
+    if found is not None:
+        return found
     if record.endpoint == "other":
         return usage.NO_USAGE
     return await _estimate(runtime, record, route, body, watch.text(), complete=complete)
+
+
+def _watched_usage(watch: StreamWatch, source: usage.Source) -> usage.Usage | None:
+    """The last usage the stream carried (cumulative: never a sum), with its provenance."""
+    if watch.last_usage is None:
+        return None
+    found = usage.from_body(usage.loads(watch.last_usage))
+    return None if found is None else dataclasses.replace(found, source=source)
 
 
 def client_left(
@@ -114,17 +110,10 @@ def client_left(
         return
     if watch is not None:
         record.first_token_ns = watch.first_token_ns
-        if watch.last_usage is not None:
-            found = usage.from_body(loads(watch.last_usage))
-            if found is not None:
-                record.usage = usage.Usage(
-                    found.prompt,
-                    found.completion,
-                    found.cached_prompt,
-                    found.reasoning,
-                    usage.Source.PARTIAL,
-                )
-                return
+        found = _watched_usage(watch, usage.Source.PARTIAL)
+        if found is not None:
+            record.usage = found
+            return
     if record.endpoint == "other":
         return
     counter = runtime.tokens

@@ -12,6 +12,7 @@ from . import discovery, errors
 from .meter import NO_LABEL
 from .routing import Route
 from .runtime import Runtime
+from .usage import loads
 
 
 async def read_body(request: web.Request, runtime: Runtime) -> bytes:
@@ -42,10 +43,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def maybe_json(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        return None
+    body = loads(raw) if raw else None
     return body if isinstance(body, dict) else None
 
 

@@ -10,13 +10,13 @@ import enum
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .sse import Event
-from .usage import NO_USAGE, Usage
+from .usage import NO_USAGE, Usage, loads
 
 if TYPE_CHECKING:
     from .quota import Ticket
@@ -186,7 +186,7 @@ class StreamWatch:
         if b'"usage"' in data and not _USAGE_NULL.search(data):
             self.last_usage = data
         if self.first_token_ns is None:
-            parsed = _loads(data)
+            parsed = loads(data)
             if parsed is not None and _has_content(parsed):
                 self.first_token_ns = self._clock()
         if self.first_token_ns is not None:
@@ -198,9 +198,7 @@ class StreamWatch:
                 self.terminal = True
             elif event.name in (b"error", b"response.failed"):
                 self.error = True
-        if b'"finish_reason":"length"' in data or (
-            b'"finish_reason"' in data and _LENGTH.search(data)
-        ):
+        if b'"length"' in data and _LENGTH.search(data):
             self.truncated = True
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -209,7 +207,7 @@ class StreamWatch:
 
     def _compact(self) -> None:
         for data in self._pending:
-            parsed = _loads(data)
+            parsed = loads(data)
             if parsed is not None:
                 self._texts.append(text_of(parsed))
         self._pending.clear()
@@ -221,15 +219,8 @@ class StreamWatch:
         return "".join(self._texts)
 
 
-def _loads(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
 def _is_usage_only(data: bytes) -> bool:
-    parsed = _loads(data)
+    parsed = loads(data)
     return isinstance(parsed, dict) and parsed.get("choices") == [] and bool(parsed.get("usage"))
 
 
@@ -285,13 +276,3 @@ def text_of(obj: Any) -> str:
                 if isinstance(content, dict) and isinstance(content.get("text"), str):
                     parts.append(content["text"])
     return "".join(parts)
-
-
-@dataclass(slots=True)
-class BodyCopy:
-    """A non-streamed response body, collected beside the relay."""
-
-    parts: list[bytes] = field(default_factory=list)
-
-    def parsed(self) -> Any:
-        return _loads(b"".join(self.parts))

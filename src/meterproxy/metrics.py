@@ -55,7 +55,6 @@ TPOT_BUCKETS = (
 )
 # Joules per request: a short chat on a shared GPU (~1 J) to minutes of generation (~100 kJ).
 JOULE_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
-TOKEN_TYPES = ("prompt", "completion", "cached_prompt", "reasoning")
 
 
 class Metrics:

@@ -26,6 +26,7 @@ from .proxy_headers import REQUEST_DROP
 from .relay import DONE_ENDPOINTS, client_headers, relay_body, relay_stream
 from .routing import Route
 from .runtime import Runtime
+from .usage import loads
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +273,7 @@ async def _upstream_error(
         )
     if status >= 500:
         record.upstream_error = f"http_{status // 100}xx"
-    try:
-        parsed = orjson.loads(payload) if payload else None
-    except orjson.JSONDecodeError:
-        parsed = None
+    parsed = loads(payload) if payload else None
     if not isinstance(parsed, dict):
         record.upstream_error = record.upstream_error or "bad_response"
         raise errors.UpstreamBadResponse(

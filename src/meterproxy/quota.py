@@ -79,13 +79,6 @@ class Ticket:
     day: str
 
 
-@dataclass(frozen=True)
-class Headers:
-    """OpenAI's x-ratelimit-* values for one tenant at one moment."""
-
-    values: dict[str, str]
-
-
 def duration(ns: int) -> str:
     """OpenAI's reset format: 1s, 6m0s, 20ms."""
     ms = max(0, math.ceil(ns / 1e6))

@@ -12,12 +12,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import errors
-from .accounting import client_left, loads, settle_body, stream_usage
-from .meter import STATUS_STREAM_BROKEN, USAGE_ONLY, BodyCopy, Record, StreamWatch, Waste
+from .accounting import client_left, settle_body, stream_usage
+from .meter import STATUS_STREAM_BROKEN, USAGE_ONLY, Record, StreamWatch, Waste
 from .proxy_headers import RESPONSE_DROP
 from .routing import Route
 from .runtime import Runtime
 from .sse import SSEScanner
+from .usage import loads
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ async def relay_body(
         return web.Response(status=response.status, body=payload, headers=headers)
     out = web.StreamResponse(status=response.status, headers=headers)
     await out.prepare(request)
-    copy = BodyCopy()
+    parts: list[bytes] = []
     broken: _StreamBroken | None = None
     try:
         async for chunk in response.content.iter_any():
-            copy.parts.append(chunk)
+            parts.append(chunk)
             await out.write(chunk)
     except ConnectionResetError:
         client_left(runtime, record, route, body, None)
@@ -90,7 +91,7 @@ async def relay_body(
         _abort(request)
     else:
         await out.write_eof()
-    await settle_body(runtime, record, route, body, copy.parsed(), complete=broken is None)
+    await settle_body(runtime, record, route, body, loads(b"".join(parts)), complete=broken is None)
     return out
 
 

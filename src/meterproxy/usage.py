@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 class Source(str, enum.Enum):
     UPSTREAM = "upstream"  # the upstream's own final usage
@@ -33,6 +35,14 @@ class Usage:
 
 
 NO_USAGE = Usage()
+
+
+def loads(payload: bytes) -> Any:
+    """Parsed JSON, or None when the bytes are not JSON."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _int(value: Any) -> int | None:
