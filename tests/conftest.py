@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from meterproxy import config
 from meterproxy.app import RunningServer, create_app, start, stop
-from meterproxy.meter import Record
+from meterproxy.settlement import Settlement
 from meterproxy.sim.upstream import Behavior, FakeUpstream
 from meterproxy.tokens import TokenCounter
 
@@ -29,7 +29,7 @@ class Upstream:
 class Proxy:
     server: RunningServer
     registry: CollectorRegistry
-    settled: list[Record] = field(default_factory=list)
+    settled: list[Settlement] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -102,7 +102,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         }
         settings = config.parse(tree, environ or {})
         registry = CollectorRegistry()
-        proxy_settled: list[Record] = []
+        proxy_settled: list[Settlement] = []
         app = create_app(
             settings, registry=registry, sinks=[proxy_settled.append], tokens=TokenCounter(None)
         )

@@ -136,7 +136,7 @@ async def test_ledger_row_has_every_field(
     [row] = await flushed(proxy)
     assert dict(row) | {"id": 0, "ts": 0, "ttft_s": 0, "duration_s": 0, "gpu_seconds": 0} == {
         "id": 0,
-        "request_id": "client-7",
+        "request_id": row["request_id"],  # the proxy's own key; the client's id is kept apart
         "ts": 0,
         "tenant": "anonymous",
         "model": "sim-llama",
@@ -157,7 +157,10 @@ async def test_ledger_row_has_every_field(
         "waste_reason": "truncated",
         "client_request_id": "client-7",
         "client_user": "alice",
+        "upstream_request_id": None,
+        "outcome": "success",
     }
+    assert row["request_id"].startswith("mp-") and row["request_id"] != "client-7"
     assert 0 < row["ttft_s"] <= row["duration_s"] and row["ts"] > 1.7e9
 
 
@@ -323,6 +326,8 @@ def test_usage_report_in_all_three_formats(
                     waste,
                     None,
                     None,
+                    None,
+                    "success",
                 ),
             )
     db.close()

@@ -21,7 +21,7 @@ from meterproxy.energy.factory import open_source
 from meterproxy.energy.nvml import NvmlSource
 from meterproxy.energy.settings import EnergySettings
 from meterproxy.energy.sources import SourceUnavailable
-from meterproxy.meter import Record
+from meterproxy.settlement import Settlement
 from meterproxy.sim.pynvml_fake import FakeNvml
 from meterproxy.sim.upstream import Behavior
 
@@ -36,7 +36,7 @@ def watts(w: float, t0: float) -> object:
 
 async def serve(
     up: Upstream, tmp_path: Path, source: object, **extra: object
-) -> tuple[object, CollectorRegistry, list[Record]]:
+) -> tuple[object, CollectorRegistry, list[Settlement]]:
     tree = {
         "upstreams": [{"name": "gpu", "url": up.url, "kind": "vllm", "gpus": [0]}],
         "ledger": {"path": str(tmp_path / "usage.db")},

@@ -197,6 +197,23 @@ async def test_responses_api_stream_and_non_stream(proxy: Proxy) -> None:
     assert proxy.settled[1].first_token_ns is not None
 
 
+async def test_responses_cut_by_max_output_tokens_are_truncation_waste_streamed_or_not(
+    proxy: Proxy,
+) -> None:
+    async with client(proxy) as c:
+        reply = await c.responses.create(model="sim-llama", input="Hi", max_output_tokens=3)
+        stream = await c.responses.create(
+            model="sim-llama", input="Hi", max_output_tokens=3, stream=True
+        )
+        kinds = [event.type async for event in stream]
+    assert reply.status == "incomplete" and kinds[-1] == "response.incomplete"
+    assert [(r.status, r.waste_reason) for r in proxy.settled] == [
+        ("200", "truncated"),
+        ("200", "truncated"),  # the streamed reply too, judged by its final event
+    ]
+    assert proxy.total("meterproxy_wasted_tokens_total", reason="truncated") == 6
+
+
 async def test_models_lists_the_union_of_upstreams_and_aliases(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:

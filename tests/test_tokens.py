@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken_ext
 
+from meterproxy import endpoints
 from meterproxy.tokens import BYTE_ESTIMATE, OFFLINE, TokenCounter
 
 # OpenAI cookbook's example: 129 prompt tokens, as counted by the API for gpt-4 (cl100k).
@@ -50,7 +51,7 @@ COOKBOOK = [
 
 def test_chat_messages_are_counted_the_way_openai_counts_them() -> None:
     counter = TokenCounter(None)
-    assert counter.count_prompt("gpt-4", "chat_completions", {"messages": COOKBOOK}) == 129
+    assert counter.count_prompt("gpt-4", endpoints.CHAT, {"messages": COOKBOOK}) == 129
 
 
 def test_unknown_models_use_the_bundled_encoding_and_say_so_once(
@@ -92,12 +93,12 @@ def test_no_encoding_at_all_degrades_to_a_labelled_byte_estimate() -> None:
 def test_prompts_of_every_endpoint() -> None:
     counter = TokenCounter(None)
     model = "m"
-    assert counter.count_prompt(model, "completions", {"prompt": "hello world"}) == 2
-    assert counter.count_prompt(model, "completions", {"prompt": ["hello", "world"]}) == 2
-    assert counter.count_prompt(model, "embeddings", {"input": [1, 2, 3, 4]}) == 4
+    assert counter.count_prompt(model, endpoints.COMPLETIONS, {"prompt": "hello world"}) == 2
+    assert counter.count_prompt(model, endpoints.COMPLETIONS, {"prompt": ["hello", "world"]}) == 2
+    assert counter.count_prompt(model, endpoints.EMBEDDINGS, {"input": [1, 2, 3, 4]}) == 4
     assert (
         counter.count_prompt(
-            model, "responses", {"input": "hello world", "instructions": "be brief"}
+            model, endpoints.RESPONSES, {"input": "hello world", "instructions": "be brief"}
         )
         == 4
     )
@@ -112,6 +113,6 @@ def test_prompts_of_every_endpoint() -> None:
             }
         ]
     }
-    assert counter.count_prompt(model, "chat_completions", parts) == 3 + 1 + 2 + 3
+    assert counter.count_prompt(model, endpoints.CHAT, parts) == 3 + 1 + 2 + 3
     # Special-token text is ordinary text to count, never an error.
     assert counter.count_text(model, "<|endoftext|>") > 1

@@ -1,5 +1,5 @@
-"""Composition root: create_app wires settings, registry, clock and sinks into one app;
-start/stop run it with the same server options in production and in tests.
+"""Composition root: create_app wires settings, registry, clock, backends and sinks into one
+app; start/stop run it with the same server options in production and in tests.
 """
 
 from __future__ import annotations
@@ -16,23 +16,28 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import discovery, pricing, reload, routes
+from .backends import EnergyBackend, NoEnergy
 from .config import Settings, Upstream
 from .energy.factory import open_source
-from .energy.sampler import Sampler
 from .energy.sources import Source
 from .energy.tracker import EnergyTracker
-from .keys import ENERGY_SOURCE, LEDGER, RELOAD, RUNTIME
+from .exchange import Exchange
+from .keys import LEDGER, RELOAD, RUNTIME
 from .ledger import Ledger
-from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
-from .occupancy import Occupancy
-from .quota import Quota
-from .quota_store import QuotaStore
+from .quota_local import LocalQuota
 from .routing import Router
-from .runtime import Runtime
-from .tokens import TokenCounter
+from .runtime import Current, Live, Runtime, UpstreamState
+from .server import GuardedSite
+from .settlement import EstimateCompleter, Settler, Sink
+from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
+from .watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+# How long shutdown waits for settlements still completing (energy, off-loop estimates).
+_SETTLE_WAIT_S = 5.0
 
 
 def create_app(
@@ -45,62 +50,61 @@ def create_app(
     tokens: TokenCounter | None = None,
     reload_from: tuple[str, reload.Loader] | None = None,
     energy: Source | Literal["configured"] | None = "configured",
+    metering: bool = True,
 ) -> web.Application:
     """`clock`: monotonic ns for durations; `wall_clock`: Unix seconds for ledger rows;
-    `sinks`: extra receivers of every settled record (tests count settlements with one);
+    `sinks`: extra receivers of every settlement (tests count settlements with one);
     `reload_from`: the config file to watch and how to load it (hot reload);
-    `energy`: the GPU energy source (default: the one the config names; tests inject fakes)."""
+    `energy`: the GPU energy source (default: the one the config names; tests inject fakes);
+    `metering`: False only for the benchmark's metering-off run."""
     metrics = Metrics(registry)
+    current = Current(Live(settings, Router(settings, {})))
+    counter = tokens or TokenCounter(None)
+    settler = Settler(
+        clock,
+        wall_clock,
+        price=lambda ex: pricing.price(current.live.settings, ex),
+        on_error=metrics.metering_errors.inc,
+    )
+    quota = LocalQuota(settings.tenancy, metrics, clock, wall_clock)
+    runtime = Runtime(
+        current=current,
+        metrics=metrics,
+        settler=settler,
+        tokens=counter,
+        quota=quota,
+        energy=_energy_backend(settings, energy, metrics, clock),
+        clock=clock,
+        wall_clock=wall_clock,
+        watchdog=StreamWatchdog(clock),
+        metering=metering,
+    )
+    settler.add_completer(
+        EstimateCompleter(
+            count_prompt=lambda ex: counter.count_prompt(ex.model, ex.endpoint, ex.body or {}),
+            count_text=lambda ex, text: counter.count_text(ex.model, text),
+            spawn=lambda name, coro: runtime.tasks.spawn(name, coro, group="settlement"),
+            threshold_chars=EXECUTOR_THRESHOLD_CHARS,
+        )
+    )
+    settler.add_completer(_energy_completer(runtime.energy))
     ledger = None
     if settings.ledger.enabled:
         ledger = Ledger(
-            settings.ledger.path,
-            wall_clock=wall_clock,
-            on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
+            settings.ledger.path, on_error=lambda kind: metrics.ledger_errors.labels(kind).inc()
         )
+    settler.add_sinks([metrics.observe, quota.settle, *([ledger.add] if ledger else []), *sinks])
 
-    def annotate(record: Record) -> None:
-        current = runtime.settings
-        gpus = next((len(u.gpus) for u in current.upstreams if u.name == record.upstream), 0)
-        pricing.price(current.prices, record, gpus)
-
-    quota = Quota(settings.tenancy.timezone)
-
-    def settle_quota(record: Record) -> None:
-        ticket = record.ticket
-        if ticket is None:
-            return
-        usage, now_ns, now_s = record.usage, clock(), wall_clock()
-        tokens = (usage.prompt or 0) + (usage.completion or 0)
-        quota.settle(ticket, tokens, record.cost_usd, record.energy_j or 0.0, now_ns, now_s)
-        tenant = runtime.settings.tenancy.tenant(ticket.tenant)
-        for limit, ratio in quota.ratios(tenant, now_ns, now_s).items():
-            metrics.quota_usage_ratio.labels(tenant.name, limit).set(ratio)
-
-    all_sinks = [metrics.observe, settle_quota, *([ledger.add] if ledger else []), *sinks]
-    meter = Meter(clock, all_sinks, on_error=metrics.metering_errors.inc, annotate=annotate)
-    runtime = Runtime(
-        settings=settings,
-        router=Router(settings, {}),
-        meter=meter,
-        metrics=metrics,
-        tokens=tokens or TokenCounter(None),
-        clock=clock,
-        wall_clock=wall_clock,
-        quota=quota,
-        occupancy={u.name: Occupancy() for u in settings.upstreams},
-    )
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = runtime
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
-    app.cleanup_ctx.append(_quota_store)
+    app.cleanup_ctx.append(_quota)
     app.cleanup_ctx.append(_upstream_sessions)
-    app.cleanup_ctx.append(_background_tasks)
-    app[ENERGY_SOURCE] = energy
     app.cleanup_ctx.append(_energy)
+    app.cleanup_ctx.append(_background_tasks)
     if reload_from is not None:
         app[RELOAD] = reload_from
         app.cleanup_ctx.append(_watch_config)
@@ -108,14 +112,69 @@ def create_app(
     return app
 
 
+def _energy_backend(
+    settings: Settings,
+    injected: Source | Literal["configured"] | None,
+    metrics: Metrics,
+    clock: Clock,
+) -> EnergyBackend:
+    if injected is None or (injected == "configured" and settings.energy.source == "none"):
+        return NoEnergy()
+    upstream_gpus = {u.name: tuple(str(g) for g in u.gpus) for u in settings.upstreams}
+    gpus = sorted({g for gs in upstream_gpus.values() for g in gs})
+    if not gpus:
+        return NoEnergy()
+    source = injected
+
+    def opener() -> Source | None:
+        if isinstance(source, str):
+            return open_source(settings.energy, gpus, clock)
+        return source
+
+    return EnergyTracker(
+        opener,
+        upstream_gpus,
+        metrics,
+        clock,
+        settings.energy.weights,
+        settings.energy.interval_s,
+    )
+
+
+def _energy_completer(energy: EnergyBackend) -> Callable[[Exchange, Callable[[], None]], bool]:
+    def complete(ex: Exchange, done: Callable[[], None]) -> bool:
+        def final(joules: float | None, gpu_seconds: float | None) -> None:
+            ex.energy_j = joules
+            if gpu_seconds is not None:
+                ex.gpu_seconds = gpu_seconds
+            done()
+
+        return energy.defer(ex.key, final)
+
+    return complete
+
+
 async def _ledger(app: web.Application) -> AsyncIterator[None]:
     ledger, runtime = app[LEDGER], app[RUNTIME]
     await ledger.open()
-    runtime.spawn("ledger-writer", ledger.run())
+    crashes = runtime.metrics.background_crashes.labels("ledger-writer")
+    writer = runtime.tasks.supervise("ledger-writer", ledger.run, crashes.inc)
     yield
-    # Handlers have drained by now; cancel the writer, then write whatever is still queued.
-    await runtime.stop_tasks()
+    # Handlers have drained and energy has closed; let late settlements reach the queue.
+    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
+        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
+    await runtime.tasks.cancel(writer)
     await ledger.close()
+
+
+async def _quota(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    await runtime.quota.open()
+    crashes = runtime.metrics.background_crashes.labels("quota")
+    task = runtime.tasks.supervise("quota", runtime.quota.run, crashes.inc)
+    yield
+    await runtime.tasks.cancel(task)
+    await runtime.quota.close()
 
 
 def new_session(upstream: Upstream) -> aiohttp.ClientSession:
@@ -136,79 +195,45 @@ def new_session(upstream: Upstream) -> aiohttp.ClientSession:
 
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
-    for upstream in runtime.settings.upstreams:
-        runtime.sessions[upstream.name] = new_session(upstream)
+    live = runtime.live
+    states = {u.name: UpstreamState(u, new_session(u)) for u in live.settings.upstreams}
+    runtime.swap(Live(live.settings, live.router, states))
     yield
-    await asyncio.gather(*(s.close() for s in runtime.sessions.values()))
-
-
-async def _quota_store(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    store = QuotaStore(runtime.settings.tenancy.state_path, runtime.quota)
-    await store.open(runtime.wall_clock())
-    runtime.spawn("quota-store", store.run())
-    yield
-    await runtime.stop_tasks()
-    await store.close()
+    sessions = {id(s.session): s.session for s in runtime.live.upstreams.values()}
+    await asyncio.gather(*(s.close() for s in sessions.values()))
 
 
 async def _energy(app: web.Application) -> AsyncIterator[None]:
-    runtime, settings = app[RUNTIME], app[RUNTIME].settings
-    upstream_gpus = {u.name: tuple(str(g) for g in u.gpus) for u in settings.upstreams}
-    gpus = sorted({g for gs in upstream_gpus.values() for g in gs})
-    injected = app[ENERGY_SOURCE]
-    loop = asyncio.get_running_loop()
-    source: Source | None
-    if isinstance(injected, str):
-        # NVML initialization and a first DCGM scrape may block: not on the loop.
-        source = await loop.run_in_executor(
-            None, lambda: open_source(settings.energy, gpus, runtime.clock)
-        )
-    else:
-        source = injected
-    if source is None:
+    runtime = app[RUNTIME]
+    energy = runtime.energy
+    if not isinstance(energy, EnergyTracker):
         yield
         return
-    tracker = EnergyTracker(
-        source,
-        upstream_gpus,
-        runtime.metrics,
-        runtime.clock,
-        settings.energy.weights,
-        settings.energy.interval_s,
-    )
-    runtime.energy = tracker
-    runtime.meter.defer = tracker.defer
-    sampler = Sampler(
-        source, settings.energy.interval_s, loop, tracker.on_readings, tracker.on_error
-    )
-    sampler.start()
-    runtime.spawn("energy-watchdog", tracker.watchdog())
-    log.info(
-        "energy: %s source on GPUs %s, sampled every %ss",
-        source.name,
-        ", ".join(gpus),
-        settings.energy.interval_s,
-    )
+    await energy.open()
+    watchdog = runtime.tasks.spawn("energy-watchdog", energy.watchdog(), group="energy")
     yield
-    await loop.run_in_executor(None, sampler.stop)
-    tracker.close()
+    await runtime.tasks.cancel(watchdog)
+    await energy.close()
 
 
 async def _watch_config(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     path, load = app[RELOAD]
-    runtime.spawn("watch-config", reload.watch(runtime, path, load, new_session))
+    task = runtime.tasks.spawn(
+        "watch-config", reload.watch(runtime, path, load, new_session), group="reload"
+    )
     yield
+    await runtime.tasks.cancel(task)
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await discovery.refresh_all(runtime)
+    runtime.tasks.spawn("stream-watchdog", runtime.watchdog.run())
     for upstream in runtime.settings.upstreams:
-        runtime.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
+        runtime.tasks.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
     yield
-    await runtime.stop_tasks()
+    await runtime.tasks.stop("background")  # with the pollers a reload started
 
 
 @dataclass
@@ -222,28 +247,41 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
 
-async def start(app: web.Application, host: str, port: int) -> RunningServer:
+async def start(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False
+) -> RunningServer:
     """Listen on host:port (0 = any free port) with the options production uses."""
-    settings = app[RUNTIME].settings
+    runtime = app[RUNTIME]
+    server = runtime.settings.server
     runner = web.AppRunner(
         app,
         # Cancel the handler when its client disconnects, so the upstream request is dropped
         # at once. aiohttp's test server does this by default and run_app does not: pin it.
         handler_cancellation=True,
-        shutdown_timeout=settings.server.drain_timeout_s,
+        shutdown_timeout=server.drain_timeout_s,
+        keepalive_timeout=server.timeouts.keepalive_s,
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    closed = runtime.metrics.connections_refused
+    site = GuardedSite(
+        runner,
+        host,
+        port,
+        max_connections=server.max_connections,
+        headers_s=server.timeouts.headers_s,
+        on_refused=closed.labels("limit").inc,
+        on_head_timeout=closed.labels("head_timeout").inc,
+        reuse_port=reuse_port,
+    )
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return RunningServer(runner, host, bound)
+    return RunningServer(runner, host, site.port)
 
 
 async def stop(server: RunningServer) -> None:
     """Graceful stop: unready first, then close the listener and drain in-flight requests."""
     runtime = server.runner.app[RUNTIME]
-    runtime.draining = True
+    runtime.lifecycle.draining = True
     delay = runtime.settings.server.unready_delay_s
     if delay:
         await asyncio.sleep(delay)

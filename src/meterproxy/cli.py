@@ -187,10 +187,10 @@ async def _serve(
         registry=CollectorRegistry(),
         tokens=TokenCounter(tiktoken_cache_dir(environ)),
         reload_from=(path, load) if path else None,
+        metering=not no_metering,
     )
     if no_metering:
         log.warning("--benchmark-no-metering: requests are relayed but NOT metered")
-        app[RUNTIME].metering = False
     server = await start(app, settings.server.host, settings.server.port)
     log.info(
         "meterproxy %s listening on %s (OPENAI_BASE_URL=%s/v1)", __version__, server.url, server.url
@@ -202,7 +202,8 @@ async def _serve(
     if path:
         runtime = app[RUNTIME]
         loop.add_signal_handler(
-            signal.SIGHUP, lambda: runtime.spawn("reload:SIGHUP", _reload(runtime, load))
+            signal.SIGHUP,
+            lambda: runtime.tasks.spawn("reload:SIGHUP", _reload(runtime, load), group="reload"),
         )
     await stopping.wait()
     log.info(

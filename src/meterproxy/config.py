@@ -58,6 +58,16 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class ClientTimeouts:
+    # An idle keep-alive connection is closed after this long.
+    keepalive_s: float = 15.0
+    # A new connection must deliver its first request line and headers within this.
+    headers_s: float = 10.0
+    # A request body must arrive whole within this (else 408 and the connection closes).
+    body_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Server:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -65,6 +75,11 @@ class Server:
     drain_timeout_s: float = 30.0
     # How long /readyz reports unready before the listener closes on SIGTERM.
     unready_delay_s: float = 0.5
+    timeouts: ClientTimeouts = ClientTimeouts()
+    # Client connections held at once; more are closed as they arrive (counted).
+    max_connections: int = 1024
+    # One upstream SSE event (or line) larger than this is an upstream error.
+    max_sse_event_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,9 +133,22 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
     server_tree = check.mapping(
-        top.get("server"), "server", ("max_body_bytes", "drain_timeout_s", "unready_delay_s")
+        top.get("server"),
+        "server",
+        (
+            "max_body_bytes",
+            "drain_timeout_s",
+            "unready_delay_s",
+            "timeouts",
+            "max_connections",
+            "max_sse_event_bytes",
+        ),
     )
     defaults = Server()
+    client = check.mapping(
+        server_tree.get("timeouts"), "server.timeouts", ("keepalive_s", "headers_s", "body_s")
+    )
+    dt = ClientTimeouts()
     unready = server_tree.get("unready_delay_s")
     server = Server(
         host=check.string(listen.get("host"), "listen.host", defaults.host) or defaults.host,
@@ -138,6 +166,29 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         unready_delay_s=0.0
         if unready == 0
         else check.positive(unready, "server.unready_delay_s", defaults.unready_delay_s),
+        timeouts=ClientTimeouts(
+            keepalive_s=check.positive(
+                client.get("keepalive_s"), "server.timeouts.keepalive_s", dt.keepalive_s
+            ),
+            headers_s=check.positive(
+                client.get("headers_s"), "server.timeouts.headers_s", dt.headers_s
+            ),
+            body_s=check.positive(client.get("body_s"), "server.timeouts.body_s", dt.body_s),
+        ),
+        max_connections=check.integer(
+            server_tree.get("max_connections"),
+            "server.max_connections",
+            defaults.max_connections,
+            1,
+            1_000_000,
+        ),
+        max_sse_event_bytes=check.integer(
+            server_tree.get("max_sse_event_bytes"),
+            "server.max_sse_event_bytes",
+            defaults.max_sse_event_bytes,
+            1024,
+            2**31,
+        ),
     )
 
     upstreams = _upstreams(check, top.get("upstreams"), environ)

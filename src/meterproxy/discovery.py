@@ -13,7 +13,7 @@ import orjson
 
 from .config import Upstream
 from .routing import Router, parse_model_list
-from .runtime import Runtime
+from .runtime import Live, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,17 @@ ON_DEMAND_MIN_INTERVAL_NS = 5_000_000_000
 
 
 async def fetch_models(runtime: Runtime, upstream: Upstream) -> tuple[dict[str, Any], ...] | None:
-    session = runtime.sessions[upstream.name]
+    state = runtime.live.upstreams.get(upstream.name)
+    if state is None:
+        return None  # removed by a reload
+    session = state.session
     headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
     timeout = aiohttp.ClientTimeout(total=upstream.timeouts.connect_s + 5.0)
     try:
         async with session.get(
             upstream.url + "/models", headers=headers, timeout=timeout, allow_redirects=False
         ) as response:
-            runtime.last_answer_ns[upstream.name] = runtime.clock()
+            state.last_answer_ns = runtime.clock()
             if response.status != 200:
                 log.warning(
                     "upstream %s: GET /models answered HTTP %d", upstream.name, response.status
@@ -52,12 +55,12 @@ async def refresh(runtime: Runtime, upstream: Upstream) -> None:
     models = await fetch_models(runtime, upstream)
     if models is None or not upstream.discovers_models:
         return
-    router = runtime.router
-    if router.discovered.get(upstream.name) == models:
+    live = runtime.live  # read after the await: a reload may have swapped it meanwhile
+    if live.router.discovered.get(upstream.name) == models:
         return
-    discovered = dict(router.discovered)
+    discovered = dict(live.router.discovered)
     discovered[upstream.name] = models
-    runtime.router = Router(router.settings, discovered)
+    runtime.swap(Live(live.settings, Router(live.settings, discovered), live.upstreams))
     log.info(
         "upstream %s serves %d models: %s",
         upstream.name,
@@ -75,9 +78,9 @@ async def refresh_on_demand(runtime: Runtime) -> bool:
     if not any(u.discovers_models for u in runtime.settings.upstreams):
         return False
     now = runtime.clock()
-    if now - runtime.last_on_demand_ns < ON_DEMAND_MIN_INTERVAL_NS:
+    if now - runtime.lifecycle.last_on_demand_ns < ON_DEMAND_MIN_INTERVAL_NS:
         return False
-    runtime.last_on_demand_ns = now
+    runtime.lifecycle.last_on_demand_ns = now
     await asyncio.gather(
         *(refresh(runtime, u) for u in runtime.settings.upstreams if u.discovers_models)
     )
@@ -85,17 +88,21 @@ async def refresh_on_demand(runtime: Runtime) -> bool:
 
 
 async def poll(runtime: Runtime, upstream: Upstream) -> None:
+    """Until a reload removes or replaces this upstream."""
     while True:
         await asyncio.sleep(upstream.refresh_interval_s)
+        state = runtime.live.upstreams.get(upstream.name)
+        if state is None or state.upstream is not upstream:
+            return
         await refresh(runtime, upstream)
 
 
 def is_ready(runtime: Runtime) -> bool:
-    if runtime.draining:
+    if runtime.lifecycle.draining:
         return False
     now = runtime.clock()
-    for upstream in runtime.settings.upstreams:
-        seen = runtime.last_answer_ns.get(upstream.name)
-        if seen is not None and now - seen <= 3 * upstream.refresh_interval_s * 1e9:
+    for state in runtime.live.upstreams.values():
+        seen = state.last_answer_ns
+        if seen is not None and now - seen <= 3 * state.upstream.refresh_interval_s * 1e9:
             return True
     return False

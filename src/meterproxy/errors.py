@@ -3,14 +3,19 @@
     ProxyError                      status  type                    code
     ├── InvalidRequest              400     invalid_request_error   (varies)
     │   ├── MalformedJSON           400     invalid_request_error   invalid_json
+    │   ├── InvalidType             400     invalid_request_error   invalid_type
+    │   ├── InvalidValue            400     invalid_request_error   invalid_value
+    │   ├── InvalidPath             400     invalid_request_error   invalid_path
     │   ├── MaxTokensExceeded       400     invalid_request_error   max_tokens_exceeded
     │   ├── InvalidAPIKey           401     invalid_request_error   invalid_api_key
     │   ├── ModelNotAllowed         403     invalid_request_error   model_not_allowed
     │   ├── ModelNotFound           404     invalid_request_error   model_not_found
     │   ├── RouteNotFound           404     invalid_request_error   unknown_url
+    │   ├── RequestTimeout          408     invalid_request_error   request_timeout
     │   └── PayloadTooLarge         413     invalid_request_error   payload_too_large
     ├── RateLimited                 429     requests | tokens       rate_limit_exceeded
     ├── QuotaExhausted              429     insufficient_quota      insufficient_quota
+    ├── QuotaUnavailable            503     server_error            quota_backend_unavailable
     └── UpstreamError               502     upstream_error          (varies)
         ├── UpstreamUnreachable     502     upstream_error          upstream_unreachable
         ├── UpstreamTimeout         504     upstream_error          upstream_timeout
@@ -46,6 +51,23 @@ class InvalidRequest(ProxyError):
 
 class MalformedJSON(InvalidRequest):
     code = "invalid_json"
+
+
+class InvalidType(InvalidRequest):
+    code = "invalid_type"
+
+
+class InvalidValue(InvalidRequest):
+    code = "invalid_value"
+
+
+class InvalidPath(InvalidRequest):
+    code = "invalid_path"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class ModelNotFound(InvalidRequest):
@@ -104,6 +126,19 @@ class RateLimited(_Refused):
 class QuotaExhausted(_Refused):
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class QuotaUnavailable(ProxyError):
+    """The shared quota store cannot be reached and the limit fails closed."""
+
+    status = 503
+    type = "server_error"
+    code = "quota_backend_unavailable"
+
+    def __init__(self, message: str, *, limit: str = "backend") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.headers = {"retry-after": "1"}
 
 
 class UpstreamError(ProxyError):

@@ -6,10 +6,13 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .meter import Record
+if TYPE_CHECKING:
+    from .settlement import Settlement
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -136,7 +139,8 @@ class Metrics:
         )
         self.ledger_errors = Counter(
             "meterproxy_ledger_errors",
-            "Usage-ledger failures: `write` (rows kept) or `dropped`.",
+            "Usage-ledger failures: `write` (rows kept, retried), `dropped` (queue full) or "
+            "`invalid_row` (a row that could not be stored).",
             ["kind"],
             registry=registry,
         )
@@ -204,13 +208,26 @@ class Metrics:
             buckets=JOULE_BUCKETS,
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "meterproxy_client_connections_closed",
+            "Client connections the proxy closed itself: over server.max_connections "
+            "(`limit`) or no request head within server.timeouts.headers_s (`head_timeout`).",
+            ["reason"],
+            registry=registry,
+        )
+        self.background_crashes = Counter(
+            "meterproxy_background_task_crashes",
+            "Background tasks (ledger writer, quota store, ...) that crashed and were restarted.",
+            ["task"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",
             registry=registry,
         )
 
-    def observe(self, record: Record) -> None:
+    def observe(self, record: Settlement) -> None:
         key = (record.endpoint, record.model, record.upstream, record.tenant, record.status)
         series = self._series.get(key)
         if series is None:

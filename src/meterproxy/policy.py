@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .validation import Checker, show
 
 ANONYMOUS = "anonymous"
+DEFAULT_RESERVATION_KEY = "default"
+DEFAULT_OUTPUT_RESERVATION = 4096
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -58,20 +60,30 @@ class Tenancy:
     by_key: Mapping[str, str] = field(default_factory=dict, repr=False)  # digest -> tenant
     timezone: str = "UTC"
     state_path: str = "./meterproxy-quota.db"
+    # Output tokens reserved for a request that sets no cap: per model, else `default`.
+    reservations: Mapping[str, int] = field(
+        default_factory=lambda: {DEFAULT_RESERVATION_KEY: DEFAULT_OUTPUT_RESERVATION}
+    )
+
+    def output_reservation(self, model: str) -> int:
+        found = self.reservations.get(model)
+        return found if found is not None else self.reservations[DEFAULT_RESERVATION_KEY]
 
     def tenant(self, name: str) -> Tenant:
         found = self.tenants.get(name)
         if found is not None:
             return found
-        return _ANONYMOUS_TENANT if name == ANONYMOUS else Tenant(name)
+        return ANONYMOUS_TENANT if name == ANONYMOUS else Tenant(name)
 
 
-_ANONYMOUS_TENANT = Tenant(ANONYMOUS)
+ANONYMOUS_TENANT = Tenant(ANONYMOUS)
 
 
 def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:
     auth = check.mapping(top.get("auth"), "auth", ("mode",))
-    quota = check.mapping(top.get("quota"), "quota", ("timezone", "state_path"))
+    quota = check.mapping(
+        top.get("quota"), "quota", ("timezone", "state_path", "output_reservation")
+    )
     tenants: dict[str, Tenant] = {}
     by_key: dict[str, str] = {}
     for name, tree in check.entries(top.get("tenants"), "tenants").items():
@@ -101,12 +113,18 @@ def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, 
         check.fail("quota.timezone", f"unknown time zone {zone!r} (e.g. UTC, Europe/Paris)")
         zone = "UTC"
     path = check.string(quota.get("state_path"), "quota.state_path", Tenancy.state_path)
+    reservations = {DEFAULT_RESERVATION_KEY: DEFAULT_OUTPUT_RESERVATION}
+    for model, tokens in check.entries(
+        quota.get("output_reservation"), "quota.output_reservation"
+    ).items():
+        reservations[str(model)] = check.positive_int(tokens, f"quota.output_reservation.{model}")
     return Tenancy(
         mode=str(mode),
         tenants=tenants,
         by_key=by_key,
         timezone=zone,
         state_path=path or Tenancy.state_path,
+        reservations=reservations,
     )
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .meter import Record
+if TYPE_CHECKING:
+    from .config import Settings
+    from .exchange import Exchange
+
 
 PER_MILLION = 1_000_000
 JOULES_PER_KWH = 3_600_000
@@ -98,20 +101,18 @@ def default_table() -> PriceTable:
     )
 
 
-def price(table: PriceTable, record: Record, gpus: int) -> None:
-    """Set the record's cost; requests that never reached an upstream cost nothing."""
-    if not record.reached_upstream:
-        return
-    usage = record.usage
-    cost = cost_of(
-        table,
-        model=record.model,
-        upstream=record.upstream,
+def price(settings: Settings, ex: Exchange) -> Cost:
+    """What an exchange that reached its upstream cost, by the current price table."""
+    gpus = next((len(u.gpus) for u in settings.upstreams if u.name == ex.upstream), 0)
+    usage = ex.usage
+    return cost_of(
+        settings.prices,
+        model=ex.model,
+        upstream=ex.upstream,
         gpus=gpus,
         prompt=usage.prompt or 0,
         cached=usage.cached_prompt or 0,
         completion=usage.completion or 0,
-        gpu_seconds=record.gpu_seconds,
-        energy_j=record.energy_j or 0.0,
+        gpu_seconds=ex.gpu_seconds,
+        energy_j=ex.energy_j or 0.0,
     )
-    record.cost_usd, record.priced = cost.usd, cost.priced

@@ -1,15 +1,15 @@
 """One request from top to bottom, and the single `finally` that settles it.
 
-authenticate -> read and parse -> route -> admit -> forward -> relay; each step raises a
-ProxyError on failure, and the `finally` in `_serve` settles the request exactly once, whatever
-happened. Foreign (aiohttp) exceptions become upstream outcomes through one table, `_FAILURES`.
+check the target -> authenticate -> read, parse, validate -> route -> admit -> forward ->
+relay. Each step raises a ProxyError on failure; the `finally` in `handle` settles the
+exchange exactly once, whatever happened. Foreign (aiohttp) exceptions become upstream
+outcomes through one table, `_FAILURES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import aiohttp
 import orjson
@@ -17,16 +17,17 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import admission, auth, errors, intake
-from .accounting import client_left
+from . import accounting, admission, auth, errors, intake
 from .config import USAGE_STREAM_KINDS
+from .endpoints import Endpoint
 from .errors import ProxyError
-from .meter import NO_LABEL, Record, StreamWatch
+from .exchange import NO_LABEL, Exchange
 from .proxy_headers import REQUEST_DROP
-from .relay import DONE_ENDPOINTS, client_headers, relay_body, relay_stream
+from .relay import ClientGone, client_headers, redact, relay_body, relay_stream
 from .routing import Route
 from .runtime import Runtime
 from .usage import loads
+from .watch import StreamWatch
 
 log = logging.getLogger(__name__)
 
@@ -91,63 +92,63 @@ def _translate(exc: BaseException, route: Route) -> tuple[str, ProxyError]:
     raise exc
 
 
-def error_response(error: ProxyError, request_id: str) -> web.Response:
-    return web.Response(
+def error_response(error: ProxyError, ex: Exchange) -> web.Response:
+    response = web.Response(
         status=error.status,
         body=errors.render(error),
         content_type="application/json",
-        headers={**error.headers, "x-request-id": request_id},
+        headers={
+            **error.headers,
+            "x-request-id": ex.client_request_id or ex.key,
+            "x-meterproxy-request-id": ex.key,
+        },
     )
+    if isinstance(error, errors.RequestTimeout):
+        response.force_close()  # the rest of a slow body is not worth waiting for
+    return response
 
 
-async def serve(request: web.Request, runtime: Runtime, endpoint: str) -> web.StreamResponse:
-    """An OpenAI endpoint whose body names its model (chat, completions, embeddings, ...)."""
-    return await _serve(request, runtime, endpoint)
-
-
-async def serve_other(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    """Any other /v1/* path: to the upstream of the body's model, else the first upstream."""
-    return await _serve(request, runtime, "other")
-
-
-async def _serve(request: web.Request, runtime: Runtime, endpoint: str) -> web.StreamResponse:
-    client_id = request.headers.get("x-request-id")
-    record = Record(
-        request_id=client_id or runtime.new_request_id(),
+async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> web.StreamResponse:
+    """Any /v1 request: the endpoint table says how it is read, metered and judged."""
+    ex = Exchange(
+        key=runtime.keys.new(),
         endpoint=endpoint,
         started_ns=runtime.clock(),
-        client_request_id=client_id,
+        client_request_id=intake.client_request_id(request.headers.get("x-request-id")),
     )
     try:
-        tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
-        record.tenant = tenant.name
-        raw = await intake.read_body(request, runtime)
-        modified = False
-        if endpoint == "other":
-            body = intake.maybe_json(raw)
-            route = intake.route_other(runtime, body)
+        intake.check_target(request.raw_path)
+        settings = runtime.settings
+        ex.tenant = auth.authenticate(settings.tenancy, request.headers)
+        server = settings.server
+        raw = await intake.read_body(request, server.max_body_bytes, server.timeouts.body_s)
+        ex.body_bytes = len(raw)
+        if endpoint.json_body:
+            ex.body = intake.parse_json(raw)
+            intake.read_facts(ex, ex.body)
+            ex.route = await intake.route_for(runtime, ex.body)
         else:
-            body = intake.parse_json(raw)
-            route = await intake.route_for(runtime, body)
-        record.model, record.upstream = route.model, route.upstream.name
-        if body is not None and route.model != NO_LABEL:
-            record.ticket, modified = await admission.admit(runtime, tenant, route, body, endpoint)
-        return await _forward(request, runtime, record, route, body, raw, modified)
+            ex.body = intake.maybe_json(raw)
+            ex.route = intake.route_other(runtime, ex.body)
+        modified = False
+        if ex.body is not None and ex.model != NO_LABEL:
+            modified = await admission.admit(runtime, ex)
+        return await _forward(request, runtime, ex, raw, modified)
     except ProxyError as error:
-        record.status = str(error.status)
-        if isinstance(error, (errors.RateLimited, errors.QuotaExhausted)):
-            runtime.metrics.quota_rejections.labels(record.tenant, error.limit).inc()
-        return error_response(error, record.request_id)
+        ex.refuse(error)
+        if isinstance(error, (errors.RateLimited, errors.QuotaExhausted, errors.QuotaUnavailable)):
+            runtime.metrics.quota_rejections.labels(ex.tenant.name, error.limit).inc()
+        return error_response(error, ex)
     except asyncio.CancelledError:
-        client_left(runtime, record, None, None)
+        accounting.client_left(ex, None)
         raise
     finally:
         if runtime.metering:
-            runtime.meter.settle(record)
+            runtime.settler.settle(ex)
 
 
 def upstream_headers(
-    headers: CIMultiDictProxy[str], route: Route, request_id: str
+    headers: CIMultiDictProxy[str], route: Route, ex: Exchange
 ) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     # Headers the client names in `Connection` are hop-by-hop too (RFC 9110 7.6.1).
@@ -159,88 +160,85 @@ def upstream_headers(
         out.add(name, value)
     if route.upstream.api_key:
         out["Authorization"] = f"Bearer {route.upstream.api_key}"
-    out["x-request-id"] = request_id
+    out["x-request-id"] = ex.client_request_id or ex.key
     return out
 
 
-async def _forward(
-    request: web.Request,
-    runtime: Runtime,
-    record: Record,
-    route: Route,
-    body: dict[str, Any] | None,
-    raw: bytes,
-    modified: bool,
-) -> web.StreamResponse:
-    upstream = route.upstream
-    if body is None:
-        body = {}
-        stream = rewrite = False
-    else:
-        stream = body.get("stream") is True
-        user = body.get("user")
-        record.client_user = user if isinstance(user, str) else None
-        rewrite = modified or (route.model != NO_LABEL and body.get("model") != route.model)
-    record.streamed = stream
-    strip_usage = False
-    if (
-        stream
+def _ask_for_usage(ex: Exchange, runtime: Runtime) -> bool:
+    """Streams: ask the upstream for exact usage when the client did not; the extra usage-only
+    chunk is then left out of the relay. Returns whether the body was changed."""
+    assert ex.route is not None and ex.body is not None
+    if not (
+        ex.stream
         and runtime.metering
-        and record.endpoint in DONE_ENDPOINTS
-        and upstream.kind in USAGE_STREAM_KINDS
+        and ex.endpoint.asks_usage
+        and ex.route.upstream.kind in USAGE_STREAM_KINDS
     ):
-        options = body.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage")):
-            # Ask for exact usage; the extra usage-only chunk is removed from the relay.
-            body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-            strip_usage = rewrite = True
-    if rewrite:
-        body["model"] = route.model
-        raw = orjson.dumps(body)
+        return False
+    options = ex.body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return False
+    ex.body["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return True
+
+
+async def _forward(
+    request: web.Request, runtime: Runtime, ex: Exchange, raw: bytes, modified: bool
+) -> web.StreamResponse:
+    route = ex.route
+    assert route is not None
+    upstream = route.upstream
+    state = runtime.live.upstreams[upstream.name]
+    strip_usage = False
+    if ex.body is not None and ex.endpoint.json_body:
+        strip_usage = _ask_for_usage(ex, runtime)
+        if modified or strip_usage or ex.body.get("model") != route.model:
+            ex.body["model"] = route.model
+            raw = orjson.dumps(ex.body)
     url = URL(upstream.url + request.raw_path[3:], encoded=True)
-    headers = upstream_headers(request.headers, route, record.request_id)
-    session = runtime.sessions[upstream.name]
+    headers = upstream_headers(request.headers, route, ex)
     inflight = runtime.metrics.inflight_for(upstream.name)
     inflight.inc()
-    occupancy = runtime.occupancy[upstream.name]
-    mark = occupancy.begin(runtime.clock())
+    mark = state.occupancy.begin(runtime.clock())
     energy = runtime.energy
-    if energy is not None:
-        energy.start(record, len(raw) // 4)  # prompt size for prefill weights: bytes / 4
-        if not stream:  # no token progress will show: resident from the start
-            energy.first_token(record, 0)
+    energy.start(
+        ex.key, upstream.name, (ex.model, upstream.name, ex.tenant.name), len(raw) // 4, ex.stream
+    )
     response: aiohttp.ClientResponse | None = None
     watch: StreamWatch | None = None
     try:
         try:
-            record.reached_upstream = True
-            response = await session.request(
+            ex.reached_upstream = True
+            response = await state.session.request(
                 request.method, url, data=raw, headers=headers, allow_redirects=False
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            record.upstream_error, error = _translate(exc, route)
-            record.reached_upstream = not isinstance(error, errors.UpstreamUnreachable)
+            kind, error = _translate(exc, route)
+            ex.upstream_failed(kind, reached=not isinstance(error, errors.UpstreamUnreachable))
             raise error from None
-        runtime.last_answer_ns[upstream.name] = runtime.clock()
+        state.last_answer_ns = runtime.clock()
+        upstream_id = response.headers.get("x-request-id")
+        ex.upstream_request_id = intake.client_request_id(upstream_id)
         _switch_to_idle_timeout(response, upstream.timeouts.idle_s)
         if response.status >= 400:
-            return await _upstream_error(response, runtime, record, route)
-        record.status = str(response.status)
-        if stream and response.content_type == "text/event-stream":
-            watch = StreamWatch(runtime.clock, strip_usage=strip_usage)
-            return await relay_stream(request, response, runtime, record, route, body, watch)
-        return await relay_body(request, response, runtime, record, route, body)
+            return await _upstream_error(response, ex, route)
+        if ex.stream and response.content_type == "text/event-stream":
+            watch = StreamWatch(runtime.clock, ex.endpoint, strip_usage=strip_usage)
+            return await relay_stream(request, response, runtime, ex, watch)
+        return await relay_body(request, response, runtime, ex)
+    except ClientGone:
+        accounting.client_left(ex, watch)
+        return web.Response(status=499, reason="Client Closed Request")  # never sent
     except asyncio.CancelledError:
-        client_left(runtime, record, route, body, watch)
+        accounting.client_left(ex, watch)
         raise
     finally:
         inflight.dec()
-        record.gpu_seconds = occupancy.end(runtime.clock(), mark)
-        if energy is not None:
-            energy.end(record)
+        ex.gpu_seconds = state.occupancy.end(runtime.clock(), mark)
+        energy.end(ex.key)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
 
@@ -256,7 +254,7 @@ def _switch_to_idle_timeout(response: aiohttp.ClientResponse, idle_s: float) -> 
 
 
 async def _upstream_error(
-    response: aiohttp.ClientResponse, runtime: Runtime, record: Record, route: Route
+    response: aiohttp.ClientResponse, ex: Exchange, route: Route
 ) -> web.Response:
     name = route.upstream.name
     try:
@@ -265,22 +263,23 @@ async def _upstream_error(
         payload = b""
     status = response.status
     if status in (401, 403):
-        record.upstream_error = "auth_rejected"
+        ex.upstream_failed("auth_rejected")
         log.error("upstream %s rejected the proxy's credentials (HTTP %d)", name, status)
         raise errors.UpstreamAuthRejected(
             f"upstream `{name}` rejected the proxy's own credentials (HTTP {status}); this is a "
             "proxy misconfiguration: check the key named by upstreams[].api_key_env"
         )
     if status >= 500:
-        record.upstream_error = f"http_{status // 100}xx"
+        ex.upstream_failed(f"http_{status // 100}xx")
+    payload = redact(payload, route.upstream)
     parsed = loads(payload) if payload else None
     if not isinstance(parsed, dict):
-        record.upstream_error = record.upstream_error or "bad_response"
+        ex.upstream_failed(ex.upstream_error or "bad_response")
         raise errors.UpstreamBadResponse(
             f"upstream `{name}` answered HTTP {status} with a body that is not JSON "
             f"({response.content_type or 'no content type'}); see the upstream's logs"
         )
-    record.status = str(status)
+    ex.answered(status)
     return web.Response(
-        status=status, body=payload, headers=client_headers(response.headers, record.request_id)
+        status=status, body=payload, headers=client_headers(response.headers, ex, route.upstream)
     )

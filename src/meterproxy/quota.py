@@ -3,7 +3,10 @@ are passed in, nothing here does I/O.
 
 Per-minute limits use an exact sliding log (no fixed buckets, so never 2x at a boundary): a
 request is admitted only if the last 60 s plus this request stay within the limit. Tokens are
-reserved at admission (prompt estimate + max_tokens) and corrected to real usage at settlement.
+reserved at admission (prompt estimate + the output cap for each answer asked for) and
+corrected to real usage at settlement. A request with no output cap reserves a default; it is
+admitted while its window or budget is not yet full (so concurrent uncapped requests overspend
+by at most one request's actual excess), a capped one only if its whole reservation fits.
 Day and month budgets follow the calendar in the configured time zone.
 """
 
@@ -16,7 +19,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from .errors import QuotaExhausted, RateLimited
-from .policy import Limits, Tenant
+from .policy import Tenant
 
 WINDOW_NS = 60_000_000_000
 
@@ -132,8 +135,12 @@ class Quota:
             )
         return out
 
-    def admit(self, tenant: Tenant, estimate: int, now_ns: int, now_s: float) -> Ticket:
-        """Reserve one request and `estimate` tokens, or raise RateLimited / QuotaExhausted."""
+    def admit(
+        self, tenant: Tenant, estimate: int, now_ns: int, now_s: float, *, capped: bool = True
+    ) -> Ticket:
+        """Reserve one request and `estimate` tokens, or raise RateLimited / QuotaExhausted.
+        `capped`: the estimate is a bound the request cannot exceed (an output cap was set)."""
+        fits = estimate if capped else 0  # what must fit beside what is used and reserved
         limits, state, name = tenant.limits, self.state(tenant.name), tenant.name
         day, month, next_day, next_month = self.periods(now_s)
         if limits.max_concurrent is not None and state.concurrent >= limits.max_concurrent:
@@ -161,8 +168,8 @@ class Quota:
                 )
         if limits.tokens_per_minute is not None:
             state.tokens.expire(now_ns)
-            if state.tokens.total + estimate > limits.tokens_per_minute:
-                wait = state.tokens.wait_ns(now_ns, estimate, limits.tokens_per_minute)
+            if state.tokens.total + max(fits, 1) > limits.tokens_per_minute:
+                wait = state.tokens.wait_ns(now_ns, max(fits, 1), limits.tokens_per_minute)
                 raise self._limited(
                     tenant,
                     "tokens_per_minute",
@@ -178,7 +185,7 @@ class Quota:
             "tokens_per_day",
             limits.tokens_per_day,
             self.used(name, "tokens", day) + state.reserved_today,
-            estimate,
+            fits,
             "tokens today",
             next_day,
             now_s,
@@ -284,7 +291,3 @@ class Quota:
             ("max_concurrent", state.concurrent, limits.max_concurrent),
         ]
         return {key: used / limit for key, used, limit in pairs if limit}
-
-
-def reserve_estimate(limits: Limits, prompt_tokens: int, max_tokens: int | None) -> int:
-    return prompt_tokens + (max_tokens or limits.max_tokens_per_request or 0)

@@ -1,97 +1,134 @@
-"""Steps 6 and 7 of the request path: the upstream's bytes written to the client as they
-arrive, a copy watched beside them, and the outcome noted for settlement."""
+"""Step 6 of the request path: the upstream's bytes written to the client as they arrive, a copy
+watched beside them, and the outcome noted on the exchange.
+
+The client receives the upstream's bytes untouched, with two documented exceptions: the usage
+chunk the proxy asked for is left out, and the proxy's own upstream credentials never leave it
+(redacted wherever an upstream echoes them). An upstream reset is mirrored as a reset.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors
-from .accounting import client_left, settle_body, stream_usage
-from .meter import STATUS_STREAM_BROKEN, USAGE_ONLY, Record, StreamWatch, Waste
+from . import accounting, errors
+from .config import Upstream
+from .exchange import Exchange, Outcome
 from .proxy_headers import RESPONSE_DROP
-from .routing import Route
 from .runtime import Runtime
 from .sse import SSEScanner
 from .usage import loads
+from .watch import USAGE_ONLY, StreamWatch
 
 log = logging.getLogger(__name__)
 
-# Streamed endpoints whose stream must end with `data: [DONE]`.
-DONE_ENDPOINTS = frozenset({"chat_completions", "completions"})
-
-
 # Non-streamed bodies up to this size are read whole and answered in one write.
 _SMALL_BODY = 1024 * 1024
+# Of a larger body, at most this much is kept to read its usage from.
+_KEPT_BODY = 8 * 1024 * 1024
+REDACTED = b"[redacted]"
 
 
-class _StreamBroken(Exception):
-    """The upstream broke off mid-body; `kind` is its row in the failure table."""
-
-    def __init__(self, kind: str, reset: bool) -> None:
-        self.kind = kind
-        self.reset = reset
+class ClientGone(Exception):
+    """The client's connection broke while the response was being written."""
 
 
-def _broken_kind(exc: BaseException) -> str:
-    return "idle_timeout" if isinstance(exc, asyncio.TimeoutError) else "reset"
-
-
-def client_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def client_headers(
+    headers: CIMultiDictProxy[str], ex: Exchange, upstream: Upstream
+) -> CIMultiDict[str]:
+    """The upstream's headers as the client may see them: hop-by-hop ones dropped, a redirect's
+    `Location` made relative to the proxy (or dropped when it points elsewhere), the proxy's
+    credentials redacted, the request ids set."""
     out: CIMultiDict[str] = CIMultiDict()
+    secret = upstream.api_key
     for name, value in headers.items():
-        if name.lower() not in RESPONSE_DROP:
-            out.add(name, value)
-    out["x-request-id"] = request_id
+        lower = name.lower()
+        if lower in RESPONSE_DROP or lower == "x-request-id":
+            continue
+        if lower in ("location", "content-location"):
+            if not value.startswith(upstream.url + "/"):
+                continue  # the upstream's own address, or somewhere else: not for the client
+            value = "/v1" + value[len(upstream.url) :]
+        if secret and secret in value:
+            value = value.replace(secret, REDACTED.decode())
+        out.add(name, value)
+    out["x-request-id"] = ex.upstream_request_id or ex.client_request_id or ex.key
+    out["x-meterproxy-request-id"] = ex.key
     return out
 
 
+def redact(data: bytes, upstream: Upstream) -> bytes:
+    secret = upstream.api_key
+    if secret and secret.encode() in data:
+        return data.replace(secret.encode(), REDACTED)
+    return data
+
+
+async def _prepare(out: web.StreamResponse, request: web.Request) -> None:
+    try:
+        await out.prepare(request)
+    except ConnectionResetError:
+        raise ClientGone() from None
+
+
+def _broken_kind(exc: BaseException, tripped: bool) -> str:
+    if tripped or isinstance(exc, asyncio.TimeoutError):
+        return "idle_timeout"
+    return "reset"
+
+
 async def relay_body(
-    request: web.Request,
-    response: aiohttp.ClientResponse,
-    runtime: Runtime,
-    record: Record,
-    route: Route,
-    body: dict[str, Any],
+    request: web.Request, response: aiohttp.ClientResponse, runtime: Runtime, ex: Exchange
 ) -> web.StreamResponse:
-    headers = client_headers(response.headers, record.request_id)
+    assert ex.route is not None
+    upstream = ex.route.upstream
+    headers = client_headers(response.headers, ex, upstream)
     size = response.content_length
     if size is not None and size <= _SMALL_BODY:
         try:
             payload = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            record.upstream_error = _broken_kind(exc)
+            ex.upstream_failed(_broken_kind(exc, False))
             raise errors.UpstreamBadResponse(
-                f"upstream `{route.upstream.name}` broke off its response"
+                f"upstream `{upstream.name}` broke off its response"
             ) from None
-        await settle_body(runtime, record, route, body, loads(payload), complete=True)
-        if runtime.energy is not None:
-            runtime.energy.decoded(record, record.usage.completion or 0)
+        ex.answered(response.status)
+        payload = redact(payload, upstream)
+        accounting.body_end(ex, loads(payload), complete=True)
+        runtime.energy.usage(ex.key, ex.usage)
         return web.Response(status=response.status, body=payload, headers=headers)
     out = web.StreamResponse(status=response.status, headers=headers)
-    await out.prepare(request)
+    ex.answered(response.status)
+    await _prepare(out, request)
     parts: list[bytes] = []
-    broken: _StreamBroken | None = None
+    kept = 0
+    broken: str | None = None
+    guard = runtime.watchdog.watch(upstream.timeouts.idle_s, response.close)
     try:
         async for chunk in response.content.iter_any():
-            parts.append(chunk)
-            await out.write(chunk)
+            guard.last_ns = runtime.clock()
+            if kept < _KEPT_BODY:
+                parts.append(chunk)
+                kept += len(chunk)
+            await out.write(redact(chunk, upstream))
     except ConnectionResetError:
-        client_left(runtime, record, route, body, None)
+        accounting.client_left(ex, None)
         return out
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        broken = _StreamBroken(_broken_kind(exc), True)
+        broken = _broken_kind(exc, guard.tripped)
+    finally:
+        runtime.watchdog.forget(guard)
     if broken is not None:
-        record.upstream_error, record.status = broken.kind, STATUS_STREAM_BROKEN
+        ex.broke(broken, waste=False)
         _abort(request)
     else:
-        await out.write_eof()
-    await settle_body(runtime, record, route, body, loads(b"".join(parts)), complete=broken is None)
+        await _write_eof(out, ex)
+    body = loads(b"".join(parts)) if kept <= _KEPT_BODY else None
+    accounting.body_end(ex, body, complete=broken is None)
     return out
 
 
@@ -99,26 +136,33 @@ async def relay_stream(
     request: web.Request,
     response: aiohttp.ClientResponse,
     runtime: Runtime,
-    record: Record,
-    route: Route,
-    body: dict[str, Any],
+    ex: Exchange,
     watch: StreamWatch,
 ) -> web.StreamResponse:
+    assert ex.route is not None
+    upstream = ex.route.upstream
     out = web.StreamResponse(
-        status=response.status, headers=client_headers(response.headers, record.request_id)
+        status=response.status, headers=client_headers(response.headers, ex, upstream)
     )
-    await out.prepare(request)
+    ex.answered(response.status)
+    await _prepare(out, request)
     if not runtime.metering:  # benchmark-only: the same relay with nothing watching it
         async for chunk in response.content.iter_any():
             await out.write(chunk)
         await out.write_eof()
         return out
     scanner = SSEScanner()
-    broken: _StreamBroken | None = None
-    energy = runtime.energy
-    raw_body = request.content_length or 0
+    broken: str | None = None
+    energy, key = runtime.energy, ex.key
+    prompt_estimate = ex.body_bytes // 4
+    limit = runtime.settings.server.max_sse_event_bytes
+    secret = upstream.api_key.encode() if upstream.api_key else None
+    guard = runtime.watchdog.watch(upstream.timeouts.idle_s, response.close)
     try:
         async for chunk in response.content.iter_any():
+            guard.last_ns = runtime.clock()
+            if secret is not None and secret in chunk:
+                chunk = chunk.replace(secret, REDACTED)
             if not watch.strip_usage or (
                 not scanner.pending
                 and chunk.endswith(b"\n\n")
@@ -133,47 +177,59 @@ async def relay_stream(
                 kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
                 if kept:
                     await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
+            if scanner.pending > limit:
+                broken = "oversized_event"
+                break
             seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in events:
                 watch.on_event(event)
-            if energy is not None:
-                if not had_first and watch.first_token_ns is not None:
-                    energy.first_token(record, raw_body // 4, watch.first_token_ns)
-                energy.decoded(record, watch.content_events - seen)
-        for event in scanner.flush():
-            watch.on_event(event)
-            await out.write(event.raw)
+            if watch.ended:
+                ex.finished()
+            if not had_first and watch.first_token_ns is not None:
+                energy.first_token(key, prompt_estimate, watch.first_token_ns)
+            energy.decoded(key, watch.content_events - seen)
+        else:
+            for event in scanner.flush():
+                watch.on_event(event)
+                await out.write(event.raw)
     except ConnectionResetError:
-        client_left(runtime, record, route, body, watch)
+        accounting.client_left(ex, watch)
         return out
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        broken = _StreamBroken(_broken_kind(exc), True)
+        broken = _broken_kind(exc, guard.tripped)
+    finally:
+        runtime.watchdog.forget(guard)
+    reset = broken is not None
     if broken is None and watch.error:
-        broken = _StreamBroken("in_band_error", False)
+        broken = "in_band_error"
     elif (
         broken is None
-        and not (watch.done or watch.terminal)
-        and (record.endpoint in DONE_ENDPOINTS or record.endpoint == "responses")
+        and not watch.ended
+        and (ex.endpoint.ends_with_done or ex.endpoint.judged_by_events)
     ):
-        broken = _StreamBroken("eof_without_done", False)
+        broken = "eof_without_done"
     if broken is not None:
-        record.upstream_error, record.status = broken.kind, STATUS_STREAM_BROKEN
-        record.waste_reason = Waste.UPSTREAM_ERROR.value
-        log.warning(
-            "upstream %s broke off stream %s (%s)",
-            route.upstream.name,
-            record.request_id,
-            broken.kind,
-        )
+        ex.broke(broken)
+        log.warning("upstream %s broke off stream %s (%s)", upstream.name, ex.key, broken)
     elif watch.truncated:
-        record.waste_reason = Waste.TRUNCATED.value
-    record.first_token_ns = watch.first_token_ns
-    record.usage = await stream_usage(runtime, record, route, body, watch, complete=broken is None)
-    if broken is not None and broken.reset:
+        ex.truncated()
+    accounting.stream_end(ex, watch)
+    if reset:
         _abort(request)  # mirror the reset: the client must not see a clean end
     else:
-        await out.write_eof()
+        await _write_eof(out, ex)
     return out
+
+
+async def _write_eof(out: web.StreamResponse, ex: Exchange) -> None:
+    try:
+        await out.write_eof()
+    except ConnectionResetError:
+        if not ex.final_relayed:
+            accounting.client_left(ex, None)
+        return
+    if ex.outcome is Outcome.SUCCESS:
+        ex.finished()
 
 
 def _abort(request: web.Request) -> None:

@@ -15,9 +15,8 @@ import aiohttp
 from . import discovery
 from .config import Settings
 from .errors import ConfigError
-from .occupancy import Occupancy
 from .routing import Router
-from .runtime import Runtime
+from .runtime import Live, Runtime, UpstreamState
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,8 @@ async def reload(
             "\n  ".join(exc.problems),
         )
         return False
-    old = runtime.settings
+    live = runtime.live
+    old = live.settings
     gpus = {u.name: u.gpus for u in settings.upstreams}
     old_gpus = {u.name: u.gpus for u in old.upstreams}
     if (
@@ -52,23 +52,31 @@ async def reload(
             "config reload: the listen address, ledger and quota state paths, the energy "
             "section and upstream GPU lists take effect only after a restart"
         )
-    added = [u for u in settings.upstreams if u.name not in runtime.sessions]
-    for upstream in added:
-        runtime.sessions[upstream.name] = new_session(upstream)
-        runtime.occupancy[upstream.name] = Occupancy()
-    discovered = {
-        name: models
-        for name, models in runtime.router.discovered.items()
-        if any(u.name == name for u in settings.upstreams)
-    }
-    # One reference swap each; in-flight requests keep the objects they already hold.
-    runtime.settings = settings
-    runtime.router = Router(settings, discovered)
-    runtime.quota.set_timezone(settings.tenancy.timezone)
+    # An upstream that is unchanged keeps its state (pool, occupancy); a new or changed one
+    # gets a fresh pool; the pools of removed or replaced ones close once in-flight requests
+    # had time to finish.
+    states: dict[str, UpstreamState] = {}
+    for upstream in settings.upstreams:
+        kept = live.upstreams.get(upstream.name)
+        if kept is not None and kept.upstream == upstream:
+            states[upstream.name] = kept
+        else:
+            states[upstream.name] = UpstreamState(upstream, new_session(upstream))
+    kept_sessions = {id(s.session) for s in states.values()}
+    retired = [s.session for s in live.upstreams.values() if id(s.session) not in kept_sessions]
+    discovered = {name: models for name, models in live.router.discovered.items() if name in states}
+    # One reference swap; in-flight requests keep the view they already hold.
+    runtime.swap(Live(settings, Router(settings, discovered), states))
+    runtime.quota.reconfigure(settings.tenancy)
+    if retired:
+        runtime.tasks.spawn(
+            "close-retired-sessions", _close_later(retired, settings.server.drain_timeout_s)
+        )
     for upstream in settings.upstreams:  # lists may have changed: refresh, and poll new ones
         await discovery.refresh(runtime, upstream)
-    for upstream in added:
-        runtime.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
+    for name, state in states.items():
+        if live.upstreams.get(name) is not state:
+            runtime.tasks.spawn(f"poll-models:{name}", discovery.poll(runtime, state.upstream))
     runtime.metrics.config_reloads.labels("ok").inc()
     log.info(
         "config reloaded from %s: %d upstreams, %d tenants",
@@ -77,6 +85,13 @@ async def reload(
         len(settings.tenancy.tenants),
     )
     return True
+
+
+async def _close_later(sessions: list[aiohttp.ClientSession], after_s: float) -> None:
+    try:
+        await asyncio.sleep(after_s)
+    finally:  # at shutdown too: a pool is never left open
+        await asyncio.gather(*(s.close() for s in sessions))
 
 
 async def watch(

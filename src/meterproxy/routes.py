@@ -1,31 +1,31 @@
-"""One short handler per endpoint, and the route table."""
+"""One short handler per endpoint, and the route table (from the endpoint table)."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from . import auth, discovery, errors, proxy
+from .endpoints import OTHER, TABLE, Endpoint
+from .exchange import Exchange
 from .keys import RUNTIME
 
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await proxy.serve(request, request.app[RUNTIME], "chat_completions")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await proxy.serve(request, request.app[RUNTIME], "completions")
+def _metered(endpoint: Endpoint) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, request.app[RUNTIME], endpoint)
+
+    handler.__name__ = endpoint.name
+    return handler
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await proxy.serve(request, request.app[RUNTIME], "embeddings")
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    return await proxy.serve(request, request.app[RUNTIME], "responses")
-
-
-async def other(request: web.Request) -> web.StreamResponse:
-    return await proxy.serve_other(request, request.app[RUNTIME])
+def _refusal(request: web.Request, error: errors.ProxyError) -> web.Response:
+    runtime = request.app[RUNTIME]
+    ex = Exchange(key=runtime.keys.new(), endpoint=OTHER, started_ns=runtime.clock())
+    return proxy.error_response(error, ex)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -33,7 +33,7 @@ async def list_models(request: web.Request) -> web.Response:
     try:
         tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
     except errors.ProxyError as error:
-        return proxy.error_response(error, runtime.new_request_id())
+        return _refusal(request, error)
     # A tenant sees only the models it may use.
     data = [m for m in runtime.router.listing if tenant.allows(m["id"])]
     return web.json_response({"object": "list", "data": data})
@@ -44,12 +44,12 @@ async def get_model(request: web.Request) -> web.Response:
     try:
         tenant = auth.authenticate(runtime.settings.tenancy, request.headers)
     except errors.ProxyError as refused:
-        return proxy.error_response(refused, runtime.new_request_id())
+        return _refusal(request, refused)
     model = request.match_info["model"]
     found = runtime.router.model_object(model)
     if found is None or not tenant.allows(model):
         missing = errors.ModelNotFound(f"the model `{model[:200]}` does not exist", param="model")
-        return proxy.error_response(missing, runtime.new_request_id())
+        return _refusal(request, missing)
     return web.json_response(found)
 
 
@@ -61,7 +61,7 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if discovery.is_ready(runtime):
         return web.Response(text="ready\n")
-    reason = "draining" if runtime.draining else "no upstream has answered recently"
+    reason = "draining" if runtime.lifecycle.draining else "no upstream has answered recently"
     return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
@@ -73,18 +73,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    error = errors.RouteNotFound(f"no route for {request.method} {request.path[:200]}")
-    return proxy.error_response(error, request.app[RUNTIME].new_request_id())
+    path = request.path[:200].encode("ascii", "backslashreplace").decode()
+    return _refusal(request, errors.RouteNotFound(f"no route for {request.method} {path}"))
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_post("/v1/responses", responses)
+    for endpoint in TABLE:
+        if endpoint.path is not None:
+            app.router.add_post(endpoint.path, _metered(endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_route("*", "/v1/{tail:.*}", other)
+    app.router.add_route("*", "/v1/{tail:.*}", _metered(OTHER))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -37,38 +37,50 @@ def _parse(raw: bytes, complete: bool) -> Event:
 
 
 class SSEScanner:
-    """Splits a byte stream into events at blank lines (LF, CRLF or CR line endings)."""
+    """Splits a byte stream into events at blank lines (LF, CRLF or CR line endings).
 
-    __slots__ = ("_buffer",)
+    An unfinished event is kept in one growing buffer that is searched only where new bytes
+    arrived, so an event delivered in many small chunks costs linear time, and its size is
+    visible (`pending`) so the caller can bound it.
+    """
+
+    __slots__ = ("_buffer", "_crlf", "_searched")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._searched = 0  # bytes of the buffer already known to hold no terminator
+        self._crlf = False  # a CR has been seen: the slow terminator search applies
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        events: list[Event] = []
-        start = 0
-        if b"\r" not in buffer:
-            # The common case (vLLM, trtllm-serve, OpenAI): LF only.
-            while True:
-                end = buffer.find(b"\n\n", start)
-                if end < 0:
-                    break
-                events.append(_parse(buffer[start : end + 2], True))
-                start = end + 2
+        if not self._buffer:
+            if b"\r" in chunk:
+                self._crlf = True
+            if not self._crlf:  # the common case (vLLM, trtllm-serve, OpenAI): LF only
+                events, start = _split_lf(chunk, 0)
+                if start < len(chunk):
+                    self._buffer += chunk[start:]
+                    self._searched = max(len(chunk) - start - 1, 0)
+                return events
+        elif b"\r" in chunk:
+            self._crlf = True
+        buffer = self._buffer
+        buffer += chunk
+        # A terminator may straddle the old end: look back far enough to see it whole.
+        since = max(self._searched - 3, 0)
+        if self._crlf:
+            events, start = _split_any(buffer, since)
         else:
-            while True:
-                end, size = _blank_line(buffer, start)
-                if end < 0:
-                    break
-                events.append(_parse(buffer[start : end + size], True))
-                start = end + size
-        self._buffer = buffer[start:]
+            events, start = _split_lf(buffer, since)
+        if start:
+            del buffer[:start]
+        self._searched = max(len(buffer) - 1, 0)
         return events
 
     def flush(self) -> list[Event]:
         """At end of stream: whatever was left without a terminating blank line."""
-        rest, self._buffer = self._buffer, b""
+        rest = bytes(self._buffer)
+        self._buffer = bytearray()
+        self._searched = 0
         if not rest:
             return []
         return [_parse(rest, False)]
@@ -78,7 +90,32 @@ class SSEScanner:
         return len(self._buffer)
 
 
-def _blank_line(buffer: bytes, start: int) -> tuple[int, int]:
+def _split_lf(buffer: bytes | bytearray, since: int) -> tuple[list[Event], int]:
+    """Events ended by `\\n\\n`; returns them and where the unfinished rest starts."""
+    events: list[Event] = []
+    start = 0
+    search = since
+    while True:
+        end = buffer.find(b"\n\n", search)
+        if end < 0:
+            return events, start
+        events.append(_parse(bytes(buffer[start : end + 2]), True))
+        start = search = end + 2
+
+
+def _split_any(buffer: bytearray, since: int) -> tuple[list[Event], int]:
+    events: list[Event] = []
+    start = 0
+    search = since
+    while True:
+        end, size = _blank_line(buffer, search)
+        if end < 0:
+            return events, start
+        events.append(_parse(bytes(buffer[start : end + size]), True))
+        start = search = end + size
+
+
+def _blank_line(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
     """Position and size of the first blank-line terminator at or after `start`.
 
     A lone CR at the very end of the buffer may be the first half of a CRLF, so it is not

@@ -11,10 +11,12 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
+
+from .endpoints import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +112,19 @@ class TokenCounter:
     def count_text(self, model: str, text: str) -> int:
         return self.encoder_for(model).count(text) if text else 0
 
-    def count_prompt(self, model: str, endpoint: str, body: dict[str, Any]) -> int:
+    def count_prompt(self, model: str, endpoint: Endpoint, body: Mapping[str, Any]) -> int:
         """Prompt tokens of a request body, the way the upstream would count them."""
         count = self.encoder_for(model).count
-        if endpoint == "chat_completions":
-            return _count_messages(count, body.get("messages"))
-        if endpoint == "responses":
-            value = body.get("input")
-            if isinstance(value, list):
-                return (
-                    _count_messages(count, value)
-                    - TOKENS_REPLY_PRIMING
-                    + (
-                        count(body["instructions"])
-                        if isinstance(body.get("instructions"), str)
-                        else 0
-                    )
-                )
-            return _count_value(count, value) + _count_value(count, body.get("instructions"))
-        field = "input" if endpoint == "embeddings" else "prompt"
-        return _count_value(count, body.get(field))
+        total = 0
+        for i, field in enumerate(endpoint.prompt_fields):
+            value = body.get(field)
+            if i == 0 and endpoint.messages and isinstance(value, list):
+                total += _count_messages(count, value)
+                if endpoint.reply_priming:
+                    total += TOKENS_REPLY_PRIMING
+            else:
+                total += _count_value(count, value)
+        return total
 
 
 def _count_value(count: Callable[[str], int], value: Any) -> int:
@@ -147,9 +142,8 @@ def _count_value(count: Callable[[str], int], value: Any) -> int:
     return count(str(value))
 
 
-def _count_messages(count: Callable[[str], int], messages: Any) -> int:
-    if not isinstance(messages, list):
-        return 0
+def _count_messages(count: Callable[[str], int], messages: list[Any]) -> int:
+    """The messages' tokens with OpenAI's per-message framing (reply priming not included)."""
     total = 0
     for message in messages:
         total += TOKENS_PER_MESSAGE
@@ -164,7 +158,7 @@ def _count_messages(count: Callable[[str], int], messages: Any) -> int:
                 total += count(orjson.dumps(value).decode())
             if key == "name":
                 total += TOKENS_PER_NAME
-    return total + TOKENS_REPLY_PRIMING
+    return total
 
 
 async def off_loop(size_chars: int, fn: Callable[[], int]) -> int:

@@ -126,13 +126,13 @@ class Frames:
                     "id": self.item_id,
                     "type": "message",
                     "role": "assistant",
-                    "status": "completed",
+                    "status": status,
                     "content": [
                         {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
                     ],
                 }
             ]
-            if status == "completed"
+            if status in ("completed", "incomplete")
             else []
         )
         return {
@@ -144,6 +144,10 @@ class Frames:
                 "created_at": CREATED,
                 "model": self.model,
                 "status": status,
+                # OpenAI's shape for a reply cut by max_output_tokens
+                "incomplete_details": {"reason": "max_output_tokens"}
+                if status == "incomplete"
+                else None,
                 "output": output,
                 "parallel_tool_calls": True,
                 "tool_choice": "auto",
@@ -170,7 +174,9 @@ def full_body(
     usage = frames._usage(count, details=True) if behavior.usage else None
     if kind == "response":
         result = frames.response(
-            "completed", count, frames.response_usage(count) if behavior.usage else None
+            "incomplete" if finish == "length" else "completed",
+            count,
+            frames.response_usage(count) if behavior.usage else None,
         )
         response: dict[str, Any] = result["response"]
         return response

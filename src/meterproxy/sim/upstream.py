@@ -237,7 +237,7 @@ class FakeUpstream:
         continuous = include_usage and bool(options.get("continuous_usage_stats"))
         frames = Frames(self.flavor, body, kind, prompt, behavior, continuous)
         if kind == "response":
-            return await self._stream_response(out, frames, behavior, count, seen)
+            return await self._stream_response(out, frames, behavior, count, seen, finish)
         if kind == "chat":
             await out.write(frames.role())
         if behavior.first_token_s:
@@ -288,6 +288,7 @@ class FakeUpstream:
         behavior: Behavior,
         count: int,
         seen: Seen,
+        finish: str,
     ) -> web.StreamResponse:
         await out.write(frames.event("response.created", frames.response("in_progress", 0, None)))
         if behavior.first_token_s:
@@ -312,9 +313,8 @@ class FakeUpstream:
             seen.generated += 1
             self.generated_total += 1
         usage = frames.response_usage(count) if behavior.usage else None
-        await out.write(
-            frames.event("response.completed", frames.response("completed", count, usage))
-        )
+        status = "incomplete" if finish == "length" else "completed"  # cut by max_output_tokens
+        await out.write(frames.event(f"response.{status}", frames.response(status, count, usage)))
         await out.write_eof()
         return out
 

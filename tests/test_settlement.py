@@ -1,0 +1,153 @@
+"""Settlement: exactly once, sinks guarded, completers that finish later, frozen results."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+
+from meterproxy.endpoints import EMBEDDINGS
+from meterproxy.exchange import Exchange, Outcome
+from meterproxy.pricing import Cost
+from meterproxy.settlement import EstimateCompleter, Settlement, Settler
+from meterproxy.usage import Source, Usage
+
+from .factories import exchange, settlement
+
+
+def settler(errors: list[int], cost: float = 0.5) -> Settler:
+    ticks = iter(range(50, 10_000, 50))
+    return Settler(
+        lambda: next(ticks),
+        lambda: 1.7e9,
+        price=lambda ex: Cost(cost, True),
+        on_error=lambda: errors.append(1),
+    )
+
+
+def test_settle_runs_every_sink_exactly_once_and_guards_failures() -> None:
+    seen: list[Settlement] = []
+    errors: list[int] = []
+
+    def broken(s: Settlement) -> None:
+        raise ValueError("bug in a sink")
+
+    s = settler(errors)
+    s.add_sinks([broken, seen.append])
+    ex = exchange(started_ns=10, reached_upstream=True)
+    ex.answered(200)
+    s.settle(ex)
+    [only] = seen
+    assert errors == [1] and only.duration_ns == 40 and only.cost_usd == 0.5
+    assert only.outcome is Outcome.SUCCESS and only.request_id == "mp-test-1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        only.status = "500"  # type: ignore[misc]
+    with pytest.raises(RuntimeError, match="settled twice"):
+        s.settle(ex)
+    assert len(seen) == 1
+
+
+def test_a_request_that_never_reached_an_upstream_costs_nothing() -> None:
+    seen: list[Settlement] = []
+    s = settler([])
+    s.add_sinks([seen.append])
+    s.settle(exchange())
+    assert seen[0].cost_usd == 0.0 and seen[0].priced
+
+
+def test_completers_hold_a_settlement_until_each_is_done() -> None:
+    seen: list[Settlement] = []
+    s = settler([])
+    s.add_sinks([seen.append])
+    waiting: list[Callable[[], None]] = []
+
+    def energy(ex: Exchange, done: Callable[[], None]) -> bool:
+        def final() -> None:
+            ex.energy_j = 12.5
+            done()
+
+        waiting.append(final)
+        return True
+
+    s.add_completer(energy)
+    s.settle(exchange(reached_upstream=True))
+    assert seen == [] and s.pending == 1
+    waiting[0]()
+    assert [x.energy_j for x in seen] == [12.5] and s.pending == 0
+
+
+def test_a_completer_that_finishes_at_once_still_settles_once() -> None:
+    seen: list[Settlement] = []
+    s = settler([])
+    s.add_sinks([seen.append])
+
+    def immediate(ex: Exchange, done: Callable[[], None]) -> bool:
+        ex.energy_j = None  # e.g. the energy source is down: unknown, at once
+        done()
+        return True
+
+    s.add_completer(immediate)
+    s.add_completer(immediate)
+    s.settle(exchange(reached_upstream=True))
+    assert len(seen) == 1 and s.pending == 0
+
+
+def test_time_per_output_token() -> None:
+    s = settlement(
+        streamed=True, first_token_ns=1_000, ended_ns=10_000, usage=Usage(5, 10, None, None)
+    )
+    assert s.ttft_ns == 1_000
+    assert s.tpot_ns == 1_000  # (10_000 - 1_000) / (10 - 1)
+    assert dataclasses.replace(s, usage=Usage(5, 1, None, None)).tpot_ns is None
+
+
+async def test_estimates_of_large_texts_are_counted_off_the_loop() -> None:
+    seen: list[Settlement] = []
+    threads: list[str] = []
+    s = settler([])
+    s.add_sinks([seen.append])
+    tasks: list[asyncio.Task[None]] = []
+
+    def count_text(ex: Exchange, text: str) -> int:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return len(text) // 4
+
+    s.add_completer(
+        EstimateCompleter(
+            count_prompt=lambda ex: 7,
+            count_text=count_text,
+            spawn=lambda name, coro: tasks.append(asyncio.ensure_future(coro)),  # type: ignore[func-returns-value]
+            threshold_chars=1000,
+        )
+    )
+    small = exchange(reached_upstream=True, pending_text="abcd" * 10)
+    small.client_left()
+    s.settle(small)
+    assert seen[0].usage == Usage(7, 10, None, None, Source.PARTIAL) and seen[0].estimated
+    big = exchange(key="mp-test-2", reached_upstream=True, pending_text="abcd" * 1000)
+    big.answered(200)
+    s.settle(big)
+    assert len(seen) == 1  # counting in a worker thread
+    await asyncio.gather(*tasks)
+    assert seen[1].usage == Usage(7, 1000, None, None, Source.ESTIMATE)
+    assert threads[0] == "MainThread" and threads[1] != "MainThread"
+
+
+def test_embeddings_estimates_have_no_completion() -> None:
+    seen: list[Settlement] = []
+    s = settler([])
+    s.add_sinks([seen.append])
+    s.add_completer(
+        EstimateCompleter(
+            count_prompt=lambda ex: 3,
+            count_text=lambda ex, text: 99,
+            spawn=lambda name, coro: None,
+            threshold_chars=1000,
+        )
+    )
+    s.settle(exchange(endpoint=EMBEDDINGS, reached_upstream=True, pending_text=""))
+    assert seen[0].usage.prompt == 3 and seen[0].usage.completion is None
