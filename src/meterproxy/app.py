@@ -21,7 +21,7 @@ from .energy.factory import open_source
 from .energy.sampler import Sampler
 from .energy.sources import Source
 from .energy.tracker import EnergyTracker
-from .keys import ENERGY_SOURCE, LEDGER, RELOAD, RUNTIME
+from .keys import ENERGY_SOURCE, LEDGER, RELOAD, RUNTIME, STATUS
 from .ledger import Ledger
 from .meter import Clock, Meter, Record, Sink
 from .metrics import Metrics
@@ -31,6 +31,7 @@ from .quota_store import QuotaStore
 from .routing import Router
 from .runtime import Runtime
 from .tokens import TokenCounter
+from .ui import web as ui_web
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,18 @@ def create_app(
         for limit, ratio in quota.ratios(tenant, now_ns, now_s).items():
             metrics.quota_usage_ratio.labels(tenant.name, limit).set(ratio)
 
-    all_sinks = [metrics.observe, settle_quota, *([ledger.add] if ledger else []), *sinks]
+    telemetry = None
+    if settings.telemetry.otlp_endpoint:
+        from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
+
+        telemetry = OtlpMetrics(settings.telemetry, lambda: runtime.settings.upstreams)
+    all_sinks = [
+        metrics.observe,
+        settle_quota,
+        *([ledger.add] if ledger else []),
+        *([telemetry.observe] if telemetry else []),
+        *sinks,
+    ]
     meter = Meter(clock, all_sinks, on_error=metrics.metering_errors.inc, annotate=annotate)
     runtime = Runtime(
         settings=settings,
@@ -101,6 +113,10 @@ def create_app(
     app.cleanup_ctx.append(_background_tasks)
     app[ENERGY_SOURCE] = energy
     app.cleanup_ctx.append(_energy)
+    app[STATUS] = ui_web.new_history(runtime)
+    app.cleanup_ctx.append(ui_web.keep_history)
+    if telemetry is not None:
+        app.cleanup_ctx.append(telemetry.lifetime)
     if reload_from is not None:
         app[RELOAD] = reload_from
         app.cleanup_ctx.append(_watch_config)

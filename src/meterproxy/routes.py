@@ -6,6 +6,7 @@ from aiohttp import web
 
 from . import auth, discovery, errors, proxy
 from .keys import RUNTIME
+from .ui import web as ui_web
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -88,4 +89,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    ui_web.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)

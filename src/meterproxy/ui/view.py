@@ -1,0 +1,277 @@
+"""What the status page and the terminal summary show, computed from the history ring: rates
+over the last minute, efficiencies and quantiles over the history window, chart series.
+Pure; the result is JSON-ready. Aggregates only: labels are configured names and enums, and a
+key, prompt or client string never reaches a metric, so none can reach this view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypedDict
+
+from ..policy import Tenant
+from .history import History, Snapshot, quantile
+
+RECENT_S = 60.0  # "now" figures: the last minute
+# Charts average over a trailing span, not one step: tokens settle in lumps as requests end.
+RATE_S = 10.0  # tokens/s
+RATIO_S = 30.0  # tokens/J, $/Mtok
+NO_LABEL = "_none"  # requests refused before routing carry no model/upstream
+# limit -> unit of "used" and "limit" on the page
+QUOTA_UNITS = {
+    "requests_per_minute": "requests/min",
+    "tokens_per_minute": "tokens/min",
+    "tokens_per_day": "tokens today",
+    "usd_per_month": "USD this month",
+    "joules_per_day": "J today",
+    "max_concurrent": "in flight",
+}
+
+
+class Totals(TypedDict):
+    window_s: float
+    tokens_per_s: float | None
+    requests_per_s: float | None
+    tokens_per_joule: float | None
+    usd_per_million_tokens: float | None
+    power_w: float | None
+    waste_share: float | None
+
+
+class ModelRow(TypedDict):
+    model: str
+    upstream: str
+    requests: float
+    tokens: float
+    tokens_per_s: float | None
+    energy_j: float
+    tokens_per_joule: float | None
+    joules_per_request: float | None
+    cost_usd: float
+    usd_per_million_tokens: float | None
+    tokens_per_usd: float | None
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+
+
+class UpstreamRow(TypedDict):
+    upstream: str
+    gpus: list[str]
+    power_w: float | None
+    idle_share: float | None
+    inflight: float
+
+
+class QuotaRow(TypedDict):
+    limit: str
+    unit: str
+    value: float
+    used: float
+    ratio: float
+
+
+class TenantRow(TypedDict):
+    tenant: str
+    requests: float
+    tokens: float
+    cost_usd: float
+    energy_j: float
+    waste: dict[str, float]
+    waste_share: float | None
+    rejections: dict[str, float]
+    quotas: list[QuotaRow]
+
+
+class TaskRow(TypedDict):
+    metric: str
+    labels: str
+    value: float
+
+
+class Series(TypedDict):
+    t: list[float]
+    tokens_per_s: dict[str, list[float]]
+    power_w: dict[str, list[float | None]]
+    tokens_per_joule: list[float | None]
+    usd_per_million_tokens: list[float | None]
+
+
+class View(TypedDict):
+    generated_at: float
+    interval_s: float
+    window_s: float
+    recent: Totals
+    models: list[ModelRow]
+    upstreams: list[UpstreamRow]
+    tenants: list[TenantRow]
+    tasks: list[TaskRow] | None
+    series: Series
+
+
+def build(
+    history: History,
+    now: Snapshot,
+    tenants: Mapping[str, Tenant],
+    upstream_gpus: Mapping[str, Iterable[str]],
+) -> View:
+    """`now`: a snapshot taken just now (so figures match /metrics at this instant)."""
+    oldest = history.snapshots[0] if history.snapshots else now
+    window = now.since(oldest)
+    recent = now.since(history.at_or_before(now.t_s - RECENT_S) or now)
+    return View(
+        generated_at=now.t_s,
+        interval_s=history.interval_s,
+        window_s=window.t_s,
+        recent=_totals(recent),
+        models=_models(window, recent),
+        upstreams=_upstreams(now, window, upstream_gpus),
+        tenants=_tenants(window, now, tenants),
+        tasks=[TaskRow(metric=m, labels=labels, value=v) for (m, labels), v in now.tasks.items()]
+        or None,
+        series=_series(history),
+    )
+
+
+def ratio(a: float, b: float, scale: float = 1.0) -> float | None:
+    return a / b * scale if b > 0 else None
+
+
+def _tokens(s: Snapshot, **match: str) -> float:
+    # Cached prompt and reasoning tokens are parts of these two: count each token once.
+    return s.total("tokens", type="prompt", **match) + s.total("tokens", type="completion", **match)
+
+
+def _totals(recent: Snapshot) -> Totals:
+    tokens = _tokens(recent)
+    powers = [v for _, v in recent.select("power")]
+    return Totals(
+        window_s=recent.t_s,
+        tokens_per_s=ratio(tokens, recent.t_s),
+        requests_per_s=ratio(recent.total("requests"), recent.t_s),
+        tokens_per_joule=ratio(tokens, recent.total("energy")),
+        usd_per_million_tokens=ratio(recent.total("cost"), tokens, 1e6),
+        power_w=sum(powers) if powers else None,
+        waste_share=ratio(recent.total("waste"), recent.total("tokens", type="completion")),
+    )
+
+
+def _models(window: Snapshot, recent: Snapshot) -> list[ModelRow]:
+    groups = sorted(
+        {(k[1], k[2]) for k, _ in window.select("requests") if NO_LABEL not in (k[1], k[2])}
+        | {(k[1], k[2]) for k, _ in window.select("energy")}
+    )
+    rows = []
+    for model, upstream in groups:
+        at = {"model": model, "upstream": upstream}
+        tokens, energy, cost = (
+            _tokens(window, **at),
+            window.total("energy", **at),
+            window.total("cost", **at),
+        )
+        buckets = [(float(k[3]), v) for k, v in window.select("ttft", **at)]
+        rows.append(
+            ModelRow(
+                model=model,
+                upstream=upstream,
+                requests=window.total("requests", **at),
+                tokens=tokens,
+                tokens_per_s=ratio(_tokens(recent, **at), recent.t_s),
+                energy_j=energy,
+                tokens_per_joule=ratio(tokens, energy),
+                joules_per_request=ratio(
+                    window.total("metered_j", **at), window.total("metered", **at)
+                ),
+                cost_usd=cost,
+                usd_per_million_tokens=ratio(cost, tokens, 1e6),
+                tokens_per_usd=ratio(tokens, cost),
+                ttft_p50_s=quantile(0.5, buckets),
+                ttft_p95_s=quantile(0.95, buckets),
+            )
+        )
+    return rows
+
+
+def _upstreams(
+    now: Snapshot, window: Snapshot, upstream_gpus: Mapping[str, Iterable[str]]
+) -> list[UpstreamRow]:
+    rows = []
+    for upstream, gpus in sorted(upstream_gpus.items()):
+        gpus = sorted(gpus)
+        powers = [v for g in gpus for _, v in now.select("power", gpu=g)]
+        measured = sum(window.total("gpu_energy", gpu=g) for g in gpus)
+        rows.append(
+            UpstreamRow(
+                upstream=upstream,
+                gpus=gpus,
+                power_w=sum(powers) if powers else None,
+                idle_share=ratio(sum(window.total("gpu_idle", gpu=g) for g in gpus), measured),
+                inflight=now.total("inflight", upstream=upstream),
+            )
+        )
+    return rows
+
+
+def _tenants(window: Snapshot, now: Snapshot, configured: Mapping[str, Tenant]) -> list[TenantRow]:
+    seen = {k[3] for k, _ in window.select("requests")} | set(configured)
+    rows = []
+    for name in sorted(seen):
+        waste: dict[str, float] = {}
+        for key, value in window.select("waste", tenant=name):
+            waste[key[3]] = waste.get(key[3], 0.0) + value
+        limits = configured[name].limits if name in configured else None
+        quotas = []
+        for key, used_ratio in sorted(now.select("quota", tenant=name)):
+            cap = getattr(limits, key[2], None) if limits is not None else None
+            if cap:
+                quotas.append(
+                    QuotaRow(
+                        limit=key[2],
+                        unit=QUOTA_UNITS.get(key[2], ""),
+                        value=float(cap),
+                        used=used_ratio * cap,
+                        ratio=used_ratio,
+                    )
+                )
+        rows.append(
+            TenantRow(
+                tenant=name,
+                requests=window.total("requests", tenant=name),
+                tokens=_tokens(window, tenant=name),
+                cost_usd=window.total("cost", tenant=name),
+                energy_j=window.total("energy", tenant=name),
+                waste=waste,
+                waste_share=ratio(
+                    sum(waste.values()), window.total("tokens", tenant=name, type="completion")
+                ),
+                rejections={k[2]: v for k, v in window.select("rejections", tenant=name) if v},
+                quotas=quotas,
+            )
+        )
+    return rows
+
+
+def _series(history: History) -> Series:
+    points = list(history.points)
+    models = sorted({m for p in points for m in p.tokens_by_model})
+    gpus = sorted({g for p in points for g in p.power_w})
+    rates: dict[str, list[float]] = {m: [] for m in models}
+    per_joule: list[float | None] = []
+    per_mtok: list[float | None] = []
+    rate_span = max(1, round(RATE_S / history.interval_s))
+    ratio_span = max(1, round(RATIO_S / history.interval_s))
+    for i in range(len(points)):
+        trailing = points[max(0, i - rate_span + 1) : i + 1]
+        dt = sum(p.dt_s for p in trailing)
+        for m in models:
+            rates[m].append(ratio(sum(p.tokens_by_model.get(m, 0.0) for p in trailing), dt) or 0.0)
+        trailing = points[max(0, i - ratio_span + 1) : i + 1]
+        tokens = sum(p.tokens for p in trailing)
+        per_joule.append(ratio(tokens, sum(p.energy_j for p in trailing)))
+        per_mtok.append(ratio(sum(p.cost_usd for p in trailing), tokens, 1e6))
+    return Series(
+        t=[p.t_s for p in points],
+        tokens_per_s=rates,
+        power_w={g: [p.power_w.get(g) for p in points] for g in gpus},
+        tokens_per_joule=per_joule,
+        usd_per_million_tokens=per_mtok,
+    )
