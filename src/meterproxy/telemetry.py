@@ -49,7 +49,8 @@ OPERATIONS = {
     "completions": "text_completion",
     "embeddings": "embeddings",
 }
-UNKNOWN_MODALITY = "unknown"  # OpenAI-style usage does not split tokens by modality
+UNKNOWN_MODALITY = "unknown"
+SHUTDOWN_S = 3.0  # per export, retries included, and for the final flush  # OpenAI-style usage does not split tokens by modality
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,8 @@ class OtlpMetrics:
 
     def start(self) -> None:
         reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=self.endpoint),
+            # A collector that is down must not hold up a shutdown for long.
+            OTLPMetricExporter(endpoint=self.endpoint, timeout=SHUTDOWN_S),
             export_interval_millis=self.interval_s * 1000,
         )
         seconds = ExplicitBucketHistogramAggregation(SECONDS_BUCKETS)
@@ -227,7 +229,7 @@ class OtlpMetrics:
     def shutdown(self) -> None:
         """Flush what is pending (blocking: call it off the loop)."""
         if self._provider is not None:
-            self._provider.shutdown()
+            self._provider.shutdown(timeout_millis=SHUTDOWN_S * 1000)
             self._provider = None
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
