@@ -49,8 +49,8 @@ OPERATIONS = {
     "completions": "text_completion",
     "embeddings": "embeddings",
 }
-UNKNOWN_MODALITY = "unknown"
-SHUTDOWN_S = 3.0  # per export, retries included, and for the final flush  # OpenAI-style usage does not split tokens by modality
+UNKNOWN_MODALITY = "unknown"  # OpenAI-style usage does not split tokens by modality
+SHUTDOWN_S = 3.0  # per export, retries included, and for the final flush
 
 
 @dataclass(frozen=True, slots=True)
