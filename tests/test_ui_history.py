@@ -53,7 +53,11 @@ def test_a_snapshot_holds_the_registry_figures_and_differences_say_what_happened
     )
     assert after.total("waste", tenant="support", reason="truncated") == 64
     assert after.total("requests", model="m") == 2
-    assert dict(after.select("power")) == {("power", "0"): 420.0}
+    assert after.sums("power", "gpu") == {("0",): 420.0}
+    assert after.sums("tokens", "tenant", type="completion") == {
+        ("research",): 12,
+        ("support",): 64,
+    }
 
     step = after.since(before)
     assert step.t_s == 2.5
@@ -83,7 +87,7 @@ def test_task_metrics_pass_through_when_they_exist() -> None:
 def test_the_ring_is_bounded_and_finds_a_snapshot_by_time() -> None:
     ring = History(history_s=10, interval_s=2)
     for t in range(20):
-        ring.add(Snapshot(float(t), {("tokens", "m", "u", "t", "prompt"): 10.0 * t}, {}))
+        ring.add(Snapshot(float(t), {"tokens": {("m", "u", "t", "prompt"): 10.0 * t}}, {}))
     assert len(ring.snapshots) == 6 and ring.snapshots[0].t_s == 14
     assert len(ring.points) == 5
     assert ring.points[-1].tokens == 10 and ring.points[-1].dt_s == 1

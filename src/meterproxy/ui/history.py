@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 Sample = tuple[str, Mapping[str, str], float]  # (sample name, labels, value), as /metrics has it
-Key = tuple[str, ...]  # (short name, label values in the order below)
+Key = tuple[str, ...]  # label values, in the order below
 
 # Counters (and histogram parts, which only grow): sample name -> (short name, labels kept).
 # Labels left out (e.g. `endpoint`) are summed over.
@@ -41,34 +41,40 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
 TASK_PREFIX = "meterproxy_task_"
 
 
+Series = Mapping[str, Mapping[Key, float]]  # short name -> label values -> value
+
+
 @dataclass(frozen=True)
 class Snapshot:
     t_s: float  # wall clock, Unix seconds
-    counters: Mapping[Key, float]
-    gauges: Mapping[Key, float]
+    counters: Series
+    gauges: Series
     tasks: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (sample, labels)
 
     def since(self, older: Snapshot) -> Snapshot:
         """What the counters did between `older` and this one; gauges as they are now."""
-        before = older.counters
-        return Snapshot(
-            t_s=self.t_s - older.t_s,
-            counters={k: max(v - before.get(k, 0.0), 0.0) for k, v in self.counters.items()},
-            gauges=self.gauges,
-            tasks=self.tasks,
-        )
+        counters = {}
+        for name, series in self.counters.items():
+            before = older.counters.get(name, {})
+            counters[name] = {k: max(v - before.get(k, 0.0), 0.0) for k, v in series.items()}
+        return Snapshot(self.t_s - older.t_s, counters, self.gauges, self.tasks)
+
+    def sums(self, name: str, *by: str, **match: str) -> dict[tuple[str, ...], float]:
+        """One metric's values whose labels equal `match`, summed by the labels `by`, in one
+        pass (a page poll must stay cheap with thousands of series)."""
+        labels = _LABELS[name]
+        keep = [labels.index(label) for label in by]
+        wanted = [(labels.index(label), value) for label, value in match.items()]
+        out: dict[tuple[str, ...], float] = {}
+        source = self.gauges if name in _GAUGE_NAMES else self.counters
+        for key, value in source.get(name, {}).items():
+            if all(key[i] == v for i, v in wanted):
+                group = tuple(key[i] for i in keep)
+                out[group] = out.get(group, 0.0) + value
+        return out
 
     def total(self, name: str, **match: str) -> float:
-        """Sum of one counter's series whose labels equal `match` (by position in COUNTERS)."""
-        return sum(v for k, v in self.select(name, **match))
-
-    def select(self, name: str, **match: str) -> Iterable[tuple[Key, float]]:
-        labels = _LABELS[name]
-        wanted = [(labels.index(label) + 1, value) for label, value in match.items()]
-        source = self.gauges if name in _GAUGE_NAMES else self.counters
-        for key, value in source.items():
-            if key[0] == name and all(key[i] == v for i, v in wanted):
-                yield key, value
+        return self.sums(name, **match).get((), 0.0)
 
 
 _LABELS = {short: labels for short, labels in (*COUNTERS.values(), *GAUGES.values())}
@@ -76,8 +82,8 @@ _GAUGE_NAMES = frozenset(short for short, _ in GAUGES.values())
 
 
 def take(samples: Iterable[Sample], t_s: float) -> Snapshot:
-    counters: dict[Key, float] = {}
-    gauges: dict[Key, float] = {}
+    counters: dict[str, dict[Key, float]] = {}
+    gauges: dict[str, dict[Key, float]] = {}
     tasks: dict[tuple[str, str], float] = {}
     for name, labels, value in samples:
         if name in COUNTERS:
@@ -90,8 +96,9 @@ def take(samples: Iterable[Sample], t_s: float) -> Snapshot:
             continue
         else:
             continue
-        key = (short, *(labels.get(label, "") for label in keep))
-        into[key] = into.get(key, 0.0) + value
+        key = tuple(labels.get(label, "") for label in keep)
+        series = into.setdefault(short, {})
+        series[key] = series.get(key, 0.0) + value
     return Snapshot(t_s, counters, gauges, tasks)
 
 
@@ -135,14 +142,14 @@ class History:
 def _point(now: Snapshot, before: Snapshot) -> Point:
     step = now.since(before)
     by_model: dict[str, float] = {}
-    for key, value in step.select("tokens"):
-        if key[4] in ("prompt", "completion"):  # cached and reasoning are parts of these
-            by_model[key[1]] = by_model.get(key[1], 0.0) + value
+    for kind in ("prompt", "completion"):  # cached and reasoning tokens are parts of these
+        for (model,), value in step.sums("tokens", "model", type=kind).items():
+            by_model[model] = by_model.get(model, 0.0) + value
     return Point(
         t_s=now.t_s,
         dt_s=step.t_s,
         tokens_by_model=by_model,
-        power_w={key[1]: value for key, value in now.select("power")},
+        power_w={gpu: value for (gpu,), value in now.sums("power", "gpu").items()},
         tokens=step.total("tokens", type="prompt") + step.total("tokens", type="completion"),
         energy_j=step.total("energy"),
         cost_usd=step.total("cost"),

@@ -136,54 +136,58 @@ def ratio(a: float, b: float, scale: float = 1.0) -> float | None:
     return a / b * scale if b > 0 else None
 
 
-def _tokens(s: Snapshot, **match: str) -> float:
+Group = tuple[str, ...]
+
+
+def _tokens(s: Snapshot, *by: str, **match: str) -> dict[Group, float]:
     # Cached prompt and reasoning tokens are parts of these two: count each token once.
-    return s.total("tokens", type="prompt", **match) + s.total("tokens", type="completion", **match)
+    out = s.sums("tokens", *by, type="prompt", **match)
+    for group, value in s.sums("tokens", *by, type="completion", **match).items():
+        out[group] = out.get(group, 0.0) + value
+    return out
 
 
 def _totals(recent: Snapshot) -> Totals:
-    tokens = _tokens(recent)
-    powers = [v for _, v in recent.select("power")]
+    tokens = _tokens(recent).get((), 0.0)
+    powers = recent.sums("power", "gpu")
     return Totals(
         window_s=recent.t_s,
         tokens_per_s=ratio(tokens, recent.t_s),
         requests_per_s=ratio(recent.total("requests"), recent.t_s),
         tokens_per_joule=ratio(tokens, recent.total("energy")),
         usd_per_million_tokens=ratio(recent.total("cost"), tokens, 1e6),
-        power_w=sum(powers) if powers else None,
+        power_w=sum(powers.values()) if powers else None,
         waste_share=ratio(recent.total("waste"), recent.total("tokens", type="completion")),
     )
 
 
 def _models(window: Snapshot, recent: Snapshot) -> list[ModelRow]:
-    groups = sorted(
-        {(k[1], k[2]) for k, _ in window.select("requests") if NO_LABEL not in (k[1], k[2])}
-        | {(k[1], k[2]) for k, _ in window.select("energy")}
-    )
+    by = ("model", "upstream")
+    requests, energy = window.sums("requests", *by), window.sums("energy", *by)
+    tokens, cost = _tokens(window, *by), window.sums("cost", *by)
+    tokens_now = _tokens(recent, *by)
+    metered, metered_j = window.sums("metered", *by), window.sums("metered_j", *by)
+    ttft: dict[Group, list[tuple[float, float]]] = {}
+    for (model, upstream, le), count in window.sums("ttft", *by, "le").items():
+        ttft.setdefault((model, upstream), []).append((float(le), count))
+    groups = sorted({g for g in requests if NO_LABEL not in g} | set(energy))
     rows = []
-    for model, upstream in groups:
-        at = {"model": model, "upstream": upstream}
-        tokens, energy, cost = (
-            _tokens(window, **at),
-            window.total("energy", **at),
-            window.total("cost", **at),
-        )
-        buckets = [(float(k[3]), v) for k, v in window.select("ttft", **at)]
+    for group in groups:
+        t, j, usd = tokens.get(group, 0.0), energy.get(group, 0.0), cost.get(group, 0.0)
+        buckets = ttft.get(group, [])
         rows.append(
             ModelRow(
-                model=model,
-                upstream=upstream,
-                requests=window.total("requests", **at),
-                tokens=tokens,
-                tokens_per_s=ratio(_tokens(recent, **at), recent.t_s),
-                energy_j=energy,
-                tokens_per_joule=ratio(tokens, energy),
-                joules_per_request=ratio(
-                    window.total("metered_j", **at), window.total("metered", **at)
-                ),
-                cost_usd=cost,
-                usd_per_million_tokens=ratio(cost, tokens, 1e6),
-                tokens_per_usd=ratio(tokens, cost),
+                model=group[0],
+                upstream=group[1],
+                requests=requests.get(group, 0.0),
+                tokens=t,
+                tokens_per_s=ratio(tokens_now.get(group, 0.0), recent.t_s),
+                energy_j=j,
+                tokens_per_joule=ratio(t, j),
+                joules_per_request=ratio(metered_j.get(group, 0.0), metered.get(group, 0.0)),
+                cost_usd=usd,
+                usd_per_million_tokens=ratio(usd, t, 1e6),
+                tokens_per_usd=ratio(t, usd),
                 ttft_p50_s=quantile(0.5, buckets),
                 ttft_p95_s=quantile(0.95, buckets),
             )
@@ -194,39 +198,48 @@ def _models(window: Snapshot, recent: Snapshot) -> list[ModelRow]:
 def _upstreams(
     now: Snapshot, window: Snapshot, upstream_gpus: Mapping[str, Iterable[str]]
 ) -> list[UpstreamRow]:
+    power, inflight = now.sums("power", "gpu"), now.sums("inflight", "upstream")
+    measured, idle = window.sums("gpu_energy", "gpu"), window.sums("gpu_idle", "gpu")
     rows = []
-    for upstream, gpus in sorted(upstream_gpus.items()):
-        gpus = sorted(gpus)
-        powers = [v for g in gpus for _, v in now.select("power", gpu=g)]
-        measured = sum(window.total("gpu_energy", gpu=g) for g in gpus)
+    for upstream, listed in sorted(upstream_gpus.items()):
+        gpus = sorted(listed)
+        powers = [power[(g,)] for g in gpus if (g,) in power]
         rows.append(
             UpstreamRow(
                 upstream=upstream,
                 gpus=gpus,
                 power_w=sum(powers) if powers else None,
-                idle_share=ratio(sum(window.total("gpu_idle", gpu=g) for g in gpus), measured),
-                inflight=now.total("inflight", upstream=upstream),
+                idle_share=ratio(
+                    sum(idle.get((g,), 0.0) for g in gpus),
+                    sum(measured.get((g,), 0.0) for g in gpus),
+                ),
+                inflight=inflight.get((upstream,), 0.0),
             )
         )
     return rows
 
 
 def _tenants(window: Snapshot, now: Snapshot, configured: Mapping[str, Tenant]) -> list[TenantRow]:
-    seen = {k[3] for k, _ in window.select("requests")} | set(configured)
+    requests, tokens = window.sums("requests", "tenant"), _tokens(window, "tenant")
+    completion = window.sums("tokens", "tenant", type="completion")
+    cost, energy = window.sums("cost", "tenant"), window.sums("energy", "tenant")
+    waste, rejections = (
+        window.sums("waste", "tenant", "reason"),
+        window.sums("rejections", "tenant", "limit"),
+    )
+    ratios = now.sums("quota", "tenant", "limit")
     rows = []
-    for name in sorted(seen):
-        waste: dict[str, float] = {}
-        for key, value in window.select("waste", tenant=name):
-            waste[key[3]] = waste.get(key[3], 0.0) + value
+    for name in sorted({t for (t,) in requests} | set(configured)):
+        wasted = {reason: v for (t, reason), v in sorted(waste.items()) if t == name}
         limits = configured[name].limits if name in configured else None
         quotas = []
-        for key, used_ratio in sorted(now.select("quota", tenant=name)):
-            cap = getattr(limits, key[2], None) if limits is not None else None
+        for (t, limit), used_ratio in sorted(ratios.items()):
+            cap = getattr(limits, limit, None) if t == name and limits is not None else None
             if cap:
                 quotas.append(
                     QuotaRow(
-                        limit=key[2],
-                        unit=QUOTA_UNITS.get(key[2], ""),
+                        limit=limit,
+                        unit=QUOTA_UNITS.get(limit, ""),
                         value=float(cap),
                         used=used_ratio * cap,
                         ratio=used_ratio,
@@ -235,15 +248,15 @@ def _tenants(window: Snapshot, now: Snapshot, configured: Mapping[str, Tenant]) 
         rows.append(
             TenantRow(
                 tenant=name,
-                requests=window.total("requests", tenant=name),
-                tokens=_tokens(window, tenant=name),
-                cost_usd=window.total("cost", tenant=name),
-                energy_j=window.total("energy", tenant=name),
-                waste=waste,
-                waste_share=ratio(
-                    sum(waste.values()), window.total("tokens", tenant=name, type="completion")
-                ),
-                rejections={k[2]: v for k, v in window.select("rejections", tenant=name) if v},
+                requests=requests.get((name,), 0.0),
+                tokens=tokens.get((name,), 0.0),
+                cost_usd=cost.get((name,), 0.0),
+                energy_j=energy.get((name,), 0.0),
+                waste=wasted,
+                waste_share=ratio(sum(wasted.values()), completion.get((name,), 0.0)),
+                rejections={
+                    limit: v for (t, limit), v in sorted(rejections.items()) if t == name and v
+                },
                 quotas=quotas,
             )
         )

@@ -4,6 +4,7 @@ JSON, admin-only once tenants exist), and the background task that keeps the his
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 from collections.abc import AsyncIterator
 
@@ -90,6 +91,8 @@ async def keep_history(app: web.Application) -> AsyncIterator[None]:
     task = runtime.spawn("status-history", every_interval())
     yield
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def new_history(runtime: Runtime) -> History:
