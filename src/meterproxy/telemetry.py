@@ -86,6 +86,7 @@ def call_of(record: Record) -> Call | None:
         or (None if record.status.startswith("2") else record.status),
         duration_s=record.duration_ns / 1e9,
         streamed=record.streamed,
+        # to the first chunk with content (vLLM's role-only chunk comes microseconds before)
         time_to_first_chunk_s=None if ttft is None or not record.streamed else ttft / 1e9,
         # vLLM and trtllm send one token per chunk: the mean time per output token after the
         # first is the mean time per chunk. Recorded once per stream, not once per chunk.
