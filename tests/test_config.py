@@ -8,6 +8,7 @@ import pytest
 
 from meterproxy import cli, config
 from meterproxy.errors import ConfigError
+from meterproxy.policy import hash_key
 
 GOOD = """
 listen: {host: 0.0.0.0, port: 9000}
@@ -67,7 +68,7 @@ def test_every_problem_is_reported_by_key_path() -> None:
     )
     assert found == [
         "extra: unknown key (expected one of: listen, server, upstreams, aliases, pricing, "
-        "ledger, auth, tenants, quota, energy)",
+        "ledger, auth, tenants, quota, energy, ui, telemetry)",
         "listen.hots: unknown key (expected one of: host, port)",
         "listen.port: expected an integer from 0 to 65535, got 70000",
         "upstreams[0].url: expected an http:// or https:// URL, got 'ftp://x'",
@@ -121,3 +122,47 @@ def test_the_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "meterproxy.example.yaml"
     settings = config.load(example, {})
     assert settings.upstreams[0].kind == "vllm"
+
+
+def test_admin_keys_status_page_and_telemetry_sections() -> None:
+    upstreams = [{"name": "a", "url": "http://127.0.0.1:8000/v1"}]
+    tenants = {"research": {"keys": ["env:RESEARCH_KEY"]}}
+    settings = config.parse(
+        {
+            "upstreams": upstreams,
+            "tenants": tenants,
+            "auth": {"admin_keys": [f"sha256:{hash_key('ops-key')}", "env:ADMIN_KEY"]},
+            "ui": {"history_s": 300, "interval_s": 5},
+            "telemetry": {"otlp_endpoint": "http://collector:4318", "export_interval_s": 30},
+        },
+        {"RESEARCH_KEY": "r-key", "ADMIN_KEY": "admin-from-env"},
+    )
+    assert settings.tenancy.admin_key_hashes == {hash_key("ops-key"), hash_key("admin-from-env")}
+    assert "ops-key" not in repr(settings) and hash_key("ops-key") not in repr(settings)
+    assert (settings.ui.history_s, settings.ui.interval_s) == (300, 5)
+    assert settings.telemetry == config.Telemetry("http://collector:4318", 30.0)
+    defaults = config.parse({"upstreams": upstreams}, {})
+    assert defaults.tenancy.admin_key_hashes == frozenset()
+    assert defaults.ui == config.StatusPage(900.0, 2.0)
+    assert defaults.telemetry.otlp_endpoint is None
+
+    assert problems(
+        {
+            "upstreams": upstreams,
+            "tenants": tenants,
+            "auth": {"admin_keys": ["plain-admin-key", "env:RESEARCH_KEY", "env:NOPE"]},
+            "ui": {"history_s": 1, "interval_s": 2, "theme": "dark"},
+            "telemetry": {"otlp_endpoint": "collector:4317", "export_interval_s": 0},
+        },
+        {"RESEARCH_KEY": "r-key"},
+    ) == [
+        "auth.admin_keys[0]: expected sha256:<64 hex digits> or env:VARIABLE (plain keys do not "
+        "belong in the file; `meterproxy hash-key` prints the sha256: form)",
+        "auth.admin_keys[2]: environment variable NOPE is not set",
+        "auth.admin_keys: a key is also a tenant's key; give admins keys of their own",
+        "ui.theme: unknown key (expected one of: history_s, interval_s)",
+        "ui.history_s: must be at least ui.interval_s (2)",
+        "telemetry.otlp_endpoint: expected the collector's OTLP/HTTP URL (http://host:4318), "
+        "got 'collector:4317'",
+        "telemetry.export_interval_s: expected a positive number, got 0",
+    ]

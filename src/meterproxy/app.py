@@ -22,7 +22,7 @@ from .energy.factory import open_source
 from .energy.sources import Source
 from .energy.tracker import EnergyTracker
 from .exchange import Exchange
-from .keys import LEDGER, RELOAD, RUNTIME
+from .keys import LEDGER, RELOAD, RUNTIME, STATUS
 from .ledger import Ledger
 from .metrics import Metrics
 from .quota_local import LocalQuota
@@ -31,6 +31,7 @@ from .runtime import Current, Live, Runtime, UpstreamState
 from .server import GuardedSite
 from .settlement import EstimateCompleter, Settler, Sink
 from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
+from .ui import web as ui_web
 from .watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,20 @@ def create_app(
         ledger = Ledger(
             settings.ledger.path, on_error=lambda kind: metrics.ledger_errors.labels(kind).inc()
         )
-    settler.add_sinks([metrics.observe, quota.settle, *([ledger.add] if ledger else []), *sinks])
+    telemetry = None
+    if settings.telemetry.otlp_endpoint:
+        from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
+
+        telemetry = OtlpMetrics(settings.telemetry, lambda: runtime.settings.upstreams)
+    settler.add_sinks(
+        [
+            metrics.observe,
+            quota.settle,
+            *([ledger.add] if ledger else []),
+            *([telemetry.observe] if telemetry else []),
+            *sinks,
+        ]
+    )
 
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
@@ -105,6 +119,10 @@ def create_app(
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
     app.cleanup_ctx.append(_background_tasks)
+    app[STATUS] = ui_web.new_history(runtime)
+    app.cleanup_ctx.append(ui_web.keep_history)
+    if telemetry is not None:
+        app.cleanup_ctx.append(telemetry.lifetime)
     if reload_from is not None:
         app[RELOAD] = reload_from
         app.cleanup_ctx.append(_watch_config)

@@ -36,3 +36,23 @@ def authenticate(tenancy: Tenancy, headers: Mapping[str, str]) -> Tenant:
             "platform team for a key"
         )
     return tenancy.tenants[name]
+
+
+def authenticate_admin(tenancy: Tenancy, headers: Mapping[str, str]) -> None:
+    """Operators' views (the status page's data): open while no tenant exists; with tenants,
+    only a key from `auth.admin_keys`, never a tenant's key."""
+    if not tenancy.tenants:
+        return
+    if not tenancy.admin_key_hashes:
+        raise InvalidAPIKey(
+            "this proxy has tenants, so its status data needs an admin key, and none is "
+            "configured; add one to auth.admin_keys (sha256:<hex> or env:VARIABLE)"
+        )
+    key = presented_key(headers)
+    if key is None:
+        raise InvalidAPIKey(
+            "no admin key was sent; send a key from auth.admin_keys as "
+            "`Authorization: Bearer <key>`"
+        )
+    if hash_key(key) not in tenancy.admin_key_hashes:
+        raise InvalidAPIKey("the key is not an admin key of this proxy (auth.admin_keys)")

@@ -8,6 +8,7 @@ rejected so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,22 @@ class Ledger:
 
 
 @dataclass(frozen=True)
+class StatusPage:
+    """`/ui`: how much history the proxy keeps in memory for its charts, and how often."""
+
+    history_s: float = 900.0
+    interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """OpenTelemetry GenAI metrics over OTLP/HTTP; off while `otlp_endpoint` is None."""
+
+    otlp_endpoint: str | None = None  # the collector's base URL; /v1/metrics is appended
+    export_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: Server
     upstreams: tuple[Upstream, ...]
@@ -97,6 +114,8 @@ class Settings:
     ledger: Ledger = Ledger()
     tenancy: Tenancy = field(default_factory=Tenancy)
     energy: EnergySettings = field(default_factory=EnergySettings)
+    ui: StatusPage = StatusPage()
+    telemetry: Telemetry = Telemetry()
     source: str = "<built-in>"
 
 
@@ -129,6 +148,8 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "tenants",
             "quota",
             "energy",
+            "ui",
+            "telemetry",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -204,6 +225,8 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     )
     tenancy = parse_tenancy(check, top, environ)
     energy = parse_energy(check, top.get("energy"))
+    ui = _ui(check, top.get("ui"))
+    telemetry = _telemetry(check, top.get("telemetry"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -214,8 +237,51 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         ledger=ledger,
         tenancy=tenancy,
         energy=energy,
+        ui=ui,
+        telemetry=telemetry,
         source=source,
     )
+
+
+def _ui(check: Checker, value: Any) -> StatusPage:
+    tree = check.mapping(value, "ui", ("history_s", "interval_s"))
+    d = StatusPage()
+    ui = StatusPage(
+        history_s=check.positive(tree.get("history_s"), "ui.history_s", d.history_s),
+        interval_s=check.positive(tree.get("interval_s"), "ui.interval_s", d.interval_s),
+    )
+    if ui.history_s < ui.interval_s:
+        check.fail("ui.history_s", f"must be at least ui.interval_s ({ui.interval_s:g})")
+    elif ui.history_s / ui.interval_s > 100_000:
+        check.fail("ui.history_s", "keeps over 100,000 snapshots; raise ui.interval_s")
+    return ui
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _telemetry(check: Checker, value: Any) -> Telemetry:
+    tree = check.mapping(value, "telemetry", ("otlp_endpoint", "export_interval_s"))
+    d = Telemetry()
+    endpoint = check.string(tree.get("otlp_endpoint"), "telemetry.otlp_endpoint")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        check.fail(
+            "telemetry.otlp_endpoint",
+            f"expected the collector's OTLP/HTTP URL (http://host:4318), got {endpoint!r}",
+        )
+    elif endpoint is not None and not _installed("opentelemetry.exporter.otlp.proto.http"):
+        check.fail(
+            "telemetry.otlp_endpoint",
+            "needs the OpenTelemetry SDK and OTLP exporter: pip install 'meterproxy[otel]'",
+        )
+    interval = check.positive(
+        tree.get("export_interval_s"), "telemetry.export_interval_s", d.export_interval_s
+    )
+    return Telemetry(otlp_endpoint=endpoint, export_interval_s=interval)
 
 
 def _pricing(check: Checker, value: Any, upstreams: tuple[Upstream, ...]) -> PriceTable:

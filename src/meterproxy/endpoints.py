@@ -28,6 +28,7 @@ class Endpoint:
     prompt_fields: tuple[str, ...] = ()  # the fields whose tokens are the prompt
     messages: bool = False  # the first prompt field may be a list of chat messages
     reply_priming: bool = False  # the chat template adds tokens to prime the reply
+    genai_operation: str | None = None  # OpenTelemetry's gen_ai.operation.name
 
     @property
     def metered(self) -> bool:
@@ -52,6 +53,7 @@ CHAT = Endpoint(
     prompt_fields=("messages",),
     messages=True,
     reply_priming=True,
+    genai_operation="chat",
 )
 COMPLETIONS = Endpoint(
     name="completions",
@@ -64,6 +66,7 @@ COMPLETIONS = Endpoint(
     fill_field="max_tokens",
     choice_fields=("n", "best_of"),
     prompt_fields=("prompt",),
+    genai_operation="text_completion",
 )
 EMBEDDINGS = Endpoint(
     name="embeddings",
@@ -74,6 +77,7 @@ EMBEDDINGS = Endpoint(
     asks_usage=False,
     generates=False,
     prompt_fields=("input",),
+    genai_operation="embeddings",
 )
 RESPONSES = Endpoint(
     name="responses",
@@ -89,6 +93,7 @@ RESPONSES = Endpoint(
     fill_field="max_output_tokens",
     prompt_fields=("input", "instructions"),
     messages=True,
+    genai_operation="chat",
 )
 OTHER = Endpoint(
     name="other",

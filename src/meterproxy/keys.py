@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .energy.sources import Source
 from .ledger import Ledger
 from .reload import Loader
 from .runtime import Runtime
+from .ui.history import History
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
+STATUS: web.AppKey[History] = web.AppKey("status_history", History)
 RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)
-ENERGY_SOURCE: web.AppKey[Source | str | None] = web.AppKey("energy_source", object)  # type: ignore[arg-type]

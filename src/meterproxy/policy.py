@@ -58,6 +58,8 @@ class Tenancy:
     mode: str = "open"  # keys | open
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     by_key: Mapping[str, str] = field(default_factory=dict, repr=False)  # digest -> tenant
+    # Digests of the keys that may read the status page's data (never a tenant's key).
+    admin_key_hashes: frozenset[str] = field(default=frozenset(), repr=False)
     timezone: str = "UTC"
     state_path: str = "./meterproxy-quota.db"
     # Output tokens reserved for a request that sets no cap: per model, else `default`.
@@ -80,7 +82,7 @@ ANONYMOUS_TENANT = Tenant(ANONYMOUS)
 
 
 def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:
-    auth = check.mapping(top.get("auth"), "auth", ("mode",))
+    auth = check.mapping(top.get("auth"), "auth", ("mode", "admin_keys"))
     quota = check.mapping(
         top.get("quota"), "quota", ("timezone", "state_path", "output_reservation")
     )
@@ -118,10 +120,14 @@ def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, 
         quota.get("output_reservation"), "quota.output_reservation"
     ).items():
         reservations[str(model)] = check.positive_int(tokens, f"quota.output_reservation.{model}")
+    admin = _digests(check, "auth.admin_keys", auth.get("admin_keys", []), environ)
+    if admin & by_key.keys():
+        check.fail("auth.admin_keys", "a key is also a tenant's key; give admins keys of their own")
     return Tenancy(
         mode=str(mode),
         tenants=tenants,
         by_key=by_key,
+        admin_key_hashes=admin,
         timezone=zone,
         state_path=path or Tenancy.state_path,
         reservations=reservations,
@@ -131,27 +137,7 @@ def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, 
 def _tenant(check: Checker, name: str, value: Any, environ: Mapping[str, str]) -> Tenant:
     path = f"tenants.{name}"
     tree = check.mapping(value, path, ("keys", "models", "limits"))
-    digests: set[str] = set()
-    keys = tree.get("keys", [])
-    if not isinstance(keys, list):
-        check.fail(f"{path}.keys", f"expected a list, got {show(keys)}")
-        keys = []
-    for i, entry in enumerate(keys):
-        where = f"{path}.keys[{i}]"
-        if isinstance(entry, str) and entry.startswith("sha256:") and _HEX64.match(entry[7:]):
-            digests.add(entry[7:])
-        elif isinstance(entry, str) and entry.startswith("env:") and len(entry) > 4:
-            secret = environ.get(entry[4:])
-            if secret:
-                digests.add(hash_key(secret))
-            else:
-                check.fail(where, f"environment variable {entry[4:]} is not set")
-        else:
-            check.fail(
-                where,
-                "expected sha256:<64 hex digits> or env:VARIABLE (plain keys do "
-                "not belong in the file; `meterproxy hash-key` prints the sha256: form)",
-            )
+    digests = _digests(check, f"{path}.keys", tree.get("keys", []), environ)
     models = tree.get("models")
     allow = None
     if models is not None:
@@ -174,8 +160,33 @@ def _tenant(check: Checker, name: str, value: Any, environ: Mapping[str, str]) -
             values[key] = check.positive_int(raw, f"{path}.limits.{key}")
     return Tenant(
         name=name,
-        key_hashes=frozenset(digests),
+        key_hashes=digests,
         models=tuple(models) if models is not None else None,
         limits=Limits(**values),
         _allow=allow,
     )
+
+
+def _digests(check: Checker, path: str, keys: Any, environ: Mapping[str, str]) -> frozenset[str]:
+    """A list of `sha256:<hex>` / `env:VAR` entries -> their SHA-256 digests."""
+    if not isinstance(keys, list):
+        check.fail(path, f"expected a list, got {show(keys)}")
+        return frozenset()
+    digests: set[str] = set()
+    for i, entry in enumerate(keys):
+        where = f"{path}[{i}]"
+        if isinstance(entry, str) and entry.startswith("sha256:") and _HEX64.match(entry[7:]):
+            digests.add(entry[7:])
+        elif isinstance(entry, str) and entry.startswith("env:") and len(entry) > 4:
+            secret = environ.get(entry[4:])
+            if secret:
+                digests.add(hash_key(secret))
+            else:
+                check.fail(where, f"environment variable {entry[4:]} is not set")
+        else:
+            check.fail(
+                where,
+                "expected sha256:<64 hex digits> or env:VARIABLE (plain keys do "
+                "not belong in the file; `meterproxy hash-key` prints the sha256: form)",
+            )
+    return frozenset(digests)

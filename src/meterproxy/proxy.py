@@ -19,7 +19,7 @@ from yarl import URL
 
 from . import accounting, admission, auth, errors, intake
 from .config import USAGE_STREAM_KINDS
-from .endpoints import Endpoint
+from .endpoints import OTHER, Endpoint
 from .errors import ProxyError
 from .exchange import NO_LABEL, Exchange
 from .proxy_headers import REQUEST_DROP
@@ -106,6 +106,12 @@ def error_response(error: ProxyError, ex: Exchange) -> web.Response:
     if isinstance(error, errors.RequestTimeout):
         response.force_close()  # the rest of a slow body is not worth waiting for
     return response
+
+
+def refusal(runtime: Runtime, error: ProxyError) -> web.Response:
+    """An error answered outside the metered path (model listing, status page, unknown URL)."""
+    ex = Exchange(key=runtime.keys.new(), endpoint=OTHER, started_ns=runtime.clock())
+    return error_response(error, ex)
 
 
 async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> web.StreamResponse:

@@ -47,10 +47,12 @@ async def reload(
         or settings.tenancy.state_path != old.tenancy.state_path
         or settings.energy != old.energy
         or gpus != old_gpus
+        or settings.ui != old.ui
+        or settings.telemetry != old.telemetry
     ):
         log.warning(
-            "config reload: the listen address, ledger and quota state paths, the energy "
-            "section and upstream GPU lists take effect only after a restart"
+            "config reload: the listen address, ledger and quota state paths, the energy, ui "
+            "and telemetry sections and upstream GPU lists take effect only after a restart"
         )
     # An upstream that is unchanged keeps its state (pool, occupancy); a new or changed one
     # gets a fresh pool; the pools of removed or replaced ones close once in-flight requests

@@ -8,8 +8,8 @@ from aiohttp import web
 
 from . import auth, discovery, errors, proxy
 from .endpoints import OTHER, TABLE, Endpoint
-from .exchange import Exchange
 from .keys import RUNTIME
+from .ui import web as ui_web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -23,9 +23,7 @@ def _metered(endpoint: Endpoint) -> Handler:
 
 
 def _refusal(request: web.Request, error: errors.ProxyError) -> web.Response:
-    runtime = request.app[RUNTIME]
-    ex = Exchange(key=runtime.keys.new(), endpoint=OTHER, started_ns=runtime.clock())
-    return proxy.error_response(error, ex)
+    return proxy.refusal(request.app[RUNTIME], error)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -87,4 +85,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    ui_web.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
