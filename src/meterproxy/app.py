@@ -178,7 +178,19 @@ async def _energy(app: web.Application) -> AsyncIterator[None]:
         settings.energy.interval_s,
     )
     runtime.energy = tracker
-    runtime.meter.defer = tracker.defer
+
+    def defer(record: Record, complete: Callable[[Record], None]) -> bool:
+        """Settlement waits for the request's energy (EnergyBackend.defer, by request key)."""
+
+        def done(energy_j: float | None, gpu_seconds: float) -> None:
+            record.energy_j = energy_j
+            if energy_j is not None:
+                record.gpu_seconds = gpu_seconds
+            complete(record)
+
+        return tracker.defer(record.request_id, done)
+
+    runtime.meter.defer = defer
     sampler = Sampler(
         source, settings.energy.interval_s, loop, tracker.on_readings, tracker.on_error
     )

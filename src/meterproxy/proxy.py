@@ -208,10 +208,9 @@ async def _forward(
     occupancy = runtime.occupancy[upstream.name]
     mark = occupancy.begin(runtime.clock())
     energy = runtime.energy
-    if energy is not None:
-        energy.start(record, len(raw) // 4)  # prompt size for prefill weights: bytes / 4
-        if not stream:  # no token progress will show: resident from the start
-            energy.first_token(record, 0)
+    if energy is not None:  # prompt size for prefill work: bytes / 4, corrected by usage
+        group = (record.model, record.upstream, record.tenant)
+        energy.start(record.request_id, record.upstream, group, len(raw) // 4, stream)
     response: aiohttp.ClientResponse | None = None
     watch: StreamWatch | None = None
     try:
@@ -240,7 +239,7 @@ async def _forward(
         inflight.dec()
         record.gpu_seconds = occupancy.end(runtime.clock(), mark)
         if energy is not None:
-            energy.end(record)
+            energy.end(record.request_id)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
 

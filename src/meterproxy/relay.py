@@ -70,8 +70,7 @@ async def relay_body(
                 f"upstream `{route.upstream.name}` broke off its response"
             ) from None
         await settle_body(runtime, record, route, body, loads(payload), complete=True)
-        if runtime.energy is not None:
-            runtime.energy.decoded(record, record.usage.completion or 0)
+        _energy_usage(runtime, record)
         return web.Response(status=response.status, body=payload, headers=headers)
     out = web.StreamResponse(status=response.status, headers=headers)
     await out.prepare(request)
@@ -92,6 +91,7 @@ async def relay_body(
     else:
         await out.write_eof()
     await settle_body(runtime, record, route, body, loads(b"".join(parts)), complete=broken is None)
+    _energy_usage(runtime, record)
     return out
 
 
@@ -116,7 +116,6 @@ async def relay_stream(
     scanner = SSEScanner()
     broken: _StreamBroken | None = None
     energy = runtime.energy
-    raw_body = request.content_length or 0
     try:
         async for chunk in response.content.iter_any():
             if not watch.strip_usage or (
@@ -138,8 +137,8 @@ async def relay_stream(
                 watch.on_event(event)
             if energy is not None:
                 if not had_first and watch.first_token_ns is not None:
-                    energy.first_token(record, raw_body // 4, watch.first_token_ns)
-                energy.decoded(record, watch.content_events - seen)
+                    energy.first_token(record.request_id, watch.first_token_ns)
+                energy.decoded(record.request_id, watch.content_events - seen)
         for event in scanner.flush():
             watch.on_event(event)
             await out.write(event.raw)
@@ -169,11 +168,19 @@ async def relay_stream(
         record.waste_reason = Waste.TRUNCATED.value
     record.first_token_ns = watch.first_token_ns
     record.usage = await stream_usage(runtime, record, route, body, watch, complete=broken is None)
+    _energy_usage(runtime, record)
     if broken is not None and broken.reset:
         _abort(request)  # mirror the reset: the client must not see a clean end
     else:
         await out.write_eof()
     return out
+
+
+def _energy_usage(runtime: Runtime, record: Record) -> None:
+    """The upstream's counts correct the request's GPU work before its energy is final."""
+    usage = record.usage
+    if runtime.energy is not None and usage.known:
+        runtime.energy.usage(record.request_id, usage.prompt, usage.cached_prompt, usage.completion)
 
 
 def _abort(request: web.Request) -> None:

@@ -122,7 +122,9 @@ class Engine:
             begin = max(t_ns, pace.prefill_free_ns)
             end = begin + int(uncached / pace.prefill_tok_per_ns)
             pace.prefill_free_ns = end
-            book.live[key] = Share(group, streamed, t_ns, prompt_tokens, prompt, begin, begin, end, uncached)
+            book.live[key] = Share(
+                group, streamed, t_ns, prompt_tokens, prompt, begin, begin, end, uncached
+            )
 
     def first_token(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         """Prefill is over: it cannot have been more than the time since the start allows."""
@@ -178,7 +180,9 @@ class Engine:
             if prompt:
                 uncached = prompt - (cached or 0)
                 share.prompt = float(prompt)
-                share.prefill_left = max(0.0, min(share.prefill_left, uncached - share.prefill_placed))
+                share.prefill_left = max(
+                    0.0, min(share.prefill_left, uncached - share.prefill_placed)
+                )
                 if share.first_ns is not None:
                     book.pace.speed_sample(uncached, share.first_ns - share.head_ns)
             if completion is not None:
@@ -360,7 +364,10 @@ class Engine:
             static, dynamic = 0.0, dynamic + static
         total = static + dynamic
         attributed = energy - idle if total > 0.0 else 0.0
-        static, dynamic = static * attributed / (total or 1.0), dynamic * attributed / (total or 1.0)
+        static, dynamic = (
+            static * attributed / (total or 1.0),
+            dynamic * attributed / (total or 1.0),
+        )
         book.idle_mj += energy - attributed
         book.attributed_mj += attributed
         prefill = sum(r[3] for r in rows)
@@ -411,7 +418,9 @@ def _requeue(book: GpuBook, ahead: Share, shift: int, now_ns: int) -> None:
     """Prefills queued behind `ahead` start `shift` ns later (or earlier) than estimated."""
     for share in book.live.values():
         if share.first_ns is None and share.prefill_begin_ns >= ahead.prefill_begin_ns:
-            begin = max(share.prefill_begin_ns + shift, share.started_ns, now_ns if shift > 0 else 0)
+            begin = max(
+                share.prefill_begin_ns + shift, share.started_ns, now_ns if shift > 0 else 0
+            )
             moved = begin - share.prefill_begin_ns
             share.prefill_begin_ns = begin
             share.prefill_end_ns += moved

@@ -99,7 +99,7 @@ class Calibration:
         self._row_j += energy_j
         if row[0] < self.window_s:
             return False
-        x = [v / s for v, s in zip(row, _SCALE)]
+        x = [v / s for v, s in zip(row, _SCALE, strict=True)]
         y = self._row_j
         self._row, self._row_j = [0.0] * _N, 0.0
         self._learn(x, y)
@@ -109,16 +109,24 @@ class Calibration:
         busy = x[1] > 0.0
         weight = 1.0
         if self._beta is not None:
-            residual = y - sum(b * v for b, v in zip(self._beta, x))
+            residual = y - sum(b * v for b, v in zip(self._beta, x, strict=True))
             if busy and self._busy_windows >= 3:  # scored once the fit has seen some work
                 self._abs_res = self._abs_res * self._error_decay + abs(residual)
                 self._abs_y = self._abs_y * self._error_decay + abs(y)
             scale = self._scale
             if scale is not None and scale > 0.0 and abs(residual) > 2.0 * scale:
-                weight = 2.0 * scale / abs(residual)  # Huber: far residuals count less
-            self._scale = (
-                abs(residual) if scale is None else 0.95 * scale + 0.05 * min(abs(residual), 5 * scale)
-            )
+                # Far residuals count less (Huber); very far ones not at all, once the fit
+                # has seen enough to know what far is.
+                far = abs(residual) > 5.0 * scale and self._busy_windows >= self.min_windows
+                weight = 0.0 if far else 2.0 * scale / abs(residual)
+            # The scale follows typical residuals: down quickly (the first fits are poor),
+            # up slowly and at most 2x at a time (outliers must not widen it).
+            if scale is None:
+                self._scale = abs(residual)
+            elif abs(residual) < scale:
+                self._scale = scale + 0.2 * (abs(residual) - scale)
+            else:
+                self._scale = scale + 0.05 * (min(abs(residual), 2.0 * scale) - scale)
         d = self._decay
         for i in range(_N):
             xi = x[i] * weight
@@ -129,7 +137,7 @@ class Calibration:
         if busy:
             self._busy_windows = self._busy_windows * d + 1.0
         self._beta = _nonnegative_solve(self._xtx, self._xty)
-        model = EnergyModel(*(b / s for b, s in zip(self._beta, _SCALE)))
+        model = EnergyModel(*(b / s for b, s in zip(self._beta, _SCALE, strict=True)))
         error = self._abs_res / self._abs_y if self._abs_y > 0 else None
         trusted = (
             self._busy_windows >= self.min_windows
@@ -165,7 +173,7 @@ def _nonnegative_solve(xtx: list[list[float]], xty: list[float]) -> list[float]:
 
 def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
     n = len(b)
-    m = [[*row, rhs] for row, rhs in zip(a, b)]
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
         if abs(m[pivot][col]) < 1e-300 or not math.isfinite(m[pivot][col]):

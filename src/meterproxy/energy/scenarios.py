@@ -169,19 +169,19 @@ def run(s: Scenario, weights: Weights | None = None, interval_s: float = 0.1) ->
             events.append((t, 4, "read", None))
         t += interval_s + rng.uniform(-0.002, 0.002)  # the sampler thread's jitter
     events.sort(key=lambda e: (e[0], e[1]))
-    for at, _, kind, r in events:
+    for at, _, kind, item in events:
         t_ns = round(at * 1e9)
-        if r is None:
+        if item is None:
             engine.reading("gpu0", t_ns, counter(at))
         elif kind == "start":
-            engine.start(r.rid, GPU, "all", t_ns, r.estimate, r.streamed)
+            engine.start(item.rid, GPU, "all", t_ns, item.estimate, item.streamed)
         elif kind == "first":
-            engine.first_token(r.rid, GPU, t_ns)
+            engine.first_token(item.rid, GPU, t_ns)
         elif kind == "token":
-            engine.decoded(r.rid, GPU, t_ns, 1)
+            engine.decoded(item.rid, GPU, t_ns, 1)
         else:
-            engine.usage(r.rid, GPU, r.prompt, r.cached, r.completion)
-            engine.end(r.rid, GPU, t_ns)
+            engine.usage(item.rid, GPU, item.prompt, item.cached, item.completion)
+            engine.end(item.rid, GPU, t_ns)
     return _score(s, engine, seen)
 
 
@@ -207,7 +207,11 @@ def _score(s: Scenario, engine: Engine, seen: list[Seen]) -> Result:
             true_mj = r.truth_mj[truth] * s.gain
             errors.append(abs(attributed[r.rid] - true_mj) / true_mj)
             naive.append(abs(per_token * (r.prompt + r.completion) - true_mj) / true_mj)
-        p50[truth], p90[truth], worst[truth] = statistics.median(errors), _pct(errors, 0.9), max(errors)
+        p50[truth], p90[truth], worst[truth] = (
+            statistics.median(errors),
+            _pct(errors, 0.9),
+            max(errors),
+        )
         naive50[truth], naive90[truth] = statistics.median(naive), _pct(naive, 0.9)
     truth_total = sum(r.truth_mj["residency"] for r in known)
     return Result(
@@ -236,7 +240,9 @@ def twin_scenarios(seed: int = 1) -> list[Scenario]:
     rng = random.Random(seed)
     one = [(i * 6.0 + 1.0, rng.randrange(100, 2000), rng.randrange(100, 250)) for i in range(10)]
     equal = [(rng.uniform(0, 50), 500, 150) for _ in range(40)]
-    unequal = [(rng.uniform(0, 50), rng.choice((50, 4000)), rng.randrange(100, 400)) for _ in range(60)]
+    unequal = [
+        (rng.uniform(0, 50), rng.choice((50, 4000)), rng.randrange(100, 400)) for _ in range(60)
+    ]
     bursts = [
         (b * 20.0 + rng.uniform(0, 0.5), rng.randrange(50, 3000), rng.randrange(100, 300))
         for b in range(3)
@@ -271,11 +277,21 @@ def batch_scenarios(seed: int = 2) -> list[Scenario]:
     cached = []
     for i in range(50):
         if i % 5 == 4:  # one in five: a fresh short conversation
-            cached.append(Job(f"r{i}", rng.uniform(0, 50), rng.randrange(100, 400), rng.randrange(80, 200)))
+            cached.append(
+                Job(f"r{i}", rng.uniform(0, 50), rng.randrange(100, 400), rng.randrange(80, 200))
+            )
         else:  # a long shared document or history, plus a new question
             doc = rng.randrange(4)
             cached.append(
-                Job(f"r{i}", rng.uniform(0, 50), 8000 + rng.randrange(50, 300), rng.randrange(80, 200), True, f"doc{doc}", 8000)
+                Job(
+                    f"r{i}",
+                    rng.uniform(0, 50),
+                    8000 + rng.randrange(50, 300),
+                    rng.randrange(80, 200),
+                    True,
+                    f"doc{doc}",
+                    8000,
+                )
             )
     bursts = [
         (b * 20.0 + rng.uniform(0, 0.3), rng.randrange(50, 3000), rng.randrange(60, 300))
@@ -283,7 +299,13 @@ def batch_scenarios(seed: int = 2) -> list[Scenario]:
         for _ in range(16)
     ]
     both = tuple(
-        Job(f"r{i}", rng.uniform(0, 50), rng.randrange(100, 2500), rng.randrange(50, 400), i % 3 != 0)
+        Job(
+            f"r{i}",
+            rng.uniform(0, 50),
+            rng.randrange(100, 2500),
+            rng.randrange(50, 400),
+            i % 3 != 0,
+        )
         for i in range(60)
     )
     return [

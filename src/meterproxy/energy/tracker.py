@@ -1,10 +1,11 @@
-"""Energy on the event loop: request events in, readings in, joules out.
+"""Energy on the event loop: request events in, readings in, joules out (the in-process
+EnergyBackend).
 
-A request on an upstream with GPUs is followed by the attribution engine; when it settles its
-record is parked until each of its GPUs has a sample past its end (within 1 s locally), then
-completed with its joules and GPU-seconds. A source that fails or stalls shows in
-`meterproxy_energy_source_up` and the log; parked records then complete with energy unknown
-(None), never a guess.
+A request on an upstream with GPUs is followed by the attribution engine; when it settles, its
+`done` callback is parked until each of its GPUs has closed the interval after its end (about
+200 ms locally), then called with its joules and GPU-seconds. A source that fails or stalls
+shows in `meterproxy_energy_source_up` and the log; parked requests then complete with energy
+unknown (None), never a guess. Each GPU's fitted energy model is exported as it changes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from ..meter import Record
 from .attribution import Engine, Weights
+from .backend import Done, Group
+from .calibration import TERMS, FitState
 from .simulated import SimulatedGpus
 from .sources import EnergyError, Reading, Source
 
@@ -23,8 +25,6 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-Complete = Callable[[Record], None]
 
 
 class EnergyTracker:
@@ -41,10 +41,11 @@ class EnergyTracker:
         self.upstream_gpus = dict(upstream_gpus)
         self.engine = Engine(weights, board_w=source.board_w)
         self._sim = source if isinstance(source, SimulatedGpus) else None
-        self._tracked: dict[int, tuple[Record, tuple[str, ...]]] = {}
-        self._parked: dict[int, tuple[Record, Complete, int]] = {}  # id -> (record, done, due)
+        self._tracked: dict[str, tuple[str, ...]] = {}  # key -> its GPUs
+        self._parked: dict[str, tuple[Done, int]] = {}  # key -> (done, due)
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
-        self._last: dict[str, tuple[int, int, int, int]] = {}  # gpu -> exported so far
+        self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
+        self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
         self._interval_ns = int(interval_s * 1e9)
         self.last_reading_ns = clock()
         self.up = True
@@ -54,43 +55,50 @@ class EnergyTracker:
     def gpus(self, upstream: str) -> tuple[str, ...]:
         return self.upstream_gpus.get(upstream, ())
 
-    # -- request events ---------------------------------------------------------------------
+    # -- request events (EnergyBackend) -------------------------------------------------------
 
-    def start(self, record: Record, prompt_tokens: int) -> None:
-        gpus = self.gpus(record.upstream)
+    def start(
+        self, key: str, upstream: str, group: Group, prompt_tokens: int, streamed: bool
+    ) -> None:
+        gpus = self.gpus(upstream)
         if not gpus:
             return
-        self._tracked[id(record)] = (record, gpus)
-        group = (record.model, record.upstream, record.tenant)
-        self.engine.start(id(record), gpus, group, self.clock(), prompt_tokens)
+        self._tracked[key] = gpus
+        self.engine.start(key, gpus, group, self.clock(), prompt_tokens, streamed)
         if self._sim is not None:
             self._sim.busy(gpus, +1)
             self._sim.work(gpus, prompt_tokens=prompt_tokens)
 
-    def first_token(self, record: Record, prompt_tokens: int, t_ns: int | None = None) -> None:
-        found = self._tracked.get(id(record))
-        if found is not None:
-            self.engine.first_token(id(record), found[1], prompt_tokens, t_ns or self.clock())
+    def first_token(self, key: str, t_ns: int) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.first_token(key, gpus, t_ns)
 
-    def decoded(self, record: Record, tokens: int) -> None:
-        found = self._tracked.get(id(record))
-        if found is not None and tokens > 0:
-            self.engine.decoded(id(record), found[1], tokens)
+    def decoded(self, key: str, tokens: int) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None and tokens > 0:
+            self.engine.decoded(key, gpus, self.clock(), tokens)
             if self._sim is not None:
-                self._sim.work(found[1], tokens=tokens)
+                self._sim.work(gpus, tokens=tokens)
 
-    def end(self, record: Record) -> None:
-        found = self._tracked.get(id(record))
-        if found is not None:
-            self.engine.end(id(record), found[1], self.clock())
+    def usage(
+        self, key: str, prompt: int | None, cached_prompt: int | None, completion: int | None
+    ) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.usage(key, gpus, prompt, cached_prompt, completion)
+
+    def end(self, key: str) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.end(key, gpus, self.clock())
             if self._sim is not None:
-                self._sim.busy(found[1], -1)
+                self._sim.busy(gpus, -1)
 
-    def defer(self, record: Record, complete: Complete) -> bool:
-        """Meter hook: park a settled record until its energy is final."""
-        if id(record) not in self._tracked:
+    def defer(self, key: str, done: Done) -> bool:
+        if key not in self._tracked or key in self._parked:
             return False
-        self._parked[id(record)] = (record, complete, self.clock() + self._deadline_ns)
+        self._parked[key] = (done, self.clock() + self._deadline_ns)
         self._finish_ready()
         return True
 
@@ -106,9 +114,9 @@ class EnergyTracker:
         for r in readings:
             self.engine.reading(r.gpu, r.t_ns, r.energy_mj)
             book = self.engine.books[r.gpu]
-            measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0, 0, 0))
+            measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0.0, 0, 0))
             m.gpu_energy.labels(r.gpu).inc((book.measured_mj - measured) / 1000)
-            m.gpu_idle_energy.labels(r.gpu).inc((book.idle_mj - idle) / 1000)
+            m.gpu_idle_energy.labels(r.gpu).inc(max(book.idle_mj - idle, 0.0) / 1000)
             if book.gaps > gaps:
                 m.energy_gaps.labels(r.gpu).inc(book.gaps - gaps)
                 log.warning(
@@ -120,10 +128,24 @@ class EnergyTracker:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
             m.gpu_power.labels(r.gpu).set(r.power_w if r.power_w is not None else book.power_w)
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
+            state = book.fit.state
+            if state is not self._fits.get(r.gpu):
+                self._fits[r.gpu] = state
+                self._export_fit(r.gpu, state)
         for group, mj in self.engine.drain_live().items():
-            labels: tuple[str, str, str] = group  # type: ignore[assignment]
+            labels: Group = group  # type: ignore[assignment]
             m.energy.labels(*labels).inc(mj / 1000)
         self._finish_ready()
+
+    def _export_fit(self, gpu: str, state: FitState) -> None:
+        m = self.metrics
+        m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
+        m.energy_model_windows.labels(gpu).set(state.windows)
+        if state.error_ratio is not None:
+            m.energy_model_error.labels(gpu).set(state.error_ratio)
+        if state.model is not None:
+            for term, value in zip(TERMS, state.model.values(), strict=True):
+                m.energy_model.labels(gpu, term).set(value)
 
     def on_error(self, exc: EnergyError) -> None:
         if self.up:
@@ -149,23 +171,23 @@ class EnergyTracker:
             self.check_stalled()
 
     def _finish_ready(self) -> None:
+        if not self._parked:
+            return
         now = self.clock()
-        for key, (record, complete, due) in list(self._parked.items()):
-            gpus = self._tracked[key][1]
+        for key, (done, due) in list(self._parked.items()):
+            gpus = self._tracked[key]
             result = self.engine.finished(key, gpus)
             if result is None and now < due and self.up:
                 continue
-            if result is None:  # stalled or failed: unknown, not zero
-                self.engine.abandon(key, gpus)
-                record.energy_j = None
-            else:
-                record.energy_j = result[0] / 1000
-                record.gpu_seconds = result[1] / 1e9 / len(gpus)
             del self._parked[key]
             del self._tracked[key]
-            complete(record)
+            if result is None:  # stalled or failed: unknown, not zero
+                _, gpu_ns = self.engine.abandon(key, gpus)
+                done(None, gpu_ns / 1e9 / len(gpus))
+            else:
+                done(result[0] / 1000, result[1] / 1e9 / len(gpus))
 
     def close(self) -> None:
-        """At shutdown: complete every parked record with what is known."""
+        """At shutdown: complete every parked request with what is known."""
         self.up = False
         self._finish_ready()

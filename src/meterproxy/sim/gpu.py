@@ -9,8 +9,8 @@ plus `weights_w` (streaming the weights once per step, shared by the batch), plu
 
 Truth per request = its share of static and weight power over the steps it was resident
 (equal shares within a step) + its own token and prefill energy; or, by work, static and
-weight power in proportion to the part of each step's time its own work took. The twin also exposes the
-board's cumulative energy counter, with the real counter's artifacts as options.
+weight power in proportion to the part of each step's time its own work took. The twin also
+exposes the board's cumulative energy counter, with the real counter's artifacts as options.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ first come first served (chunked prefill). Prompts that share a prefix find it i
 Truth by residency: each step's static and shared energy split equally among the sequences
 running in it, plus each one's own energy. Truth by work: the step's static and shared energy
 split in proportion to the step time each sequence's own work takes (its decode and KV reads,
-or its prompt chunk; the fixed overhead shared equally), plus each one's own energy. Energy with nothing running is idle (nobody's).
-The board's counter can update on a coarse grid (NVML: about 100 ms) with its own phase.
+or its prompt chunk; the fixed overhead shared equally), plus each one's own energy. Energy
+with nothing running is idle (nobody's). The board's counter can update on a coarse grid
+(NVML: about 100 ms) with its own phase.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class BatchGpu:
             # (vLLM V1: running requests are scheduled first).
             budget = hw.chunk_tokens
             for job in running:
-                budget -= 1 if job.prefilled >= job.prompt else min(job.prompt - job.prefilled, budget)
+                budget -= (
+                    1 if job.prefilled >= job.prompt else min(job.prompt - job.prefilled, budget)
+                )
             while waiting and len(running) < hw.max_seqs and budget > 0:
                 job = waiting.popleft()
                 job.cached = self._lookup(job)
