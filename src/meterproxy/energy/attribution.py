@@ -70,6 +70,7 @@ class GpuBook:
     clamped: int = 0  # readings past any plausible power: dropped as a glitch
     carry_mj: int = 0  # measured above the board limit, spread over the next intervals
     live: dict[str, Share] = field(default_factory=dict)  # in flight
+    ended: set[str] = field(default_factory=set)  # live, with an end
     glow: dict[str, Share] = field(default_factory=dict)  # ended last interval
     done: dict[str, Share] = field(default_factory=dict)  # final, not yet read
     idle_power_w: collections.deque[float] = field(
@@ -193,9 +194,11 @@ class Engine:
 
     def end(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         for gpu in gpus:
-            share = self.books[gpu].live.get(key)
+            book = self.books[gpu]
+            share = book.live.get(key)
             if share is not None and share.end_ns is None:
                 share.end_ns = max(t_ns, share.enter_ns)
+                book.ended.add(key)
 
     def finished(self, key: str, gpus: tuple[str, ...]) -> tuple[float, float] | None:
         """(energy mJ, GPU-ns) once every GPU has closed the interval after the request's
@@ -216,6 +219,7 @@ class Engine:
         total_mj = total_ns = 0.0
         for gpu in gpus:
             book = self.books[gpu]
+            book.ended.discard(key)
             share = book.live.pop(key, None) or book.glow.pop(key, None) or book.done.pop(key, None)
             if share is not None:
                 total_mj += share.energy_mj
@@ -306,8 +310,10 @@ class Engine:
             self._split(book, rows, dt, busy, steps, energy, model)
             book.done.update(book.glow)
             book.glow.clear()
-        for key in [k for k, s in book.live.items() if s.end_ns is not None and s.end_ns <= t1]:
-            book.glow[key] = book.live.pop(key)
+        if book.ended:
+            for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
+                book.glow[key] = book.live.pop(key)
+                book.ended.discard(key)
         book.t_ns = t1
 
     def _idle(self, book: GpuBook, dt: int, energy: int, counted: bool) -> None:

@@ -22,6 +22,8 @@ from .simulated import SimulatedGpus
 from .sources import EnergyError, Reading, Source
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
+
     from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class EnergyTracker:
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
         self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
         self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
+        self._series: dict[str, tuple[Counter, Counter, Gauge]] = {}  # gpu -> its children
+        self._group_series: dict[Group, Counter] = {}
         self._interval_ns = int(interval_s * 1e9)
         self.last_reading_ns = clock()
         self.up = True
@@ -115,8 +119,15 @@ class EnergyTracker:
             self.engine.reading(r.gpu, r.t_ns, r.energy_mj)
             book = self.engine.books[r.gpu]
             measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0.0, 0, 0))
-            m.gpu_energy.labels(r.gpu).inc((book.measured_mj - measured) / 1000)
-            m.gpu_idle_energy.labels(r.gpu).inc(max(book.idle_mj - idle, 0.0) / 1000)
+            series = self._series.get(r.gpu)
+            if series is None:
+                series = self._series[r.gpu] = (
+                    m.gpu_energy.labels(r.gpu),
+                    m.gpu_idle_energy.labels(r.gpu),
+                    m.gpu_power.labels(r.gpu),
+                )
+            series[0].inc((book.measured_mj - measured) / 1000)
+            series[1].inc(max(book.idle_mj - idle, 0.0) / 1000)
             if book.gaps > gaps:
                 m.energy_gaps.labels(r.gpu).inc(book.gaps - gaps)
                 log.warning(
@@ -126,15 +137,18 @@ class EnergyTracker:
                 )
             if book.clamped > clamped:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
-            m.gpu_power.labels(r.gpu).set(r.power_w if r.power_w is not None else book.power_w)
+            series[2].set(r.power_w if r.power_w is not None else book.power_w)
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
             state = book.fit.state
             if state is not self._fits.get(r.gpu):
                 self._fits[r.gpu] = state
                 self._export_fit(r.gpu, state)
         for group, mj in self.engine.drain_live().items():
-            labels: Group = group  # type: ignore[assignment]
-            m.energy.labels(*labels).inc(mj / 1000)
+            counter = self._group_series.get(group)  # type: ignore[call-overload]
+            if counter is None:
+                labels: Group = group  # type: ignore[assignment]
+                counter = self._group_series[labels] = m.energy.labels(*labels)
+            counter.inc(mj / 1000)
         self._finish_ready()
 
     def _export_fit(self, gpu: str, state: FitState) -> None:
