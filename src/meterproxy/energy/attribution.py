@@ -188,9 +188,6 @@ class Engine:
                     book.pace.speed_sample(uncached, share.first_ns - share.head_ns)
             if completion is not None:
                 share.completion = completion
-                if not share.streamed and share.end_ns is not None and completion:
-                    decode_ns = share.end_ns - share.prefill_end_ns
-                    book.pace.step_sample(decode_ns / completion, streamed=False)
 
     def end(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         for gpu in gpus:
@@ -199,6 +196,9 @@ class Engine:
             if share is not None and share.end_ns is None:
                 share.end_ns = max(t_ns, share.enter_ns)
                 book.ended.add(key)
+                if not share.streamed and share.completion:  # no stream showed the step time
+                    decode_ns = share.end_ns - share.prefill_end_ns
+                    book.pace.step_sample(decode_ns / share.completion, streamed=False)
 
     def finished(self, key: str, gpus: tuple[str, ...]) -> tuple[float, float] | None:
         """(energy mJ, GPU-ns) once every GPU has closed the interval after the request's
