@@ -19,8 +19,8 @@ from . import discovery, pricing, reload, routes
 from .backends import EnergyBackend, NoEnergy
 from .config import Settings, Upstream
 from .energy.factory import open_source
+from .energy.local import LocalEnergy
 from .energy.sources import Source
-from .energy.tracker import EnergyTracker
 from .exchange import Exchange
 from .keys import LEDGER, RELOAD, RUNTIME, STATUS
 from .ledger import Ledger
@@ -149,7 +149,7 @@ def _energy_backend(
             return open_source(settings.energy, gpus, clock)
         return source
 
-    return EnergyTracker(
+    return LocalEnergy(
         opener,
         upstream_gpus,
         metrics,
@@ -161,9 +161,9 @@ def _energy_backend(
 
 def _energy_completer(energy: EnergyBackend) -> Callable[[Exchange, Callable[[], None]], bool]:
     def complete(ex: Exchange, done: Callable[[], None]) -> bool:
-        def final(joules: float | None, gpu_seconds: float | None) -> None:
+        def final(joules: float | None, gpu_seconds: float) -> None:
             ex.energy_j = joules
-            if gpu_seconds is not None:
+            if joules is not None:  # measured: the energy's split of GPU time replaces wall time
                 ex.gpu_seconds = gpu_seconds
             done()
 
@@ -224,7 +224,7 @@ async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
 async def _energy(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     energy = runtime.energy
-    if not isinstance(energy, EnergyTracker):
+    if not isinstance(energy, LocalEnergy):
         yield
         return
     await energy.open()

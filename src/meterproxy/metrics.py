@@ -201,6 +201,33 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        # Each GPU's fitted energy model (energy/calibration.py); `term` is one of idle_w and
+        # floor_w (watts), step_j (J per engine step), prefill_j and decode_j (J per token),
+        # context_j (J per decoded token per 1000 tokens of context).
+        self.energy_model = Gauge(
+            "meterproxy_gpu_energy_model",
+            "The GPU's fitted energy model, term by term (units in the term's name).",
+            ["gpu", "term"],
+            registry=registry,
+        )
+        self.energy_model_error = Gauge(
+            "meterproxy_gpu_energy_model_error_ratio",
+            "Out-of-sample error of the fitted model: mean |residual| / mean window energy.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.energy_model_trusted = Gauge(
+            "meterproxy_gpu_energy_model_trusted",
+            "1 while attribution uses the fitted model, 0 while it uses the defaults.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.energy_model_windows = Gauge(
+            "meterproxy_gpu_energy_model_windows",
+            "Busy windows (about 1 s each) in the fit, with older ones decayed.",
+            ["gpu"],
+            registry=registry,
+        )
         self.request_energy = Histogram(
             "meterproxy_request_energy_joules",
             "Attributed GPU energy per request.",

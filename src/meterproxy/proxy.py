@@ -244,6 +244,9 @@ async def _forward(
     finally:
         inflight.dec()
         ex.gpu_seconds = state.occupancy.end(runtime.clock(), mark)
+        usage = ex.usage
+        if usage.known:  # the upstream's own counts correct the request's work
+            energy.usage(ex.key, usage.prompt, usage.cached_prompt, usage.completion)
         energy.end(ex.key)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close

@@ -99,7 +99,6 @@ async def relay_body(
         ex.answered(response.status)
         payload = redact(payload, upstream)
         accounting.body_end(ex, loads(payload), complete=True)
-        runtime.energy.usage(ex.key, ex.usage)
         return web.Response(status=response.status, body=payload, headers=headers)
     out = web.StreamResponse(status=response.status, headers=headers)
     ex.answered(response.status)
@@ -154,7 +153,6 @@ async def relay_stream(
     scanner = SSEScanner()
     broken: str | None = None
     energy, key = runtime.energy, ex.key
-    prompt_estimate = ex.body_bytes // 4
     limit = runtime.settings.server.max_sse_event_bytes
     secret = upstream.api_key.encode() if upstream.api_key else None
     guard = runtime.watchdog.watch(upstream.timeouts.idle_s, response.close)
@@ -186,7 +184,7 @@ async def relay_stream(
             if watch.ended:
                 ex.finished()
             if not had_first and watch.first_token_ns is not None:
-                energy.first_token(key, prompt_estimate, watch.first_token_ns)
+                energy.first_token(key, watch.first_token_ns)
             energy.decoded(key, watch.content_events - seen)
         else:
             for event in scanner.flush():

@@ -1,191 +1,227 @@
 """The attribution engine: measured GPU energy split among requests, exactly. Pure: times and
 readings are passed in; nothing here does I/O or reads a clock.
 
-Per GPU, each sampling interval [t0, t1] carries its measured energy E (counter delta):
+Per GPU, each sampling interval (t0, t1] carries its measured energy E (counter delta). The
+work of each request in flight inside it comes from `workload` (residency, prefill, decode,
+decode x context). The GPU's energy model (calibration.py: idle, engine floor, per-token
+terms) predicts the interval as
 
-- nothing in flight on the GPU's upstreams during the interval: E is idle energy;
-- otherwise a static part, min(E, baseline power x dt), is split by residency (time in the
-  engine: from the first token minus the estimated prefill, to the end), and the rest (dynamic)
-  by work: prefill tokens x `prefill_weight` + decode tokens x `decode_weight` in the interval.
-  With no work in the interval the dynamic part follows residency too; with no resident either,
-  E is split evenly among the requests in flight.
+    idle part   idle_w x (time with nothing in the engine)       -> idle, nobody's
+    static      (idle_w + floor_w) x busy time                    -> split by residency
+    dynamic     prefill_j x p + decode_j x d + context_j x c      -> each request its own
 
-Conservation is exact per GPU: attributed + idle == measured. The same weights split the
-interval's duration, giving each request's GPU-seconds. Cost follows events, not requests x
-intervals: requests resident for a whole interval share one running sum (S), and only requests
-that entered, left or did work during an interval are visited when it closes.
+and E is split in those proportions (scaled so they sum to E). Until the fit is trusted, the
+configured defaults apply: the static level is the idle baseline (a low percentile of idle
+power), and whatever E holds above it is split by relative work weights. Conservation is exact
+per GPU: attributed + idle == measured. The same shares split the interval's busy time into
+GPU-seconds.
+
+Edges: energy above idle in the first empty interval after requests ended is theirs (the
+counter lags their work); a reading that jumps past the board limit (two counter updates in
+one interval) is carried into the next intervals, not dropped; a counter that goes backwards
+drops that interval (a gap).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-Group = Hashable  # what live metrics are keyed by: (model, upstream, tenant)
+from .calibration import Calibration, EnergyModel, FitState
+from .workload import Group, Habits, Pace, Share
 
 
 @dataclass(frozen=True)
 class Weights:
+    """Defaults, used until a GPU's own fit is trusted."""
+
     # Relative energy of one prompt token and one generated token. Prefill is compute-bound
     # and batched (~20-40 mJ/token for an 8B model on an H100-class GPU); a decode step streams
     # all weights for one token per sequence (~0.4-1 J/token at typical batch sizes).
     prefill: float = 0.03
     decode: float = 1.0
-    # Prefill time per prompt token (25k tokens/s): when prefill work happens, first come
-    # first served, and so when a request entered the engine.
+    # Prefill time per uncached prompt token (25k tokens/s), until streams show the real speed.
     prefill_s_per_token: float = 0.00004
+    step_s: float = 0.025  # decode step time, until streams show it
+    # Of the static energy during the engine time prefill takes, the part that goes to the
+    # prefilling requests (the rest is shared by residency).
+    prefill_time_share: float = 0.5
     baseline_percentile: float = 0.1  # of power seen while idle: the static (idle) level
     default_baseline_w: float = 0.0  # until an idle interval has been seen
+    calibrate: bool = True  # fit each GPU's model online and use it once trusted
 
 
-@dataclass
-class _Share:
-    """One request on one GPU."""
-
-    group: Group
-    started_ns: int
-    entered_ns: int | None = None  # in the engine since (None: queued or waiting)
-    full_since_s: tuple[float, float] | None = None  # (S_energy, S_time) when it became full
-    partial_ns: int = 0  # residency inside the open interval, when not full for all of it
-    work: float = 0.0  # weighted work inside the open interval
-    prefill_left: float = 0.0  # prefill work not yet placed in an interval
-    prefill_begin_ns: int = 0  # when its prefill is estimated to start (after earlier ones)
-    prefill_end_ns: int = 0  # ...and to finish
-    ended_ns: int | None = None
-    energy_mj: float = 0.0
-    gpu_ns: float = 0.0
+_MAX_CARRY_S = 2.0  # energy above the board limit is carried at most this long's worth
+_FIT_LIMIT_W = 1.3  # x board limit: what one interval can plausibly hold
 
 
 @dataclass
 class GpuBook:
     gpu: str
+    pace: Pace
+    fit: Calibration
     t_ns: int | None = None
     e_mj: int | None = None
     measured_mj: int = 0
-    idle_mj: int = 0
+    idle_mj: float = 0.0
     attributed_mj: float = 0.0
     gaps: int = 0  # intervals dropped: counter reset or missing
-    clamped: int = 0  # readings above 1.3 x board power, clamped
-    shares: dict[object, _Share] = field(default_factory=dict)  # in flight this interval
-    done: dict[object, _Share] = field(default_factory=dict)  # ended, final, not yet read
-    full: dict[object, _Share] = field(default_factory=dict)  # resident for the whole interval
-    touched: dict[object, _Share] = field(default_factory=dict)  # entered/left/worked inside
-    full_groups: collections.Counter[Group] = field(default_factory=collections.Counter)
-    s_energy: float = 0.0  # running sum: static energy per full resident (mJ)
-    s_time: float = 0.0  # running sum: GPU time per full resident (ns)
-    prefill_free_ns: int = 0  # estimated end of the prefills already queued on this GPU
+    clamped: int = 0  # readings past any plausible power: dropped as a glitch
+    carry_mj: int = 0  # measured above the board limit, spread over the next intervals
+    live: dict[str, Share] = field(default_factory=dict)  # in flight
+    ended: set[str] = field(default_factory=set)  # live, with an end
+    glow: dict[str, Share] = field(default_factory=dict)  # ended last interval
+    done: dict[str, Share] = field(default_factory=dict)  # final, not yet read
     idle_power_w: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=600)
     )
     power_w: float = 0.0
+    _baseline: tuple[int, float] = (-1, 0.0)  # (samples seen, percentile) cache
 
 
 class Engine:
     def __init__(self, weights: Weights, board_w: Callable[[str], float | None]) -> None:
         self.weights = weights
-        self._board_w = board_w  # the GPU's power limit, for clamping impossible readings
+        self._board_w = board_w  # the GPU's power limit
         self.books: dict[str, GpuBook] = {}
+        self.habits: dict[Group, Habits] = {}
         # Live attribution by group since the last drain (for counters that stay current).
         self.live_mj: collections.defaultdict[Group, float] = collections.defaultdict(float)
 
     def book(self, gpu: str) -> GpuBook:
         found = self.books.get(gpu)
         if found is None:
-            found = self.books[gpu] = GpuBook(gpu)
+            w = self.weights
+            pace = Pace(w.step_s * 1e9, 1.0 / (w.prefill_s_per_token * 1e9))
+            found = self.books[gpu] = GpuBook(gpu, pace, Calibration())
         return found
+
+    def fit(self, gpu: str) -> FitState:
+        return self.book(gpu).fit.state
 
     # -- request events ---------------------------------------------------------------------
 
     def start(
-        self, rid: object, gpus: tuple[str, ...], group: Group, t_ns: int, prompt_tokens: int
+        self,
+        key: str,
+        gpus: tuple[str, ...],
+        group: Group,
+        t_ns: int,
+        prompt_tokens: int,
+        streamed: bool,
     ) -> None:
-        """A request reaches the upstream. Its prefill is work spread over its estimated
-        prefill time: engines prefill new prompts first come, first served, in chunks beside
-        the running decodes. Whatever is left is placed at the first token."""
-        prefill_ns = max(int(prompt_tokens * self.weights.prefill_s_per_token * 1e9), 1)
+        """A request reaches the upstream. Its prefill is queued behind earlier ones."""
+        habits = self.habits.get(group)
+        if habits is None:
+            habits = self.habits[group] = Habits()
+        prompt = prompt_tokens * habits.prompt_ratio
+        uncached = prompt * (1.0 - habits.cached_share)
         for gpu in gpus:
             book = self.book(gpu)
-            share = _Share(group, t_ns)
-            share.prefill_left = prompt_tokens * self.weights.prefill
-            share.prefill_begin_ns = max(t_ns, book.prefill_free_ns)
-            share.prefill_end_ns = book.prefill_free_ns = share.prefill_begin_ns + prefill_ns
-            # In the engine from its (estimated) prefill on; the time before that is queueing.
-            share.entered_ns = share.prefill_begin_ns
-            book.shares[rid] = share
-            book.touched[rid] = share
+            pace = book.pace
+            begin = max(t_ns, pace.prefill_free_ns)
+            end = begin + int(uncached / pace.prefill_tok_per_ns)
+            pace.prefill_free_ns = end
+            book.live[key] = Share(
+                group, streamed, t_ns, prompt_tokens, prompt, begin, begin, end, uncached
+            )
 
-    def first_token(
-        self, rid: object, gpus: tuple[str, ...], prompt_tokens: int, t_ns: int
-    ) -> None:
-        """Residency starts at the first token minus the estimated prefill; prefill is work."""
-        prefill_ns = int(prompt_tokens * self.weights.prefill_s_per_token * 1e9)
+    def first_token(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
+        """Prefill is over: it cannot have been more than the time since the start allows."""
         for gpu in gpus:
             book = self.books[gpu]
-            share = book.shares.get(rid)
+            share = book.live.get(key)
+            if share is None or share.first_ns is not None:
+                continue
+            share.first_ns = t_ns
+            pace = book.pace
+            # First come first served: its prefill had the engine from the later of its start
+            # and the previous first token on; those queued behind it move by as much as its
+            # own estimate was off.
+            share.head_ns = max(share.started_ns, pace.last_first_ns)
+            pace.last_first_ns = max(pace.last_first_ns, t_ns)
+            bound = 1.5 * pace.prefill_tok_per_ns * (t_ns - share.started_ns)
+            share.prefill_left = max(0.0, min(share.prefill_left, bound - share.prefill_placed))
+            if share.enter_ns > t_ns:  # the queue ahead was shorter than estimated
+                share.enter_ns = share.prefill_begin_ns = share.head_ns
+            shift = t_ns - share.prefill_end_ns
+            share.prefill_end_ns = t_ns
+            if shift:
+                _requeue(book, share, shift, t_ns)
+
+    def decoded(self, key: str, gpus: tuple[str, ...], t_ns: int, tokens: int) -> None:
+        for gpu in gpus:
+            book = self.books[gpu]
+            share = book.live.get(key)
+            if share is None or tokens <= 0:
+                continue
+            share.tokens.append((t_ns, tokens))
+            if share.last_token_ns is not None:
+                book.pace.step_sample((t_ns - share.last_token_ns) / tokens, streamed=True)
+            share.last_token_ns = t_ns
+
+    def usage(
+        self,
+        key: str,
+        gpus: tuple[str, ...],
+        prompt: int | None,
+        cached: int | None,
+        completion: int | None,
+    ) -> None:
+        """The upstream's own counts: they correct the request's remaining work and teach the
+        estimates used for the next requests."""
+        for k, gpu in enumerate(gpus):
+            book = self.books[gpu]
+            share = book.live.get(key)
             if share is None:
                 continue
-            floor = max(share.started_ns, book.t_ns if book.t_ns is not None else t_ns)
-            estimate = max(t_ns - prefill_ns, floor)
-            if share.entered_ns is None or (
-                share.full_since_s is None and share.entered_ns > estimate
-            ):
-                share.entered_ns = estimate  # the prefill queue was shorter than estimated
-            share.work += share.prefill_left
-            share.prefill_left = 0.0
-            book.touched[rid] = share
+            if k == 0:
+                self.habits[share.group].learn(share.estimate, prompt, cached)
+            if prompt:
+                uncached = prompt - (cached or 0)
+                share.prompt = float(prompt)
+                share.prefill_left = max(
+                    0.0, min(share.prefill_left, uncached - share.prefill_placed)
+                )
+                if share.first_ns is not None:
+                    book.pace.speed_sample(uncached, share.first_ns - share.head_ns)
+            if completion is not None:
+                share.completion = completion
 
-    def decoded(self, rid: object, gpus: tuple[str, ...], tokens: int) -> None:
+    def end(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         for gpu in gpus:
             book = self.books[gpu]
-            share = book.shares.get(rid)
-            if share is not None:
-                share.work += tokens * self.weights.decode
-                book.touched[rid] = share
+            share = book.live.get(key)
+            if share is not None and share.end_ns is None:
+                share.end_ns = max(t_ns, share.enter_ns)
+                book.ended.add(key)
+                if not share.streamed and share.completion:  # no stream showed the step time
+                    decode_ns = share.end_ns - share.prefill_end_ns
+                    book.pace.step_sample(decode_ns / share.completion, streamed=False)
 
-    def end(self, rid: object, gpus: tuple[str, ...], t_ns: int) -> None:
-        for gpu in gpus:
-            book = self.books[gpu]
-            share = book.shares.get(rid)
-            if share is None or share.ended_ns is not None:
-                continue
-            share.ended_ns = t_ns
-            if rid in book.full:  # its full intervals so far, from the running sums
-                del book.full[rid]
-                book.full_groups[share.group] -= 1
-                assert share.full_since_s is not None
-                share.energy_mj += book.s_energy - share.full_since_s[0]
-                share.gpu_ns += book.s_time - share.full_since_s[1]
-                share.full_since_s = None
-            book.touched[rid] = share
-
-    def finished(self, rid: object, gpus: tuple[str, ...]) -> tuple[float, float] | None:
-        """(energy mJ, GPU-ns) once every GPU has a sample past the request's end, else None.
-        The request is forgotten once read."""
+    def finished(self, key: str, gpus: tuple[str, ...]) -> tuple[float, float] | None:
+        """(energy mJ, GPU-ns) once every GPU has closed the interval after the request's
+        end, else None. The request is forgotten once read."""
         total_mj = total_ns = 0.0
         for gpu in gpus:
-            share = self.books[gpu].done.get(rid)
+            share = self.books[gpu].done.get(key)
             if share is None:
                 return None
             total_mj += share.energy_mj
             total_ns += share.gpu_ns
         for gpu in gpus:
-            del self.books[gpu].done[rid]
+            del self.books[gpu].done[key]
         return total_mj, total_ns
 
-    def abandon(self, rid: object, gpus: tuple[str, ...]) -> tuple[float, float]:
+    def abandon(self, key: str, gpus: tuple[str, ...]) -> tuple[float, float]:
         """What a request has so far, when its GPUs stopped reporting; it is forgotten."""
         total_mj = total_ns = 0.0
         for gpu in gpus:
             book = self.books[gpu]
-            share = book.shares.pop(rid, None) or book.done.pop(rid, None)
-            book.touched.pop(rid, None)
-            if book.full.pop(rid, None) is not None and share is not None:
-                book.full_groups[share.group] -= 1
+            book.ended.discard(key)
+            share = book.live.pop(key, None) or book.glow.pop(key, None) or book.done.pop(key, None)
             if share is not None:
-                if share.full_since_s is not None:
-                    share.energy_mj += book.s_energy - share.full_since_s[0]
-                    share.gpu_ns += book.s_time - share.full_since_s[1]
                 total_mj += share.energy_mj
                 total_ns += share.gpu_ns
         return total_mj, total_ns
@@ -197,7 +233,7 @@ class Engine:
         book = self.book(gpu)
         if book.t_ns is None or book.e_mj is None:
             book.t_ns, book.e_mj = t_ns, energy_mj
-            self._roll(book, t_ns)
+            self._close(book, t_ns, 0, 0, counted=False)
             return
         dt = t_ns - book.t_ns
         if dt <= 0:
@@ -209,113 +245,203 @@ class Engine:
             self._close(book, t_ns, dt, 0, counted=False)
             return
         board = self._board_w(gpu)
-        if board is not None and delta > 1.3 * board * dt / 1e6:
-            delta = int(1.3 * board * dt / 1e6)
-            book.clamped += 1
+        if board is not None:
+            delta = self._smooth(book, delta, board * _FIT_LIMIT_W * dt / 1e6, board)
         book.power_w = delta * 1e6 / dt
         self._close(book, t_ns, dt, delta, counted=True)
 
+    def _smooth(self, book: GpuBook, delta: int, most: float, board_w: float) -> int:
+        """A counter that updates slower than it is read lands two updates in one interval:
+        what exceeds the board limit is real and waits for the next intervals."""
+        delta += book.carry_mj
+        book.carry_mj = 0
+        if delta > most:
+            book.carry_mj = delta - int(most)
+            delta = int(most)
+            if book.carry_mj > board_w * _MAX_CARRY_S * 1000:  # no counter lags that much
+                book.clamped += 1
+                book.carry_mj = 0
+        return delta
+
     def _close(self, book: GpuBook, t1: int, dt: int, energy: int, *, counted: bool) -> None:
         t0 = t1 - dt
-        # Requests that ended at or before t0 (their end event came after the last sample) took
-        # no part in this interval.
-        stale = {
-            rid for rid, s in book.touched.items() if s.ended_ns is not None and s.ended_ns <= t0
-        }
-        active = len(book.shares) > len(stale)
+        pace = book.pace
+        if dt:
+            pace.interval_ns += (dt - pace.interval_ns) // 8
+        rows: list[tuple[Share, int, float, float]] = []  # share, residency, raw work, context
+        spans: list[tuple[int, int]] = []
+        busy = 0
+        prefill_sum = decode_sum = context_sum = 0.0
+        steps = 0.0  # engine steps: every decoding stream gets one token per step
+        model = self._model(book)
+        w = self.weights
+        if model is not None:
+            wp, wd, wc = model.prefill_j * 1000, model.decode_j * 1000, model.context_j * 1000
+        else:
+            wp, wd, wc = w.prefill, w.decode, 0.0
+        for share in book.live.values():
+            res, p, d, c = share.advance(t0, t1, pace)
+            if res == 0 and p == 0.0 and d == 0.0:
+                continue
+            rows.append((share, res, wp * p + wd * d + wc * c, p))
+            prefill_sum += p
+            decode_sum += d
+            context_sum += c
+            if d > steps and share.streamed:
+                steps = d
+            if res and busy < dt:
+                if res == dt:
+                    busy = dt
+                else:
+                    spans.append((max(share.enter_ns, t0), min(share.end_ns or t1, t1)))
+        if busy < dt and spans:
+            busy = _union(spans)
+        if not steps:
+            steps = busy / pace.step_ns
         if counted:
             book.measured_mj += energy
-        if not active:
-            if counted:
-                book.idle_mj += energy
-                book.idle_power_w.append(energy * 1e6 / dt)
-            self._roll(book, t1)
-            return
-        # Residency of the requests visited in this interval (entered, left or worked), and
-        # the part of their pending prefill that falls inside it.
-        partial_total = 0
-        for share in book.touched.values():
-            if share.prefill_left and share.prefill_begin_ns < t1:
-                begin = max(t0, share.prefill_begin_ns)
-                part = min(1.0, (t1 - begin) / max(share.prefill_end_ns - begin, 1))
-                share.work += share.prefill_left * part
-                share.prefill_left -= share.prefill_left * part
-            if share.full_since_s is not None or share.entered_ns is None:
-                share.partial_ns = 0
-                continue
-            start = max(share.entered_ns, t0)
-            stop = min(share.ended_ns if share.ended_ns is not None else t1, t1)
-            share.partial_ns = max(stop - start, 0)
-            partial_total += share.partial_ns
-        residency = len(book.full) * dt + partial_total
-        work = sum(s.work for s in book.touched.values())
-        static = min(energy, self._baseline_w(book) * dt / 1e6) if residency else 0.0
-        if not residency and not work:
-            static = 0.0
-        # fractions of E (and of dt) that go by residency and by work
-        by_residency = (static + (energy - static if not work else 0.0)) if energy else 0.0
-        frac_res = (by_residency / energy) if energy else (1.0 if residency else 0.0)
-        if residency:
-            per_ns_e = by_residency / residency
-            per_ns_t = frac_res * dt / residency
-            book.s_energy += per_ns_e * dt
-            book.s_time += per_ns_t * dt
-            for group, count in book.full_groups.items():
-                if count:
-                    self.live_mj[group] += per_ns_e * dt * count
-            book.attributed_mj += per_ns_e * residency
-            for share in book.touched.values():
-                if share.partial_ns:
-                    share.energy_mj += per_ns_e * share.partial_ns
-                    share.gpu_ns += per_ns_t * share.partial_ns
-                    self.live_mj[share.group] += per_ns_e * share.partial_ns
-        dynamic = energy - by_residency
-        if work:
-            for share in book.touched.values():
-                if share.work:
-                    part = share.work / work
-                    share.energy_mj += dynamic * part
-                    share.gpu_ns += (1.0 - frac_res) * dt * part
-                    self.live_mj[share.group] += dynamic * part
-            book.attributed_mj += dynamic
-        elif not residency:
-            # In flight but neither resident nor working (queued): split evenly among them.
-            queued = [s for rid, s in book.shares.items() if rid not in stale]
-            n = len(queued)
-            for share in queued:
-                share.energy_mj += energy / n
-                share.gpu_ns += dt / n
-                self.live_mj[share.group] += energy / n
-            book.attributed_mj += energy
-        self._roll(book, t1)
-
-    def _roll(self, book: GpuBook, t1: int) -> None:
-        """Start the next interval: residents become full, ended requests close."""
-        pending = {}
-        for rid, share in list(book.touched.items()):
-            share.work = 0.0
-            share.partial_ns = 0
-            if share.prefill_left and share.ended_ns is None:
-                pending[rid] = share  # its prefill continues into the next interval
-            if share.ended_ns is not None:
-                book.done[rid] = book.shares.pop(rid)
-            elif share.entered_ns is not None and share.entered_ns > t1:
-                pending[rid] = share  # not in the engine yet (waiting for its prefill)
-            elif share.entered_ns is not None and rid not in book.full:
-                book.full[rid] = share
-                book.full_groups[share.group] += 1
-                share.full_since_s = (book.s_energy, book.s_time)
-        book.touched.clear()
-        book.touched.update(pending)
+            if self.weights.calibrate:
+                book.fit.add(
+                    dt / 1e9, busy / 1e9, steps, prefill_sum, decode_sum, context_sum, energy / 1000
+                )
+        if not rows:
+            self._idle(book, dt, energy, counted)
+        else:
+            self._split(book, rows, dt, busy, steps, energy, model)
+            book.done.update(book.glow)
+            book.glow.clear()
+        if book.ended:
+            for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
+                book.glow[key] = book.live.pop(key)
+                book.ended.discard(key)
         book.t_ns = t1
+
+    def _idle(self, book: GpuBook, dt: int, energy: int, counted: bool) -> None:
+        """Nothing in the engine: idle, except what the counter still owed the requests that
+        just ended (above the idle level)."""
+        glow = book.glow
+        if glow and energy and dt:
+            idle_w = self._idle_w(book)
+            owed = max(energy - idle_w * dt / 1e6, 0.0)
+            if owed:
+                # In proportion to what each drew in its last interval: that is what lags.
+                spent = sum(s.last_mj for s in glow.values())
+                for share in glow.values():
+                    part = owed * (share.last_mj / spent if spent else 1.0 / len(glow))
+                    share.energy_mj += part
+                    self.live_mj[share.group] += part
+                book.attributed_mj += owed
+        else:
+            owed = 0.0
+        book.done.update(glow)
+        glow.clear()
+        book.idle_mj += energy - owed
+        if counted and dt and not book.live:
+            book.idle_power_w.append(energy * 1e6 / dt)
+
+    def _split(
+        self,
+        book: GpuBook,
+        rows: list[tuple[Share, int, float, float]],
+        dt: int,
+        busy: int,
+        steps: float,
+        energy: int,
+        model: EnergyModel | None,
+    ) -> None:
+        residency = sum(r[1] for r in rows)
+        work = sum(r[2] for r in rows)
+        if model is not None:
+            idle = model.idle_w * (dt - busy) / 1e6
+            static = (model.idle_w + model.floor_w) * busy / 1e6 + model.step_j * steps * 1000
+            scale = energy / (idle + static + work) if idle + static + work > 0 else 0.0
+            idle, static, dynamic = idle * scale, static * scale, work * scale
+        else:
+            level = self._baseline_w(book)
+            idle, static = level * (dt - busy) / 1e6, level * busy / 1e6
+            if energy >= idle + static:
+                dynamic = energy - idle - static
+            else:
+                scale = energy / (idle + static)
+                idle, static, dynamic = idle * scale, static * scale, 0.0
+        if not work:
+            static, dynamic = static + dynamic, 0.0
+        if not residency:
+            static, dynamic = 0.0, dynamic + static
+        total = static + dynamic
+        attributed = energy - idle if total > 0.0 else 0.0
+        static, dynamic = (
+            static * attributed / (total or 1.0),
+            dynamic * attributed / (total or 1.0),
+        )
+        book.idle_mj += energy - attributed
+        book.attributed_mj += attributed
+        prefill = sum(r[3] for r in rows)
+        by_prefill = 0.0
+        if prefill and busy and static:
+            # The engine time prefill took (at the learned speed): residency says everyone
+            # resident shares its static energy, work says the prompts that took it pay. The
+            # two conventions differ most here; half of it goes each way.
+            t_prefill = min(busy, prefill / book.pace.prefill_tok_per_ns)
+            by_prefill = static * self.weights.prefill_time_share * t_prefill / busy
+            static -= by_prefill
+        per_res = static / residency if residency else 0.0
+        per_work = dynamic / work if work else 0.0
+        per_prefill = by_prefill / prefill if prefill else 0.0
+        per_mj_ns = busy / attributed if attributed else 0.0
+        live = self.live_mj
+        for share, res, mine, p in rows:
+            got = per_res * res + per_work * mine + per_prefill * p
+            share.last_mj = got
+            share.energy_mj += got
+            share.gpu_ns += got * per_mj_ns
+            live[share.group] += got
+
+    def _model(self, book: GpuBook) -> EnergyModel | None:
+        state = book.fit.state
+        return state.model if state.trusted else None
+
+    def _idle_w(self, book: GpuBook) -> float:
+        model = self._model(book)
+        return model.idle_w if model is not None else self._baseline_w(book)
 
     def _baseline_w(self, book: GpuBook) -> float:
         seen = book.idle_power_w
         if not seen:
             return self.weights.default_baseline_w
-        ordered = sorted(seen)
-        return ordered[int(self.weights.baseline_percentile * (len(ordered) - 1))]
+        count = len(seen)
+        if book._baseline[0] != count or count == seen.maxlen:
+            ordered = sorted(seen)
+            book._baseline = (count, ordered[int(self.weights.baseline_percentile * (count - 1))])
+        return book._baseline[1]
 
     def drain_live(self) -> dict[Group, float]:
         live, self.live_mj = self.live_mj, collections.defaultdict(float)
         return live
+
+
+def _requeue(book: GpuBook, ahead: Share, shift: int, now_ns: int) -> None:
+    """Prefills queued behind `ahead` start `shift` ns later (or earlier) than estimated."""
+    for share in book.live.values():
+        if share.first_ns is None and share.prefill_begin_ns >= ahead.prefill_begin_ns:
+            begin = max(
+                share.prefill_begin_ns + shift, share.started_ns, now_ns if shift > 0 else 0
+            )
+            moved = begin - share.prefill_begin_ns
+            share.prefill_begin_ns = begin
+            share.prefill_end_ns += moved
+            if share.enter_ns > now_ns or moved > 0:
+                share.enter_ns = max(share.enter_ns + moved, share.started_ns)
+    book.pace.prefill_free_ns = max(book.pace.prefill_free_ns + shift, now_ns)
+
+
+def _union(spans: list[tuple[int, int]]) -> int:
+    spans.sort()
+    total, (lo, hi) = 0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            total += hi - lo
+            lo, hi = a, b
+        elif b > hi:
+            hi = b
+    return total + hi - lo

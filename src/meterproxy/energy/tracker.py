@@ -1,10 +1,11 @@
-"""Energy on the event loop: request events in, readings in, joules out.
+"""Energy on the event loop: request events in, readings in, joules out (the in-process
+EnergyBackend).
 
-An `EnergyBackend`: a request (by its key) on an upstream with GPUs is followed by the
-attribution engine; when it settles it is parked until each of its GPUs has a sample past its
-end (within 1 s locally), then completed with its joules and GPU-seconds. A source that fails
-or stalls shows in `meterproxy_energy_source_up` and the log; parked requests then complete
-with energy unknown (None), never a guess.
+A request on an upstream with GPUs is followed by the attribution engine; when it settles, its
+`done` callback is parked until each of its GPUs has closed the interval after its end (about
+200 ms locally), then called with its joules and GPU-seconds. A source that fails or stalls
+shows in `meterproxy_energy_source_up` and the log; parked requests then complete with energy
+unknown (None), never a guess. Each GPU's fitted energy model is exported as it changes.
 """
 
 from __future__ import annotations
@@ -12,91 +13,53 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..backends import EnergyDone, Group
 from .attribution import Engine, Weights
-from .sampler import Sampler
+from .backend import Done, Group
+from .calibration import TERMS, FitState
 from .simulated import SimulatedGpus
 from .sources import EnergyError, Reading, Source
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
+
     from ..metrics import Metrics
-    from ..usage import Usage
 
 log = logging.getLogger(__name__)
 
-Opener = Callable[[], Source | None]  # opens the source; blocking, so run off the loop
-
-
-@dataclass(eq=False)
-class _Tracked:
-    gpus: tuple[str, ...]
-    streamed: bool
-    done: EnergyDone | None = None
-    due_ns: int = 0
-
 
 class EnergyTracker:
-    """Built once with the app; `open` (at startup) opens the source off the loop and starts
-    the sampler. Without a source (none configured, no GPU found) every event is ignored."""
-
     def __init__(
         self,
-        opener: Opener,
+        source: Source,
         upstream_gpus: Mapping[str, tuple[str, ...]],
         metrics: Metrics,
         clock: Callable[[], int],
         weights: Weights,
         interval_s: float,
     ) -> None:
-        self._opener = opener
-        self.metrics, self.clock = metrics, clock
+        self.source, self.metrics, self.clock = source, metrics, clock
         self.upstream_gpus = dict(upstream_gpus)
-        self._weights = weights
-        self._interval_s = interval_s
-        self.source: Source | None = None
-        self.engine = Engine(weights, board_w=lambda gpu: None)
-        self._sim: SimulatedGpus | None = None
-        self._sampler: Sampler | None = None
-        self._tracked: dict[str, _Tracked] = {}
+        self.engine = Engine(weights, board_w=source.board_w)
+        self._sim = source if isinstance(source, SimulatedGpus) else None
+        self._tracked: dict[str, tuple[str, ...]] = {}  # key -> its GPUs
+        self._parked: dict[str, tuple[Done, int]] = {}  # key -> (done, due)
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
-        self._last: dict[str, tuple[int, int, int, int]] = {}  # gpu -> exported so far
+        self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
+        self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
+        self._series: dict[str, tuple[Counter, Counter, Gauge]] = {}  # gpu -> its children
+        self._group_series: dict[Group, Counter] = {}
         self._interval_ns = int(interval_s * 1e9)
         self.last_reading_ns = clock()
-        self.up = False
-
-    @property
-    def active(self) -> bool:
-        return self.source is not None
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        # NVML initialization and a first DCGM scrape may block: not on the loop.
-        source = await loop.run_in_executor(None, self._opener)
-        if source is None:
-            return
-        self.source = source
-        self.engine = Engine(self._weights, board_w=source.board_w)
-        self._sim = source if isinstance(source, SimulatedGpus) else None
         self.up = True
-        self.last_reading_ns = self.clock()
-        self.metrics.energy_source_up.labels(source.name).set(1)
-        self._sampler = Sampler(source, self._interval_s, loop, self.on_readings, self.on_error)
-        self._sampler.start()
-        gpus = sorted({g for gs in self.upstream_gpus.values() for g in gs})
-        log.info(
-            "energy: %s source on GPUs %s, sampled every %ss",
-            source.name,
-            ", ".join(gpus),
-            self._interval_s,
-        )
+        self._up_gauge = metrics.energy_source_up.labels(source.name)
+        self._up_gauge.set(1)
 
     def gpus(self, upstream: str) -> tuple[str, ...]:
-        return self.upstream_gpus.get(upstream, ()) if self.source is not None else ()
+        return self.upstream_gpus.get(upstream, ())
 
-    # -- request events ---------------------------------------------------------------------
+    # -- request events (EnergyBackend) -------------------------------------------------------
 
     def start(
         self, key: str, upstream: str, group: Group, prompt_tokens: int, streamed: bool
@@ -104,65 +67,67 @@ class EnergyTracker:
         gpus = self.gpus(upstream)
         if not gpus:
             return
-        self._tracked[key] = _Tracked(gpus, streamed)
-        self.engine.start(key, gpus, group, self.clock(), prompt_tokens)
-        if not streamed:  # no token progress will show: resident from the start
-            self.engine.first_token(key, gpus, 0, self.clock())
+        self._tracked[key] = gpus
+        self.engine.start(key, gpus, group, self.clock(), prompt_tokens, streamed)
         if self._sim is not None:
             self._sim.busy(gpus, +1)
             self._sim.work(gpus, prompt_tokens=prompt_tokens)
 
-    def first_token(self, key: str, prompt_tokens: int, t_ns: int) -> None:
-        found = self._tracked.get(key)
-        if found is not None:
-            self.engine.first_token(key, found.gpus, prompt_tokens, t_ns)
+    def first_token(self, key: str, t_ns: int) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.first_token(key, gpus, t_ns)
 
     def decoded(self, key: str, tokens: int) -> None:
-        found = self._tracked.get(key)
-        if found is not None and tokens > 0:
-            self.engine.decoded(key, found.gpus, tokens)
+        gpus = self._tracked.get(key)
+        if gpus is not None and tokens > 0:
+            self.engine.decoded(key, gpus, self.clock(), tokens)
             if self._sim is not None:
-                self._sim.work(found.gpus, tokens=tokens)
+                self._sim.work(gpus, tokens=tokens)
 
-    def usage(self, key: str, usage: Usage) -> None:
-        """Non-streamed answers show their work only here: their decode tokens."""
-        found = self._tracked.get(key)
-        if found is not None and not found.streamed and usage.completion:
-            self.decoded(key, usage.completion)
+    def usage(
+        self, key: str, prompt: int | None, cached_prompt: int | None, completion: int | None
+    ) -> None:
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.usage(key, gpus, prompt, cached_prompt, completion)
 
     def end(self, key: str) -> None:
-        found = self._tracked.get(key)
-        if found is not None:
-            self.engine.end(key, found.gpus, self.clock())
+        gpus = self._tracked.get(key)
+        if gpus is not None:
+            self.engine.end(key, gpus, self.clock())
             if self._sim is not None:
-                self._sim.busy(found.gpus, -1)
+                self._sim.busy(gpus, -1)
 
-    def defer(self, key: str, done: EnergyDone) -> bool:
-        """Park a settled request until its energy is final."""
-        found = self._tracked.get(key)
-        if found is None:
+    def defer(self, key: str, done: Done) -> bool:
+        if key not in self._tracked or key in self._parked:
             return False
-        found.done, found.due_ns = done, self.clock() + self._deadline_ns
+        self._parked[key] = (done, self.clock() + self._deadline_ns)
         self._finish_ready()
         return True
 
     # -- readings ---------------------------------------------------------------------------
 
     def on_readings(self, readings: list[Reading]) -> None:
-        if self.source is None:
-            return
         if not self.up:
             log.info("energy source %s is answering again", self.source.name)
         self.up = True
-        self.metrics.energy_source_up.labels(self.source.name).set(1)
+        self._up_gauge.set(1)
         m = self.metrics
         self.last_reading_ns = self.clock()
         for r in readings:
             self.engine.reading(r.gpu, r.t_ns, r.energy_mj)
             book = self.engine.books[r.gpu]
-            measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0, 0, 0))
-            m.gpu_energy.labels(r.gpu).inc((book.measured_mj - measured) / 1000)
-            m.gpu_idle_energy.labels(r.gpu).inc((book.idle_mj - idle) / 1000)
+            measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0.0, 0, 0))
+            series = self._series.get(r.gpu)
+            if series is None:
+                series = self._series[r.gpu] = (
+                    m.gpu_energy.labels(r.gpu),
+                    m.gpu_idle_energy.labels(r.gpu),
+                    m.gpu_power.labels(r.gpu),
+                )
+            series[0].inc((book.measured_mj - measured) / 1000)
+            series[1].inc(max(book.idle_mj - idle, 0.0) / 1000)
             if book.gaps > gaps:
                 m.energy_gaps.labels(r.gpu).inc(book.gaps - gaps)
                 log.warning(
@@ -172,20 +137,35 @@ class EnergyTracker:
                 )
             if book.clamped > clamped:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
-            m.gpu_power.labels(r.gpu).set(r.power_w if r.power_w is not None else book.power_w)
+            series[2].set(r.power_w if r.power_w is not None else book.power_w)
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
+            state = book.fit.state
+            if state is not self._fits.get(r.gpu):
+                self._fits[r.gpu] = state
+                self._export_fit(r.gpu, state)
         for group, mj in self.engine.drain_live().items():
-            labels: tuple[str, str, str] = group  # type: ignore[assignment]
-            m.energy.labels(*labels).inc(mj / 1000)
+            counter = self._group_series.get(group)  # type: ignore[call-overload]
+            if counter is None:
+                labels: Group = group  # type: ignore[assignment]
+                counter = self._group_series[labels] = m.energy.labels(*labels)
+            counter.inc(mj / 1000)
         self._finish_ready()
 
+    def _export_fit(self, gpu: str, state: FitState) -> None:
+        m = self.metrics
+        m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
+        m.energy_model_windows.labels(gpu).set(state.windows)
+        if state.error_ratio is not None:
+            m.energy_model_error.labels(gpu).set(state.error_ratio)
+        if state.model is not None:
+            for term, value in zip(TERMS, state.model.values(), strict=True):
+                m.energy_model.labels(gpu, term).set(value)
+
     def on_error(self, exc: EnergyError) -> None:
-        if self.source is None:
-            return
         if self.up:
             log.error("energy source %s stopped answering: %s", self.source.name, exc)
         self.up = False
-        self.metrics.energy_source_up.labels(self.source.name).set(0)
+        self._up_gauge.set(0)
         self._finish_ready()
 
     def check_stalled(self) -> None:
@@ -205,23 +185,23 @@ class EnergyTracker:
             self.check_stalled()
 
     def _finish_ready(self) -> None:
+        if not self._parked:
+            return
         now = self.clock()
-        for key, tracked in list(self._tracked.items()):
-            if tracked.done is None:
-                continue  # still in flight
-            result = self.engine.finished(key, tracked.gpus)
-            if result is None and now < tracked.due_ns and self.up:
+        for key, (done, due) in list(self._parked.items()):
+            gpus = self._tracked[key]
+            result = self.engine.finished(key, gpus)
+            if result is None and now < due and self.up:
                 continue
+            del self._parked[key]
             del self._tracked[key]
             if result is None:  # stalled or failed: unknown, not zero
-                self.engine.abandon(key, tracked.gpus)
-                tracked.done(None, None)
+                _, gpu_ns = self.engine.abandon(key, gpus)
+                done(None, gpu_ns / 1e9 / len(gpus))
             else:
-                tracked.done(result[0] / 1000, result[1] / 1e9 / len(tracked.gpus))
+                done(result[0] / 1000, result[1] / 1e9 / len(gpus))
 
-    async def close(self) -> None:
-        """At shutdown: stop the sampler, complete every parked request with what is known."""
-        if self._sampler is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._sampler.stop)
+    def close(self) -> None:
+        """At shutdown: complete every parked request with what is known."""
         self.up = False
         self._finish_ready()

@@ -8,8 +8,9 @@ plus `weights_w` (streaming the weights once per step, shared by the batch), plu
 `prefill_mj` per prompt token and `prefill_s` per prompt token of extra step time.
 
 Truth per request = its share of static and weight power over the steps it was resident
-(equal shares within a step) + its own token and prefill energy. The twin also exposes the
-board's cumulative energy counter, with the real counter's artifacts as options.
+(equal shares within a step) + its own token and prefill energy; or, by work, static and
+weight power in proportion to the part of each step's time its own work took. The twin also
+exposes the board's cumulative energy counter, with the real counter's artifacts as options.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class TwinRequest:
     first_token_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     end_s: float | None = None
-    true_mj: float = 0.0
+    true_mj: float = 0.0  # static and weight power by residency, plus its own work
+    true_work_mj: float = 0.0  # the whole step's energy in proportion to its own work
     prefilled: int = 0
 
 
@@ -104,8 +106,17 @@ class Twin:
             shared_mj = (m.idle_w + m.weights_w) * dur * 1000  # W x s = J -> mJ
             self._advance(t, t + dur, (shared_mj + work_mj) / dur / 1000)
             t += dur
+            # By work: the step's time is caused by each sequence's own part of it (decode or
+            # prompt chunk); the fixed overhead (and any power-limit stretch) is shared equally.
+            cause = {
+                r.rid: (m.per_seq_s if r.prefilled >= r.prompt_tokens else 0.0)
+                + m.prefill_s * chunks.get(r.rid, 0)
+                for r in running
+            }
+            overhead = (dur - sum(cause.values())) / b
             for r in running:
                 r.true_mj += shared_mj / b + own[r.rid]
+                r.true_work_mj += shared_mj * (cause[r.rid] + overhead) / dur + own[r.rid]
                 r.prefilled += chunks.get(r.rid, 0)
                 if r.rid in emits:
                     if r.first_token_s is None:
