@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from meterproxy.meter import Record
+from meterproxy.settlement import Settlement as Record
 from prometheus_client import CollectorRegistry
 
 from meterproxy import config
@@ -125,7 +125,7 @@ async def _one(
             raise RuntimeError(f"HTTP {response.status} from the proxy: {await response.text()}")
         async for _ in response.content.iter_any():
             pass
-        return response.headers["x-request-id"], time.monotonic() - started
+        return response.headers["x-meterproxy-request-id"], time.monotonic() - started
 
 
 async def _settled(records: dict[str, Record], ids: list[str], timeout_s: float) -> None:
@@ -176,7 +176,7 @@ async def run_check(
     kwargs: dict[str, Any] = {} if source is None else {"energy": source}
     app = create_app(settings, registry=registry, sinks=[sink], **kwargs)
     server = await start(app, "127.0.0.1", 0)
-    if app[RUNTIME].energy is None:
+    if getattr(app[RUNTIME].energy, "source", None) is None:
         await stop(server)
         raise SystemExit("meterproxy opened no energy source (its log above says why)")
     url = server.url + "/v1"
