@@ -73,6 +73,8 @@ class RawConnection:
 
     def abort(self) -> None:
         """Close with a RST, as a client killed mid-request does."""
+        if self.writer.transport.is_closing():
+            return
         sock = self.writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -47,6 +47,11 @@ class Script:
     after: int = 2  # tokens sent before a mid-stream fault
     pace_s: float = 0.0  # delay between tokens
     headers_delay_s: float = 0.0  # delay before the status line
+    headers_gate: asyncio.Event | None = None  # wait for this before the status line
+    tail_delay_s: float = 0.0  # delay between the last event and the end of the body
+    # Called right after a stream's status line and headers are handed to the socket, in the
+    # same loop step: lets a test act at exactly that moment (a client leaving, say).
+    on_headers: Callable[[], None] | None = None
     status: int = 0  # REDIRECT (default 307) and ECHO_AUTH (default 400)
     usage: Mapping[str, int] | None = None  # figures that replace the true usage, e.g. 2**63
     line_bytes: int = 32 * MIB  # HUGE_LINE: bytes after `data: `
@@ -127,6 +132,11 @@ class FaultUpstream:
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+
+    @property
+    def posts(self) -> list[Exchange]:
+        """The POSTs received (the proxy's own model discovery GETs left out)."""
+        return [e for e in self.exchanges if e.method == "POST"]
 
     def by_request_id(self) -> dict[str, Exchange]:
         return {e.request_id: e for e in self.exchanges if e.request_id is not None}
@@ -209,6 +219,8 @@ class FaultUpstream:
         exchange.script = script
         if script.headers_delay_s:
             await asyncio.sleep(script.headers_delay_s)
+        if script.headers_gate is not None:
+            await script.headers_gate.wait()
         if script.fault is Fault.REDIRECT:
             location = f"http://{self.address}/internal/v1/chat/completions"
             status = script.status or 307
@@ -275,6 +287,8 @@ class _Stream:
         self.writer.write(
             _head(200, {"content-type": content_type, "transfer-encoding": "chunked"})
         )
+        if self.script.on_headers is not None:
+            self.script.on_headers()
         await self.writer.drain()
 
     async def chunk(self, payload: bytes, keep: bool = True) -> None:
@@ -305,6 +319,8 @@ class _Stream:
             usage = _usage(frames.prompt, count, script)
             await self.chunk(b"data: " + _chunk(frames, usage) + b"\n\n")
         await self.chunk(b"data: [DONE]\n\n")
+        if script.tail_delay_s:
+            await asyncio.sleep(script.tail_delay_s)
         self.writer.write(b"0\r\n\r\n")
         await self.writer.drain()
         exchange.finished = True
