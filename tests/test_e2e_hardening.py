@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -792,3 +794,166 @@ async def test_client_strings_are_stored_bounded_and_sanitized(
         for column in ("request_id", "client_request_id", "client_user"):
             assert_stored_string(row[column])
     assert rows[2]["client_user"], "the user was dropped instead of bounded"
+
+
+# -- 7. everything at once: thousands of streams, cuts and faults, and the books balance ------
+
+CHAOS_PLANS = (  # (client behaviour, upstream fault, share)
+    ("read", Fault.NONE, 45),
+    ("cut_headers", Fault.NONE, 8),
+    ("cut_mid", Fault.NONE, 12),
+    ("cut_after_done", Fault.NONE, 10),
+    ("read", Fault.RESET, 7),
+    ("read", Fault.BAD_FRAMING, 6),
+    ("read", Fault.IN_BAND_ERROR, 6),
+    ("read", Fault.STALL, 6),
+)
+
+
+def chaos_script(exchange: Exchange) -> Script:
+    plan = exchange.json.get("x_plan") if isinstance(exchange.json, dict) else None
+    if not isinstance(plan, dict):
+        return Script()
+    return Script(
+        fault=Fault(plan["fault"]),
+        tokens=plan["tokens"],
+        after=plan["after"],
+        pace_s=0.002,
+        tail_delay_s=0.02 if plan["client"] == "cut_after_done" else 0.0,
+    )
+
+
+async def chaos_client(
+    proxy: Proxy, http: aiohttp.ClientSession, i: int, plan: dict[str, Any]
+) -> str:
+    """One request as its plan says; returns how it ended for the client."""
+    body = orjson.dumps({**chat(stream=True), "x_plan": plan})
+    headers = {"x-request-id": f"c-{i}", "content-type": "application/json"}
+    client = plan["client"]
+    if client == "cut_headers":
+        conn = await RawConnection.open(proxy.server.port)
+        await conn.send(http_request("POST", "/v1/chat/completions", body, headers))
+        await conn.reader.readuntil(b"\r\n")  # the status line, then gone
+        conn.abort()
+        return "cut"
+    async with http.post(proxy.base_url + "/chat/completions", data=body, headers=headers) as r:
+        events = 0
+        try:
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    events += 1
+                if client == "cut_mid" and events == plan["cut_at"]:
+                    r.close()
+                    return "cut"
+                if client == "cut_after_done" and line.startswith(b"data: [DONE]"):
+                    r.close()  # as the sync SDK does: no draining of the body's end
+                    return "done"
+        except aiohttp.ClientPayloadError:
+            return "aborted"
+    return "clean"
+
+
+@pytest.mark.slow
+async def test_thousands_of_streams_with_cuts_and_faults_balance_the_books(
+    start_faults: StartFaults, start_proxy: StartProxy
+) -> None:
+    n, concurrency, rng = 2400, 64, random.Random(20261)
+    faults, proxy = await fault_proxy(
+        start_faults,
+        start_proxy,
+        {"sim-llama": Script()},
+        choose=chaos_script,
+        upstream={"timeouts": {"idle": 1.0}},
+    )
+    kinds = [(c, f) for c, f, share in CHAOS_PLANS for _ in range(share)]
+    plans = []
+    for _ in range(n):
+        client, fault = rng.choice(kinds)
+        tokens = rng.randrange(12, 25)
+        plans.append(
+            {
+                "client": client,
+                "fault": fault.value,
+                "tokens": tokens,
+                "after": rng.randrange(1, tokens - 2),
+                "cut_at": rng.randrange(2, tokens - 2),
+            }
+        )
+    gate = asyncio.Semaphore(concurrency)
+    endings: list[str] = [""] * n
+
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        async with gate:
+            try:
+                endings[i] = await asyncio.wait_for(chaos_client(proxy, http, i, plans[i]), 8)
+            except asyncio.TimeoutError:
+                endings[i] = "hung"
+
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(one(http, i) for i in range(n)))
+    await wait_for(lambda: len(proxy.settled) >= n, 15)
+    rows = await flushed(proxy)
+    elapsed = time.monotonic() - started
+    hung = Counter(
+        (p["client"], p["fault"]) for p, e in zip(plans, endings, strict=True) if e == "hung"
+    )
+
+    # One row per request, none duplicated, each matched to what the upstream saw.
+    assert len(proxy.settled) == len(rows) == n
+    by_client = {r["client_request_id"]: r for r in rows}
+    assert sorted(by_client) == sorted(f"c-{i}" for i in range(n))
+    upstream = faults.by_request_id()
+    assert len(faults.posts) == len(upstream) == n
+    assert sorted(r["request_id"] for r in rows) == sorted(upstream)
+
+    # Each outcome as planned, and usage as the upstream generated it.
+    wrong = []
+    for i, plan in enumerate(plans):
+        row = by_client[f"c-{i}"]
+        seen = upstream[row["request_id"]]
+        if plan["fault"] != Fault.NONE.value:
+            expected = ("502", "upstream_error")
+        elif plan["client"] in ("cut_headers", "cut_mid"):
+            expected = ("499", "client_disconnect")
+        else:
+            expected = ("200", None)
+        if (row["status"], row["waste_reason"]) != expected:
+            wrong.append((plan["client"], plan["fault"], row["status"], row["waste_reason"]))
+            continue
+        if row["token_source"] == "upstream":
+            assert (row["prompt_tokens"], row["completion_tokens"]) == (
+                seen.prompt_tokens,
+                seen.generated,
+            ), plan
+        else:
+            assert row["token_source"] == "partial" and expected[0] != "200", (plan, dict(row))
+            assert row["completion_tokens"] <= seen.generated, (plan, dict(row))
+            if expected[0] == "502":  # every token before the fault was relayed and counted
+                assert row["completion_tokens"] == seen.generated == plan["after"], plan
+    problems = [f"{endings.count('hung')} clients hung: {hung.most_common()}"] if hung else []
+    if wrong:
+        problems.append(f"{len(wrong)} of {n} recorded wrongly: {Counter(wrong).most_common()}")
+    assert not problems, "; ".join(problems)
+
+    # The ledger and Prometheus agree, status by status, token type by type, reason by reason.
+    def column(name: str, **where: Any) -> int:
+        return sum(r[name] or 0 for r in rows if all(r[k] == v for k, v in where.items()))
+
+    for status in ("200", "499", "502"):
+        assert sum(r["status"] == status for r in rows) == proxy.total(
+            "meterproxy_requests_total", status=status
+        )
+    for name, kind in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
+        assert column(name) == proxy.total("meterproxy_tokens_total", type=kind)
+    for reason in ("client_disconnect", "upstream_error"):
+        assert column("completion_tokens", waste_reason=reason) == proxy.total(
+            "meterproxy_wasted_tokens_total", reason=reason
+        )
+    exact = [r for r in rows if r["token_source"] == "upstream"]
+    assert sum(r["completion_tokens"] for r in exact) == sum(
+        upstream[r["request_id"]].generated for r in exact
+    )
+    assert column("completion_tokens") <= faults.generated_total
+    assert elapsed < 120, f"took {elapsed:.0f} s"
