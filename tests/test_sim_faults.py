@@ -227,3 +227,19 @@ async def test_request_id_and_non_streamed_fault(start_faults: StartFaults) -> N
     await conn.closed_within(2)
     assert faults.by_request_id()["r-1"].generated == 2
     assert faults.open_connections == 0 and faults.connections_total == 2
+
+
+async def test_tail_delay_and_on_headers(start_faults: StartFaults) -> None:
+    moments: list[int] = []
+    script = Script(tokens=2, tail_delay_s=0.2, on_headers=lambda: moments.append(1))
+    faults = await start_faults({"m": script})
+    conn = await raw_post(faults, chat("m", stream=True))
+    wire = b""
+    while b"data: [DONE]\n\n" not in wire:
+        wire += await asyncio.wait_for(conn.reader.read(65536), 2)
+    done_at = time.monotonic()
+    assert wire.startswith(b"HTTP/1.1 200 OK\r\n") and moments == [1]
+    assert not wire.endswith(b"0\r\n\r\n")  # the body's end is held back
+    rest = await asyncio.wait_for(conn.reader.readuntil(b"0\r\n\r\n"), 2)
+    assert rest.endswith(b"0\r\n\r\n") and time.monotonic() - done_at >= 0.15
+    conn.close()

@@ -47,7 +47,6 @@ class Script:
     after: int = 2  # tokens sent before a mid-stream fault
     pace_s: float = 0.0  # delay between tokens
     headers_delay_s: float = 0.0  # delay before the status line
-    headers_gate: asyncio.Event | None = None  # wait for this before the status line
     tail_delay_s: float = 0.0  # delay between the last event and the end of the body
     # Called right after a stream's status line and headers are handed to the socket, in the
     # same loop step: lets a test act at exactly that moment (a client leaving, say).
@@ -108,6 +107,7 @@ class FaultUpstream:
         self.open_connections = 0
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.host, self.port = "127.0.0.1", 0
 
     @property
@@ -127,9 +127,15 @@ class FaultUpstream:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        # End each connection from the outside so its handler returns on its own; cancel only
+        # what is still asleep after that (a cancelled handler is logged by asyncio).
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._handlers:
+            _, pending = await asyncio.wait(list(self._handlers), timeout=1.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -151,6 +157,7 @@ class FaultUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self._writers.add(writer)
         self.connections_total += 1
         self.open_connections += 1
         try:
@@ -161,6 +168,7 @@ class FaultUpstream:
         finally:
             self.open_connections -= 1
             self._handlers.discard(task)
+            self._writers.discard(writer)
             writer.transport.abort()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -219,8 +227,6 @@ class FaultUpstream:
         exchange.script = script
         if script.headers_delay_s:
             await asyncio.sleep(script.headers_delay_s)
-        if script.headers_gate is not None:
-            await script.headers_gate.wait()
         if script.fault is Fault.REDIRECT:
             location = f"http://{self.address}/internal/v1/chat/completions"
             status = script.status or 307
