@@ -368,6 +368,36 @@ async def test_dot_segments_encoded_slashes_and_absolute_form_are_400(
     assert upstream.fake.seen == []
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/chat/%63ompletions",
+        "/v1/chat/completions?x=1",
+        "/v1//chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions;x",
+    ],
+)
+async def test_a_chat_request_by_any_spelling_is_metered_as_chat_or_refused(
+    proxy: Proxy, upstream: Upstream, target: str
+) -> None:
+    # Whatever reaches the upstream's chat endpoint is metered as chat: the proxy routes by
+    # the path it normalized and forwards that path, or refuses the spelling with a 400.
+    conn = await RawConnection.open(proxy.server.port)
+    await conn.send(http_request("POST", target, orjson.dumps(chat())))
+    response = await conn.response()
+    conn.close()
+    await settled(proxy, 1)
+    [record] = proxy.settled
+    if response.status == 400:
+        assert_openai_error(response.json(), 400, response.status)
+        assert upstream.fake.seen == []
+        return
+    assert response.status == 200
+    assert [s.path for s in upstream.fake.seen] == ["/v1/chat/completions"]
+    assert (record.endpoint, record.usage.completion) == ("chat_completions", 8)
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_an_upstream_redirect_never_reveals_the_upstreams_address(
     start_faults: StartFaults, start_proxy: StartProxy, status: int
@@ -587,23 +617,27 @@ async def test_deeply_nested_json_is_400_never_500(
 
 
 async def read_stream(proxy: Proxy, body: dict[str, Any], timeout_s: float) -> tuple[bytes, str]:
-    """The bytes a client got, and how the stream ended: clean | aborted | hung."""
-    received = b""
+    """What a client got (its first and last 64 KiB; huge lines are not kept whole), and how
+    the stream ended: clean | aborted | hung."""
+    head, tail = bytearray(), b""
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(proxy.base_url + "/chat/completions", json=body) as r:
 
                 async def read() -> None:
-                    nonlocal received
+                    nonlocal tail
                     async for chunk in r.content.iter_any():
-                        received += chunk[:4096] if len(received) < 1 << 20 else b""
+                        if len(head) < 65536:
+                            head.extend(chunk[: 65536 - len(head)])
+                        tail = (tail + chunk)[-65536:]
 
                 await asyncio.wait_for(read(), timeout_s)
+        ended = "clean"
     except aiohttp.ClientPayloadError:
-        return received, "aborted"
+        ended = "aborted"
     except asyncio.TimeoutError:
-        return received, "hung"
-    return received, "clean"
+        ended = "hung"
+    return bytes(head) + b"\n...\n" + tail, ended
 
 
 @pytest.mark.parametrize("fault", [Fault.BAD_FRAMING, Fault.STALL])
@@ -681,6 +715,28 @@ async def test_a_huge_sse_line_is_a_502_with_memory_held_to_the_bound(
     if record.usage.completion != 2:
         problems.append(f"counted {record.usage.completion} tokens of the 2 relayed")
     assert not problems, "; ".join(problems)
+
+
+async def test_the_sse_event_bound_is_configurable(
+    start_faults: StartFaults, start_proxy: StartProxy
+) -> None:
+    def huge(size: int) -> Script:
+        return Script(fault=Fault.HUGE_LINE, tokens=6, after=2, line_bytes=size)
+
+    _, proxy = await fault_proxy(
+        start_faults,
+        start_proxy,
+        {"under": huge(60_000), "over": huge(1024 * 1024)},
+        server=server(max_sse_event_bytes=64 * 1024),
+    )
+    received, ended = await read_stream(proxy, chat("under", stream=True), 10)
+    assert ended == "clean" and received.endswith(b"data: [DONE]\n\n")
+    received, ended = await read_stream(proxy, chat("over", stream=True), 10)
+    assert ended == "aborted" and b"[DONE]" not in received
+    await settled(proxy, 2)
+    under, over = proxy.settled
+    assert (under.status, under.usage.completion) == ("200", 6)
+    assert (over.status, over.usage.completion) == ("502", 2) and over.upstream_error
 
 
 # -- 6. outcomes on the record ------------------------------------------------------------------
