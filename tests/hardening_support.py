@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 
 from meterproxy.sim.faults import FaultUpstream, Script
 
@@ -207,6 +208,9 @@ def assert_stored_string(value: object, limit: int = 256) -> None:
         return
     assert isinstance(value, str), value
     assert len(value) <= limit, f"{len(value)} characters stored"
-    value.encode("utf-8")  # raises on lone surrogates (undecodable bytes smuggled through)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable client bytes smuggled through
+        pytest.fail(f"stored text is not valid UTF-8: {value[:60]!r}")
     controls = [c for c in value if unicodedata.category(c) == "Cc"]
     assert not controls, f"control characters stored: {controls[:5]!r}"

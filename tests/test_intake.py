@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 
 from meterproxy import config
 from meterproxy.app import RunningServer, create_app, start, stop
-from meterproxy.meter import Record
 from meterproxy.sim.upstream import Behavior, FakeUpstream
 from meterproxy.tokens import TokenCounter
 
@@ -49,7 +48,7 @@ NON_NEGATIVE = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 class Live:
     port: int
     fake: FakeUpstream
-    settled: list[Record] = field(default_factory=list)
+    settled: list[Any] = field(default_factory=list)  # settled requests, as the sinks see them
     sent: int = 0
 
 
@@ -60,7 +59,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     thread = threading.Thread(target=loop.run_forever, name="proxy-loop", daemon=True)
     thread.start()
     fake = FakeUpstream("vllm", {"sim-llama": Behavior(tokens=3)})
-    settled: list[Record] = []
+    settled: list[Any] = []
 
     async def up() -> tuple[web.AppRunner, RunningServer]:
         runner = web.AppRunner(fake.app(), handler_cancellation=True, access_log=None)
