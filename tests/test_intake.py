@@ -27,6 +27,8 @@ from .factories import exchange
         "/v1//chat/completions",
         "/v1/chat\\completions",
         "/v1/a%5cb",
+        "/v1/chat/completions/",
+        "/v1/chat/completions;x",
     ],
 )
 def test_targets_that_could_reach_another_path_are_refused(target: str) -> None:

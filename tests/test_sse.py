@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import functools
+import tracemalloc
+from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterproxy import sse
 from meterproxy.sse import Event, SSEScanner
 
 VLLM = (
@@ -76,3 +83,143 @@ def test_bytes_without_a_blank_line_come_back_incomplete_on_flush() -> None:
     [event] = scanner.flush()
     assert not event.complete and event.raw == b'data: {"partial": tr'
     assert scanner.flush() == []
+
+
+# -- properties (hypothesis): any chunking, any bytes, bounded memory ---------------------------
+
+RECORDED = [VLLM, TRTLLM_ROLE + VLLM, RESPONSES, CRLF]
+FUZZ = settings(max_examples=200, deadline=None, database=None)
+
+
+def scan_chunked(stream: bytes, cuts: list[int], scanner: SSEScanner | None = None) -> list[Event]:
+    scanner = scanner or SSEScanner()
+    events: list[Event] = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        events += scanner.feed(stream[start:cut])
+        start = cut
+    return events + scanner.flush()
+
+
+def cuts_for(stream: bytes) -> st.SearchStrategy[list[int]]:
+    return st.lists(st.integers(0, len(stream)), max_size=40)
+
+
+@FUZZ
+@given(st.data())
+def test_any_chunking_of_a_recorded_stream_gives_the_same_events(data: st.DataObject) -> None:
+    stream = data.draw(st.sampled_from(RECORDED))
+    cuts = data.draw(cuts_for(stream))
+    assert scan_chunked(stream, cuts) == scan_whole(stream)
+
+
+_LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+_FIELD_LINE = st.one_of(
+    _LINE.map(lambda v: b"data: " + v),
+    _LINE.map(lambda v: b"data:" + v),
+    st.just(b"data"),
+    _LINE.map(lambda v: b"event: " + v.strip()),
+    _LINE.map(lambda v: b": " + v),  # a comment
+    _LINE.map(lambda v: b"id: " + v),
+)
+
+
+@st.composite
+def sse_streams(draw: st.DrawFn) -> tuple[bytes, list[list[bytes]]]:
+    """A well-formed stream with one line ending throughout, and each event's lines."""
+    eol = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    events = draw(st.lists(st.lists(_FIELD_LINE, min_size=1, max_size=4), max_size=8))
+    stream = b"".join(b"".join(line + eol for line in lines) + eol for lines in events)
+    return stream, events
+
+
+def expected_data(lines: list[bytes]) -> bytes:
+    values = []
+    for line in lines:
+        if line == b"data":
+            values.append(b"")
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            values.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(values)
+
+
+@FUZZ
+@given(sse_streams(), st.data())
+def test_generated_streams_parse_to_their_events_at_any_chunking(
+    generated: tuple[bytes, list[list[bytes]]], data: st.DataObject
+) -> None:
+    stream, lines = generated
+    events = scan_chunked(stream, data.draw(cuts_for(stream)))
+    assert events == scan_whole(stream)
+    assert [e.data for e in events] == [expected_data(e) for e in lines]
+    assert all(e.complete for e in events)
+    assert b"".join(e.raw for e in events) == stream
+
+
+@FUZZ
+@given(st.binary(max_size=2000), st.data())
+def test_arbitrary_bytes_never_raise_and_nothing_is_lost(raw: bytes, data: st.DataObject) -> None:
+    scanner = SSEScanner()
+    events = scan_chunked(raw, data.draw(cuts_for(raw)), scanner)
+    assert b"".join(e.raw for e in events) == raw
+    assert all(e.complete for e in events[:-1])
+    assert scanner.pending == 0
+
+
+def event_limit_api() -> tuple[Any, type[Exception]]:
+    """The bounded scanner of issue 10: `SSEScanner(max_event_bytes=N)` raises
+    `sse.EventTooLarge` (a ValueError) once an event grows past N bytes."""
+    too_large = getattr(sse, "EventTooLarge", None)
+    assert isinstance(too_large, type) and issubclass(too_large, ValueError), (
+        "meterproxy.sse.EventTooLarge (a ValueError) is missing: the event bound of issue 10"
+    )
+    return functools.partial(SSEScanner, max_event_bytes=LIMIT), too_large
+
+
+LIMIT = 4096
+
+
+@FUZZ
+@given(st.integers(2 * LIMIT, 8 * LIMIT), st.lists(st.integers(1, 3 * LIMIT), max_size=30))
+def test_an_event_past_the_limit_raises_with_memory_held_to_the_limit(
+    size: int, chunk_sizes: list[int]
+) -> None:
+    bounded, too_large = event_limit_api()
+    stream = VLLM + b"data: " + b"x" * size + b"\n\n" + VLLM
+    scanner = bounded()
+    events: list[Event] = []
+    start = 0
+    with pytest.raises(too_large):
+        for n in [*chunk_sizes, len(stream)]:
+            events += scanner.feed(stream[start : start + n])
+            start += n
+            assert scanner.pending <= LIMIT  # never more held than the limit
+        scanner.flush()  # at the latest at the end of the stream
+    assert events == scan_whole(VLLM)  # the events before the long one came through
+
+
+@FUZZ
+@given(st.data())
+def test_events_within_the_limit_are_unaffected_by_it(data: st.DataObject) -> None:
+    bounded, _ = event_limit_api()
+    stream = data.draw(st.sampled_from(RECORDED)) * 3
+    cuts = data.draw(cuts_for(stream))
+    assert scan_chunked(stream, cuts, bounded()) == scan_whole(stream)
+
+
+def test_a_long_line_without_a_newline_is_not_copied_over_and_over() -> None:
+    bounded, too_large = event_limit_api()
+    scanner = bounded()
+    piece = b"x" * 1024
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with pytest.raises(too_large):
+            scanner.feed(b"data: ")
+            for _ in range(64):  # 64 KiB in 1 KiB pieces, 16x the limit
+                scanner.feed(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * LIMIT + 64 * 1024

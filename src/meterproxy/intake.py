@@ -42,10 +42,17 @@ def check_target(raw_path: str) -> None:
         )
     path = raw_path.split("?", 1)[0]
     lowered = path.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in path or "//" in path:
+    if (
+        "%2f" in lowered
+        or "%5c" in lowered
+        or "\\" in path
+        or "//" in path
+        or ";" in path
+        or (path.endswith("/") and path != "/")
+    ):
         raise errors.InvalidPath(
-            "the request path contains an encoded slash, a backslash or an empty segment; "
-            "send the plain path, e.g. /v1/chat/completions"
+            "the request path contains an encoded slash, a backslash, a `;` or an empty "
+            "segment; send the plain path, e.g. /v1/chat/completions"
         )
     if any(segment in (".", "..") for segment in unquote(path).split("/")):
         raise errors.InvalidPath("the request path contains `.` or `..` segments")

@@ -9,6 +9,7 @@ outcomes through one table, `_FAILURES`.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
 import aiohttp
@@ -31,6 +32,8 @@ from .watch import StreamWatch
 
 log = logging.getLogger(__name__)
 
+# Request bodies larger than this are handed to aiohttp as a stream.
+_LARGE_BODY = 1024 * 1024
 # Upstream error bodies are read whole to inspect them; past this they are cut.
 _ERROR_BODY_LIMIT = 1024 * 1024
 
@@ -103,9 +106,20 @@ def error_response(error: ProxyError, ex: Exchange) -> web.Response:
             "x-meterproxy-request-id": ex.key,
         },
     )
-    if isinstance(error, errors.RequestTimeout):
-        response.force_close()  # the rest of a slow body is not worth waiting for
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """A client too slow with its body gets its answer, then the connection closes: the rest
+    of the body is not worth waiting for (aiohttp would read it for seconds more)."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        return
+    if request.transport is not None:
+        request.transport.close()
 
 
 def refusal(runtime: Runtime, error: ProxyError) -> web.Response:
@@ -144,7 +158,10 @@ async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
         ex.refuse(error)
         if isinstance(error, (errors.RateLimited, errors.QuotaExhausted, errors.QuotaUnavailable)):
             runtime.metrics.quota_rejections.labels(ex.tenant.name, error.limit).inc()
-        return error_response(error, ex)
+        response = error_response(error, ex)
+        if isinstance(error, errors.RequestTimeout):
+            await _answer_and_close(request, response)
+        return response
     except asyncio.CancelledError:
         accounting.client_left(ex, None)
         raise
@@ -219,7 +236,12 @@ async def _forward(
         try:
             ex.reached_upstream = True
             response = await state.session.request(
-                request.method, url, data=raw, headers=headers, allow_redirects=False
+                request.method,
+                url,
+                # aiohttp warns (and may block) sending over 1 MiB of raw bytes at once
+                data=raw if len(raw) <= _LARGE_BODY else io.BytesIO(raw),
+                headers=headers,
+                allow_redirects=False,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             kind, error = _translate(exc, route)

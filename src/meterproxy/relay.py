@@ -20,7 +20,7 @@ from .config import Upstream
 from .exchange import Exchange, Outcome
 from .proxy_headers import RESPONSE_DROP
 from .runtime import Runtime
-from .sse import SSEScanner
+from .sse import EventTooLarge, SSEScanner
 from .usage import loads
 from .watch import USAGE_ONLY, StreamWatch
 
@@ -150,10 +150,9 @@ async def relay_stream(
             await out.write(chunk)
         await out.write_eof()
         return out
-    scanner = SSEScanner()
+    scanner = SSEScanner(max_event_bytes=runtime.settings.server.max_sse_event_bytes)
     broken: str | None = None
     energy, key = runtime.energy, ex.key
-    limit = runtime.settings.server.max_sse_event_bytes
     secret = upstream.api_key.encode() if upstream.api_key else None
     guard = runtime.watchdog.watch(upstream.timeouts.idle_s, response.close)
     try:
@@ -175,9 +174,6 @@ async def relay_stream(
                 kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
                 if kept:
                     await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
-            if scanner.pending > limit:
-                broken = "oversized_event"
-                break
             seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in events:
                 watch.on_event(event)
@@ -195,6 +191,8 @@ async def relay_stream(
         return out
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         broken = _broken_kind(exc, guard.tripped)
+    except EventTooLarge:
+        broken = "oversized_event"
     finally:
         runtime.watchdog.forget(guard)
     reset = broken is not None

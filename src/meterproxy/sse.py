@@ -36,6 +36,10 @@ def _parse(raw: bytes, complete: bool) -> Event:
     return Event(raw=raw, data=b"\n".join(data), name=name, complete=complete)
 
 
+class EventTooLarge(ValueError):
+    """An event (or a line without its end) grew past the scanner's `max_event_bytes`."""
+
+
 class SSEScanner:
     """Splits a byte stream into events at blank lines (LF, CRLF or CR line endings).
 
@@ -44,14 +48,38 @@ class SSEScanner:
     visible (`pending`) so the caller can bound it.
     """
 
-    __slots__ = ("_buffer", "_crlf", "_searched")
+    __slots__ = ("_buffer", "_crlf", "_limit", "_overflow", "_searched")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buffer = bytearray()
         self._searched = 0  # bytes of the buffer already known to hold no terminator
         self._crlf = False  # a CR has been seen: the slow terminator search applies
+        self._limit = max_event_bytes
+        self._overflow = False
 
     def feed(self, chunk: bytes) -> list[Event]:
+        """The events this chunk completes. Raises EventTooLarge once an unfinished event
+        holds more than `max_event_bytes` (memory stays at that bound); events completed in
+        the same chunk are returned first, and the next call raises."""
+        if self._overflow:
+            raise EventTooLarge(f"an event is larger than {self._limit:,} bytes")
+        events = self._split(chunk)
+        limit = self._limit
+        if limit is None:
+            return events
+        for i, event in enumerate(events):
+            if len(event.raw) > limit:  # whole, but too large all the same
+                del events[i:]
+                self._overflow = True
+                break
+        if len(self._buffer) > limit:
+            del self._buffer[limit:]
+            self._overflow = True
+        if self._overflow and not events:
+            raise EventTooLarge(f"an event is larger than {limit:,} bytes")
+        return events
+
+    def _split(self, chunk: bytes) -> list[Event]:
         if not self._buffer:
             if b"\r" in chunk:
                 self._crlf = True
@@ -78,12 +106,17 @@ class SSEScanner:
 
     def flush(self) -> list[Event]:
         """At end of stream: whatever was left without a terminating blank line."""
+        if self._overflow:
+            raise EventTooLarge(f"an event is larger than {self._limit:,} bytes")
         rest = bytes(self._buffer)
         self._buffer = bytearray()
         self._searched = 0
         if not rest:
             return []
-        return [_parse(rest, False)]
+        # A CR held back as the possible first half of a CRLF is a line end once the stream
+        # has ended: if it closes a blank line, the event is whole.
+        complete = rest.endswith(b"\r") and rest[:-1].endswith((b"\r", b"\n"))
+        return [_parse(rest, complete)]
 
     @property
     def pending(self) -> int:
