@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from meterproxy.settlement import Settlement as Record
 from prometheus_client import CollectorRegistry
 
 from meterproxy import config
 from meterproxy.app import create_app, start, stop
 from meterproxy.energy.nvml import NvmlSource
 from meterproxy.keys import RUNTIME
+from meterproxy.settlement import Settlement as Record
 
 # (prompt words, completion tokens, streamed): mixed sizes, some not streamed
 MIX = [
