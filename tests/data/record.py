@@ -4,6 +4,10 @@
     python tests/data/record.py --base http://127.0.0.1:4000/v1 --set litellm --key sk-... \
         --model sim-llama
 
+The `litellm` set is LiteLLM's proxy (`model: hosted_vllm/*`) in front of this project's
+simulated vLLM, serving the models of `LITELLM_MODELS` (tests/test_sim_litellm.py builds the
+same fake to compare against).
+
 Each case is written as `<set>/<case>.sse` (the body exactly as received) and described in
 `<set>/cases.json`: the path, the request body, the status and content type of the response.
 """
@@ -39,6 +43,16 @@ def cases(model: str, kind: str) -> dict[str, tuple[str, dict[str, Any]]]:
         "completions_stream_usage": ("/completions", {**completion, **usage}),
         "responses_stream": ("/responses", response),
     }
+    if kind == "litellm":
+        for name in ("sim-r1", "sim-500", "sim-400", "sim-401", "sim-inband", "sim-inband0"):
+            case = {**chat, **usage, "model": name}
+            table[f"chat_stream_usage_{name[4:]}"] = ("/chat/completions", case)
+        table["chat_stream_usage_reset"] = (
+            "/chat/completions",
+            {**chat, "model": "sim-reset", **usage},
+        )
+        table["chat"] = ("/chat/completions", {**chat, "stream": False})
+        table["completions"] = ("/completions", {**completion, "stream": False})
     if kind == "llama_cpp":
         weather = {
             "type": "function",

@@ -228,6 +228,11 @@ class Frames:
 
     # -- whole bodies, headers, errors ----------------------------------------------------
 
+    @staticmethod
+    def engine_input(body: dict[str, Any]) -> Any:
+        """What the engine tokenizes as the prompt."""
+        return body.get("messages", body.get("prompt", body.get("input")))
+
     def dumps(self, payload: Any) -> bytes:
         return orjson.dumps(payload)
 

@@ -13,6 +13,7 @@ checks this module against them. What matters to a meter, with LiteLLM's source 
   Mid-stream the error event (Python `json.dumps`, so `", "` separators) ends the stream, no
   `[DONE]` (`async_data_generator` in litellm/proxy/proxy_server.py).
 - An upstream reset mid-stream becomes a clean finish (`"finish_reason":"stop"`, `[DONE]`).
+- With `n` > 1 only the first choice gets a role and a finish_reason; usage sums all choices.
 - Responses streams carry the event type only inside the data (no `event:` lines) and end
   without `[DONE]` (`_format_responses_sse_chunk` and `ends_with_openai_done` in
   proxy_server.py of litellm 1.110.2; 1.80.0 still appended a `[DONE]`).
@@ -66,29 +67,45 @@ class LiteLLMFrames(Frames):
             chunk["usage"] = usage
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
+    @staticmethod
+    def engine_input(body: dict[str, Any]) -> Any:
+        if isinstance(body.get("input"), str):  # Responses, bridged to a chat completion
+            return [{"role": "user", "content": body["input"]}]
+        return Frames.engine_input(body)
+
     def role(self, index: int = 0) -> bytes:
         return b""  # merged into the first token's delta
 
     def token(self, i: int, finish: str | None, index: int = 0) -> bytes:
+        if self.behavior.failure == "reset":
+            return b""  # recorded: none of the tokens before vLLM's reset reached the client
         word = WORDS[i % len(WORDS)]
         if self.kind != "chat":
             return self._lchunk([{"index": index, "text": word}], routed=False)
-        delta = {"content": word, "role": "assistant"} if i == 0 else {"content": word}
+        # Only the first choice's first delta gets the role (n=2 was recorded so).
+        first = i == 0 and index == 0
+        delta = {"content": word, "role": "assistant"} if first else {"content": word}
         return self._lchunk([{"index": index, "delta": delta}], routed=False)
 
     def finish(self, finish: str, index: int = 0) -> bytes:
+        if index > 0:
+            return b""  # LiteLLM sends the first choice's finish_reason only
         if self.kind != "chat":
             return self._lchunk([{"finish_reason": finish, "index": index}], routed=False)
         choice = {"finish_reason": finish, "index": index, "delta": {}}
         return self._lchunk([choice], routed=True)
 
     def usage(self, completion: int) -> bytes:
-        usage = {
+        usage: dict[str, Any] = {
             "completion_tokens": completion,
             "prompt_tokens": self.prompt,
             "total_tokens": self.prompt + completion,
-            "completion_tokens_details": {"reasoning_tokens": self.behavior.reasoning_tokens or 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": min(completion, self.behavior.reasoning_tokens or 0)
+            },
         }
+        if self.behavior.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.behavior.cached_tokens}
         choice: dict[str, Any] = {"index": 0, "delta": {}} if self.kind == "chat" else {"index": 0}
         return self._lchunk([choice], routed=self.kind == "chat", usage=usage)
 
@@ -108,7 +125,7 @@ class LiteLLMFrames(Frames):
     def event(self, name: str, payload: dict[str, Any]) -> bytes:
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-    def _envelope(self, status: str, usage: Any = None) -> dict[str, Any]:
+    def _envelope(self, status: str) -> dict[str, Any]:
         envelope: dict[str, Any] = {
             "id": self.id,
             "created_at": CREATED,
@@ -116,16 +133,15 @@ class LiteLLMFrames(Frames):
             "object": "response",
             "output": [],
             "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            "top_p": 1.0,
-            "reasoning": {},
-            "status": status,
-            "store": True,
         }
-        if usage is not None:
-            envelope["usage"] = usage
+        envelope.update(self._temperature())
+        envelope.update(tool_choice="auto", tools=[], top_p=1.0, reasoning={}, status=status)
+        envelope["store"] = True
         return envelope
+
+    def _temperature(self) -> dict[str, float]:
+        temperature = self.body.get("temperature")
+        return {} if temperature is None else {"temperature": float(temperature)}
 
     def _part(self, text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": []}
@@ -159,7 +175,7 @@ class LiteLLMFrames(Frames):
     def response_delta(self, i: int) -> bytes:
         payload = {
             "type": "response.output_text.delta",
-            "item_id": self.item_id,
+            "item_id": self.id,  # the bridged chat completion's id
             "output_index": 0,
             "content_index": 0,
             "delta": WORDS[i % len(WORDS)],
@@ -176,8 +192,28 @@ class LiteLLMFrames(Frames):
             "role": "assistant",
             "content": [self._part(text)],
         }
-        completed = self._envelope("completed", usage)
-        completed["output"] = [message]
+        # The bridged chat completion, as LiteLLM turns it back into a response.
+        completed: dict[str, Any] = {
+            "id": self.id,
+            "created_at": CREATED,
+            "metadata": {},
+            "model": self.model,
+            "object": "chat.completion",
+            "output": [
+                {
+                    "type": "message",
+                    "id": self.id,
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [self._part(text)],
+                }
+            ],
+            "parallel_tool_calls": False,
+        }
+        completed.update(self._temperature())
+        completed.update(tool_choice="auto", tools=[], reasoning={}, status="completed", text={})
+        if usage is not None:
+            completed["usage"] = usage
         return [
             self.event("", {"type": "response.output_text.done", **where, "text": text}),
             self.event(

@@ -251,7 +251,7 @@ class FakeUpstream:
         )
         count = behavior.tokens if not isinstance(limit, int) else min(limit, behavior.tokens)
         finish = "length" if isinstance(limit, int) and limit < behavior.tokens else "stop"
-        prompt = prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
+        prompt = prompt_tokens(self.frames_class(behavior).engine_input(body))
         n = body.get("n")
         seen.choices = n if isinstance(n, int) and n > 1 and kind != "response" else 1
         seen.prompt_tokens = prompt
