@@ -193,3 +193,34 @@ async def test_litellm_responses_stream_has_no_event_lines_and_no_done(serve: An
         stream = await c.responses.create(model="m", input="hi there", stream=True)
         parsed = [event.type async for event in stream]
     assert parsed == kinds
+
+
+async def test_openai_flavor_ends_responses_incomplete_or_failed(serve: Any) -> None:
+    models = {
+        "gpt-4o": Behavior(tokens=6),
+        "gpt-4o-broken": with_failure(Behavior(tokens=6), "in_band_error", after=2),
+    }
+    base = await serve(FakeUpstream("openai", models))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as c:
+        cut = [
+            event
+            async for event in await c.responses.create(
+                model="gpt-4o", input="hi", max_output_tokens=4, stream=True
+            )
+        ]
+        failed = [
+            event
+            async for event in await c.responses.create(
+                model="gpt-4o-broken", input="hi", stream=True
+            )
+        ]
+        whole = await c.responses.create(model="gpt-4o", input="hi", max_output_tokens=4)
+    assert cut[-1].type == "response.incomplete"
+    assert cut[-1].response.incomplete_details is not None
+    assert cut[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert cut[-1].response.output_text == " the quick brown fox"
+    assert [e.type for e in failed][-1] == "response.failed"
+    assert failed[-1].response.error is not None
+    assert failed[-1].response.error.code == "server_error"
+    assert whole.status == "incomplete" and whole.usage is not None
+    assert whole.usage.output_tokens == 4

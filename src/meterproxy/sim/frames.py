@@ -143,6 +143,8 @@ class Frames:
 
     def stream_error(self) -> bytes:
         """The in-band error event of an engine that fails mid-stream."""
+        if self.kind == "response":
+            return b""  # vLLM's failing Responses stream is not reproduced: it just ends
         error = {
             "error": {
                 "message": "The engine encountered an error (EngineDeadError).",
@@ -186,7 +188,7 @@ class Frames:
                     "id": self.item_id,
                     "type": "message",
                     "role": "assistant",
-                    "status": "completed",
+                    "status": status,
                     "content": [
                         {
                             "type": "output_text",
@@ -197,7 +199,7 @@ class Frames:
                     ],
                 }
             ]
-            if status == "completed"
+            if status in ("completed", "incomplete")
             else []
         )
         return {

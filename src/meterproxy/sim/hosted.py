@@ -6,7 +6,10 @@ openai SDK's `ChatCompletionStreamOptionsParam` docstring: once `include_usage` 
 chunk carries `"usage":null`, and a final chunk with `"choices":[]` carries the usage; without
 it no chunk has a `usage` key. Chunks add `service_tier`, `system_fingerprint` and an
 `obfuscation` padding string (left out when `stream_options.include_obfuscation` is false); the
-finish_reason comes in a chunk of its own with an empty delta; replies carry an `x-request-id`
+finish_reason comes in a chunk of its own with an empty delta; a Responses stream cut by
+`max_output_tokens` ends in `response.incomplete` (status `incomplete`, `incomplete_details`), one
+the engine fails ends in `response.failed` (the API reference's streaming events); replies carry
+an `x-request-id`
 of the form `req_<hex>`; error bodies have OpenAI's `type`/`code` strings; non-streamed bodies
 are indented JSON.
 """
@@ -114,6 +117,34 @@ class HostedFrames(Frames):
             }
             return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
         return {"text": text_of(count), "index": index, "logprobs": None, "finish_reason": finish}
+
+    # -- Responses: incomplete when cut, failed when the engine fails -----------------------
+
+    def _truncated(self) -> bool:
+        limit = self.body.get("max_output_tokens")
+        return isinstance(limit, int) and limit < self.behavior.tokens
+
+    def response(self, status: str, count: int, usage: Any) -> dict[str, Any]:
+        if status == "completed" and self._truncated():
+            status = "incomplete"
+        event = super().response(status, count, usage)
+        if status == "incomplete":
+            event["response"]["incomplete_details"] = {"reason": "max_output_tokens"}
+        return event
+
+    def response_tail(self, count: int, usage: Any) -> list[bytes]:
+        event = self.response("completed", count, usage)
+        return [self.event(event["type"], event)]
+
+    def stream_error(self) -> bytes:
+        if self.kind != "response":
+            return super().stream_error()
+        event = self.response("failed", 0, None)
+        event["response"]["error"] = {
+            "code": "server_error",
+            "message": "The server had an error while processing your request. Sorry about that!",
+        }
+        return self.event("response.failed", event)
 
     def dumps(self, payload: Any) -> bytes:
         return orjson.dumps(payload, option=orjson.OPT_INDENT_2)

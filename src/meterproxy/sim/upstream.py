@@ -320,7 +320,7 @@ class FakeUpstream:
         )
         await out.prepare(request)
         if frames.kind == "response":
-            return await self._stream_response(out, frames, behavior, count, seen)
+            return await self._stream_response(request, out, frames, behavior, count, seen)
         if frames.kind == "chat":
             for index in range(n):
                 await _write(out, frames.role(index))
@@ -371,6 +371,7 @@ class FakeUpstream:
 
     async def _stream_response(
         self,
+        request: web.Request,
         out: web.StreamResponse,
         frames: Frames,
         behavior: Behavior,
@@ -384,6 +385,8 @@ class FakeUpstream:
         for i in range(count):
             if i and behavior.pace_s:
                 await asyncio.sleep(behavior.pace_s)
+            if behavior.failure and i == behavior.fail_after:
+                return await self._fail_stream(request, out, behavior, frames, seen)
             await out.write(frames.response_delta(i))
             self._token(seen, i, seen.prompt_tokens or 0)
         self._finished(seen, "length" if count < behavior.tokens else "stop", 1)
