@@ -198,8 +198,13 @@ async def test_responses_api_stream_and_non_stream(proxy: Proxy) -> None:
 
 
 async def test_responses_cut_by_max_output_tokens_are_truncation_waste_streamed_or_not(
-    proxy: Proxy,
+    start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
+    # OpenAI's Responses API ends a reply cut by max_output_tokens in `response.incomplete`.
+    up: Upstream = await start_upstream(flavor="openai")
+    proxy: Proxy = await start_proxy(
+        {"upstreams": [{"name": "openai", "url": up.url, "kind": "openai"}]}
+    )
     async with client(proxy) as c:
         reply = await c.responses.create(model="sim-llama", input="Hi", max_output_tokens=3)
         stream = await c.responses.create(

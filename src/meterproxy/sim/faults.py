@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .frames import CREATED, Frames, full_body, prompt_tokens
+from .frames import CREATED, Frames, prompt_tokens
 from .upstream import Behavior
 
 MIB = 1024 * 1024
@@ -260,7 +260,7 @@ class FaultUpstream:
         frames = Frames(self.flavor, body, kind, prompt, Behavior(), continuous=False)
         if body.get("stream") is True:
             return await _Stream(reader, writer, exchange, frames, script).run(count, finish)
-        answer = full_body(body, Behavior(), kind, count, finish, prompt)
+        answer = frames.full_body(count, finish)
         answer["usage"] = _usage(prompt, count, script)
         if script.fault is Fault.NONE:
             exchange.generated = count

@@ -1,4 +1,12 @@
-"""How vLLM (and trtllm-serve) serialize OpenAI responses: chunks, usage, bodies, ids."""
+"""How vLLM (and trtllm-serve) serialize OpenAI responses: chunks, usage, bodies, ids.
+
+The chunk shapes follow vLLM's `chat_completion_stream_generator` in
+vllm/entrypoints/openai/chat_completion/serving.py: every chunk is
+`model_dump_json(exclude_unset=True)`, each carries one choice; with `n` > 1 each choice gets
+its own role chunk and its own token chunks (interleaved step by step), continuous usage counts
+that choice's tokens, and the one final usage chunk sums the completions of all choices.
+Other servers' formats subclass `Frames` (sim/hosted.py: OpenAI; sim/litellm.py: LiteLLM).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ if TYPE_CHECKING:
     from .upstream import Behavior
 
 CREATED = 1_730_000_000
+DONE = b"data: [DONE]\n\n"
 
 
 # Each of these is one token in cl100k and o200k, so tiktoken estimates match the fake's counts.
@@ -30,8 +39,12 @@ WORDS = (
 )
 
 
+def text_of(count: int) -> str:
+    return "".join(WORDS[i % len(WORDS)] for i in range(count))
+
+
 class Frames:
-    """Serializes chunks the way the flavor's server does."""
+    """Serializes chunks the way the flavor's server does (here: vLLM, trtllm-serve)."""
 
     def __init__(
         self,
@@ -41,15 +54,19 @@ class Frames:
         prompt: int,
         behavior: Behavior,
         continuous: bool,
+        include_usage: bool = False,
     ) -> None:
         self.flavor, self.kind, self.prompt, self.behavior = flavor, kind, prompt, behavior
-        self.continuous = continuous
+        self.continuous, self.include_usage = continuous, include_usage
+        self.body = body
         self.model = body["model"]
         self.id = make_id(
             {"chat": "chatcmpl", "completion": "cmpl", "response": "resp"}[kind], body
         )
         self.item_id = "msg_" + self.id[-16:]
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    # -- streamed chat and completions ----------------------------------------------------
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -63,9 +80,9 @@ class Frames:
             chunk["usage"] = usage
         return orjson.dumps(chunk)
 
-    def role(self) -> bytes:
+    def role(self, index: int = 0) -> bytes:
         choice = {
-            "index": 0,
+            "index": index,
             "delta": {"role": "assistant", "content": ""},
             "logprobs": None,
             "finish_reason": None,
@@ -75,11 +92,12 @@ class Frames:
         tail = b" \n\n" if self.flavor == "trtllm" else b"\n\n"
         return b"data: " + self._chunk([choice], usage) + tail
 
-    def token(self, i: int, finish: str | None) -> bytes:
+    def token(self, i: int, finish: str | None, index: int = 0) -> bytes:
+        """Token `i` of choice `index`; vLLM sends the finish_reason on the last token's chunk."""
         word = WORDS[i % len(WORDS)]
         if self.kind == "chat":
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": index,
                 "delta": {"content": word},
                 "logprobs": None,
                 "finish_reason": finish,
@@ -87,7 +105,7 @@ class Frames:
             }
         else:
             choice = {
-                "index": 0,
+                "index": index,
                 "text": word,
                 "logprobs": None,
                 "finish_reason": finish,
@@ -98,8 +116,16 @@ class Frames:
         usage = self._usage(i + 1, details=False) if self.continuous else None
         return b"data: " + self._chunk([choice], usage) + b"\n\n"
 
+    def finish(self, finish: str, index: int = 0) -> bytes:
+        """A chunk of its own for the finish_reason, for servers that send one (not vLLM)."""
+        return b""
+
     def usage(self, completion: int) -> bytes:
+        """The usage chunk after all choices: the prompt once, the completions of all choices."""
         return b"data: " + self._chunk([], self._usage(completion, details=True)) + b"\n\n"
+
+    def done(self) -> bytes:
+        return DONE
 
     def _usage(self, completion: int, *, details: bool) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -115,11 +141,47 @@ class Frames:
             usage["prompt_tokens_details"] = {"cached_tokens": self.behavior.cached_tokens}
         return usage
 
+    def stream_error(self) -> bytes:
+        """The in-band error event of an engine that fails mid-stream."""
+        if self.kind == "response":
+            return b""  # vLLM's failing Responses stream is not reproduced: it just ends
+        error = {
+            "error": {
+                "message": "The engine encountered an error (EngineDeadError).",
+                "type": "InternalServerError",
+                "param": None,
+                "code": 500,
+            }
+        }
+        # vLLM ends every stream with [DONE]; trtllm-serve doesn't.
+        done = DONE if self.flavor == "vllm" else b""
+        return b"data: " + orjson.dumps(error) + b"\n\n" + done
+
+    # -- streamed Responses ---------------------------------------------------------------
+
     def event(self, name: str, payload: dict[str, Any]) -> bytes:
         return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
+    def response_head(self) -> list[bytes]:
+        return [self.event("response.created", self.response("in_progress", 0, None))]
+
+    def response_delta(self, i: int) -> bytes:
+        payload = {
+            "type": "response.output_text.delta",
+            "content_index": 0,
+            "delta": WORDS[i % len(WORDS)],
+            "item_id": self.item_id,
+            "output_index": 0,
+            "sequence_number": i + 1,
+            "logprobs": [],
+        }
+        return self.event("response.output_text.delta", payload)
+
+    def response_tail(self, count: int, usage: Any) -> list[bytes]:
+        """The terminal event (and whatever follows it: a Responses stream has no [DONE])."""
+        return [self.event("response.completed", self.response("completed", count, usage))]
+
     def response(self, status: str, count: int, usage: Any) -> dict[str, Any]:
-        text = "".join(WORDS[i % len(WORDS)] for i in range(count))
         output = (
             [
                 {
@@ -128,7 +190,12 @@ class Frames:
                     "role": "assistant",
                     "status": status,
                     "content": [
-                        {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+                        {
+                            "type": "output_text",
+                            "text": text_of(count),
+                            "annotations": [],
+                            "logprobs": None,
+                        }
                     ],
                 }
             ]
@@ -144,10 +211,6 @@ class Frames:
                 "created_at": CREATED,
                 "model": self.model,
                 "status": status,
-                # OpenAI's shape for a reply cut by max_output_tokens
-                "incomplete_details": {"reason": "max_output_tokens"}
-                if status == "incomplete"
-                else None,
                 "output": output,
                 "parallel_tool_calls": True,
                 "tool_choice": "auto",
@@ -165,59 +228,72 @@ class Frames:
             "total_tokens": self.prompt + count,
         }
 
+    # -- whole bodies, headers, errors ----------------------------------------------------
 
-def full_body(
-    body: dict[str, Any], behavior: Behavior, kind: str, count: int, finish: str, prompt: int
-) -> dict[str, Any]:
-    frames = Frames("vllm", body, kind, prompt, behavior, False)
-    text = "".join(WORDS[i % len(WORDS)] for i in range(count))
-    usage = frames._usage(count, details=True) if behavior.usage else None
-    if kind == "response":
-        result = frames.response(
-            "incomplete" if finish == "length" else "completed",
-            count,
-            frames.response_usage(count) if behavior.usage else None,
-        )
-        response: dict[str, Any] = result["response"]
-        return response
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": text,
-                "refusal": None,
-                "annotations": None,
-                "audio": None,
-                "function_call": None,
-                "tool_calls": [],
-                "reasoning_content": None,
-            },
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": None,
+    @staticmethod
+    def engine_input(body: dict[str, Any]) -> Any:
+        """What the engine tokenizes as the prompt."""
+        return body.get("messages", body.get("prompt", body.get("input")))
+
+    def dumps(self, payload: Any) -> bytes:
+        return orjson.dumps(payload)
+
+    @staticmethod
+    def headers(seed: bytes) -> dict[str, str]:
+        """Headers of this server's replies beyond the content type (`seed`: per request)."""
+        return {}
+
+    @staticmethod
+    def http_error(failure: str, model: str, authorization: str) -> tuple[int, str, bytes] | None:
+        """(status, content type, body) of a failure answered before any token; None: vLLM's."""
+        return None
+
+    def full_body(self, count: int, finish: str, n: int = 1) -> dict[str, Any]:
+        """The non-streamed reply: `n` choices of `count` tokens each."""
+        usage = self._usage(n * count, details=True) if self.behavior.usage else None
+        if self.kind == "response":
+            result = self.response(
+                "completed", count, self.response_usage(count) if self.behavior.usage else None
+            )
+            response: dict[str, Any] = result["response"]
+            return response
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion" if self.kind == "chat" else "text_completion",
+            "created": CREATED,
+            "model": self.model,
+            "choices": [self.full_choice(index, count, finish) for index in range(n)],
         }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def full_choice(self, index: int, count: int, finish: str) -> dict[str, Any]:
+        if self.kind == "chat":
+            return {
+                "index": index,
+                "message": {
+                    "role": "assistant",
+                    "content": text_of(count),
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+            }
+        return {
+            "index": index,
+            "text": text_of(count),
             "logprobs": None,
             "finish_reason": finish,
             "stop_reason": None,
             "prompt_logprobs": None,
         }
-        obj = "text_completion"
-    out: dict[str, Any] = {
-        "id": frames.id,
-        "object": obj,
-        "created": CREATED,
-        "model": body["model"],
-        "choices": [choice],
-    }
-    if usage is not None:
-        out["usage"] = usage
-    return out
 
 
 def prompt_tokens(value: Any) -> int:

@@ -1,8 +1,11 @@
-"""A simulated OpenAI-compatible inference server that speaks vLLM's bytes (or trtllm-serve's).
+"""A simulated OpenAI-compatible inference server that speaks vLLM's bytes, or another
+server's: trtllm-serve's, OpenAI's hosted API (sim/hosted.py), LiteLLM's proxy (sim/litellm.py).
 
 Chunks are framed exactly as vLLM frames them (compact pydantic JSON, `data: ...\\n\\n`, a role
-chunk, one chunk per token, the usage-only chunk with empty `choices`, `data: [DONE]`), and each
-model name selects a Behavior: token count, pacing, usage reporting and failure mode.
+chunk, one chunk per token and choice, the usage-only chunk with empty `choices`,
+`data: [DONE]`), and each model name selects a Behavior: token count, pacing, usage reporting,
+failure mode, and optionally its own flavor. The vLLM flavor also serves vLLM's own token
+counters at /metrics (sim/engine_metrics.py), counting what it generated.
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .frames import CREATED, WORDS, Frames, full_body, is_ids, make_id, prompt_tokens
+from .engine_metrics import CONTENT_TYPE, VllmCounters
+from .frames import CREATED, Frames, is_ids, make_id, prompt_tokens
+from .hosted import HostedFrames
+from .litellm import LiteLLMFrames
+
+# Each flavor's serializer: select one for a whole server (FakeUpstream.flavor) or per model
+# name (Behavior.flavor).
+FLAVORS: dict[str, type[Frames]] = {
+    "vllm": Frames,
+    "trtllm": Frames,
+    "openai": HostedFrames,
+    "litellm": LiteLLMFrames,
+}
 
 FAILURES = (
     "http_500_html",
@@ -42,6 +57,7 @@ class Behavior:
     reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
     failure: str | None = None  # one of FAILURES
     fail_after: int = 2  # tokens streamed before a mid-stream failure
+    flavor: str | None = None  # one of FLAVORS: this model's server, else the FakeUpstream's
 
 
 @dataclass
@@ -54,29 +70,43 @@ class Seen:
     finished_ns: int | None = None  # the handler ended (response complete or cancelled)
     cancelled: bool = False  # the client (the proxy) closed the connection mid-response
     prompt_tokens: int | None = None  # the truth: what this server counted and reports
-    generated: int = 0  # completion tokens generated (and sent) so far
+    generated: int = 0  # completion tokens generated (and sent) so far, all choices
+    choices: int = 1  # `n`
+    finished_choices: int = 0  # choices that ran to their end (stop or length)
 
 
 @dataclass
 class FakeUpstream:
-    flavor: str = "vllm"  # vllm | trtllm
+    flavor: str = "vllm"  # one of FLAVORS
     models: dict[str, Behavior] = field(default_factory=lambda: {"sim-llama": Behavior()})
     seen: list[Seen] = field(default_factory=list)
     keep_seen: bool = True  # False for long benchmark runs: remember nothing
     requests_total: int = 0  # the truth, kept even when `seen` is not
     prompt_tokens_total: int = 0
     generated_total: int = 0
+    engine: VllmCounters = field(default_factory=VllmCounters)  # vLLM's own counters
+
+    def __post_init__(self) -> None:
+        for name, behavior in self.models.items():
+            if (behavior.flavor or self.flavor) not in FLAVORS:
+                raise ValueError(f"model {name!r}: unknown flavor; expected one of {list(FLAVORS)}")
+            self.engine.serve(name)
 
     def behavior(self, model: str) -> Behavior | None:
         return self.models.get(model)
 
+    def frames_class(self, behavior: Behavior) -> type[Frames]:
+        return FLAVORS[behavior.flavor or self.flavor]
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)  # vLLM takes long prompts
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # engines take long prompts
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._responses)
+        if self.flavor == "vllm":
+            app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/v1/{tail:.*}", self._echo)
         return app
 
@@ -96,6 +126,11 @@ class FakeUpstream:
             for name in self.models
         ]
         return _json({"object": "list", "data": data})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.engine.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -155,7 +190,17 @@ class FakeUpstream:
                 _error(404, "NotFoundError", f"The model `{body.get('model')}` does not exist."),
                 seen,
             )
-        if behavior.failure == "http_500_html":
+        failure = behavior.failure
+        if failure == "in_band_error" and behavior.fail_after == 0 and body.get("stream") is True:
+            failure = "in_band_error_first"
+        answered = self.frames_class(behavior).http_error(
+            failure or "", body["model"], request.headers.get("Authorization", "")
+        )
+        if answered is not None:
+            status, content_type, payload = answered
+            headers = {"Content-Type": content_type, **self._headers(behavior, raw)}
+            return body, web.Response(status=status, body=payload, headers=headers), seen
+        if failure == "http_500_html":
             return (
                 body,
                 web.Response(
@@ -165,7 +210,7 @@ class FakeUpstream:
                 ),
                 seen,
             )
-        if behavior.failure == "http_400":
+        if failure == "http_400":
             return (
                 body,
                 _error(
@@ -173,7 +218,7 @@ class FakeUpstream:
                 ),
                 seen,
             )
-        if behavior.failure == "http_401":
+        if failure == "http_401":
             return (
                 body,
                 _error(
@@ -184,13 +229,16 @@ class FakeUpstream:
                 ),
                 seen,
             )
-        if behavior.failure == "hang":
+        if failure == "hang":
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
                 seen.cancelled, seen.finished_ns = True, time.monotonic_ns()
                 raise
         return body, behavior, seen
+
+    def _headers(self, behavior: Behavior, raw: bytes) -> dict[str, str]:
+        return self.frames_class(behavior).headers(raw + str(self.requests_total).encode())
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         body, behavior, seen = await self._accept(request)
@@ -203,79 +251,119 @@ class FakeUpstream:
         )
         count = behavior.tokens if not isinstance(limit, int) else min(limit, behavior.tokens)
         finish = "length" if isinstance(limit, int) and limit < behavior.tokens else "stop"
-        prompt = prompt_tokens(body.get("messages", body.get("prompt", body.get("input"))))
+        prompt = prompt_tokens(self.frames_class(behavior).engine_input(body))
+        n = body.get("n")
+        seen.choices = n if isinstance(n, int) and n > 1 and kind != "response" else 1
         seen.prompt_tokens = prompt
         self.prompt_tokens_total += prompt
+        options = body.get("stream_options") or {}
+        include_usage = behavior.usage and bool(options.get("include_usage"))
+        continuous = include_usage and bool(options.get("continuous_usage_stats"))
+        frames = self.frames_class(behavior)(
+            behavior.flavor or self.flavor, body, kind, prompt, behavior, continuous, include_usage
+        )
         try:
             if body.get("stream") is True:
-                return await self._stream(request, seen, behavior, kind, count, finish)
+                return await self._stream(request, seen, behavior, frames, count, finish)
             if behavior.first_token_s or behavior.pace_s:
                 await asyncio.sleep(behavior.first_token_s + behavior.pace_s * count)
-            seen.generated = count
-            self.generated_total += count
-            return _json(full_body(body, behavior, kind, count, finish, prompt))
+            for _ in range(seen.choices if count else 0):
+                self._token(seen, 0, prompt)
+                self._generated(seen, count - 1)
+            self._finished(seen, finish, seen.choices)
+            headers = {"Content-Type": "application/json", **self._headers(behavior, b"")}
+            payload = frames.dumps(frames.full_body(count, finish, seen.choices))
+            return web.Response(body=payload, headers=headers)
         except asyncio.CancelledError:
             seen.cancelled = True
             raise
         finally:
             seen.finished_ns = time.monotonic_ns()
+            # A request that did not run to its end was aborted (client gone, or a fault).
+            self._finished(seen, "abort", seen.choices - seen.finished_choices)
+
+    # -- the truth, and vLLM's counters of it --------------------------------------------
+
+    def _token(self, seen: Seen, i: int, prompt: int) -> None:
+        if i == 0:  # vLLM counts a choice's prompt once its first token is out
+            self.engine.prefilled(seen.body["model"], prompt)
+        self._generated(seen, 1)
+
+    def _generated(self, seen: Seen, tokens: int) -> None:
+        if tokens > 0:
+            seen.generated += tokens
+            self.generated_total += tokens
+            self.engine.generated(seen.body["model"], tokens)
+
+    def _finished(self, seen: Seen, reason: str, choices: int) -> None:
+        if choices > 0:
+            self.engine.finished(seen.body["model"], reason, choices)
+            seen.finished_choices += choices
+
+    # -- streams --------------------------------------------------------------------------
 
     async def _stream(
         self,
         request: web.Request,
         seen: Seen,
         behavior: Behavior,
-        kind: str,
+        frames: Frames,
         count: int,
         finish: str,
     ) -> web.StreamResponse:
-        body, prompt = seen.body, seen.prompt_tokens or 0
-        out = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        prompt, n = seen.prompt_tokens or 0, seen.choices
+        out = web.StreamResponse(
+            headers={
+                "content-type": "text/event-stream; charset=utf-8",
+                **self._headers(behavior, b""),
+            }
+        )
         await out.prepare(request)
-        options = body.get("stream_options") or {}
-        include_usage = behavior.usage and bool(options.get("include_usage"))
-        continuous = include_usage and bool(options.get("continuous_usage_stats"))
-        frames = Frames(self.flavor, body, kind, prompt, behavior, continuous)
-        if kind == "response":
-            return await self._stream_response(out, frames, behavior, count, seen, finish)
-        if kind == "chat":
-            await out.write(frames.role())
+        if frames.kind == "response":
+            return await self._stream_response(request, out, frames, behavior, count, seen)
+        if frames.kind == "chat":
+            for index in range(n):
+                await _write(out, frames.role(index))
         if behavior.first_token_s:
             await asyncio.sleep(behavior.first_token_s)
         for i in range(count):
             if i and behavior.pace_s:
                 await asyncio.sleep(behavior.pace_s)
             if behavior.failure and i == behavior.fail_after:
-                return await self._fail_stream(request, out, behavior)
-            await out.write(frames.token(i, finish if i == count - 1 else None))
-            seen.generated += 1
-            self.generated_total += 1
-        if include_usage:
-            await out.write(frames.usage(count))
-        await out.write(b"data: [DONE]\n\n")
+                return await self._fail_stream(request, out, behavior, frames, seen)
+            for index in range(n):
+                await _write(out, frames.token(i, finish if i == count - 1 else None, index))
+                self._token(seen, i, prompt)
+        for index in range(n):
+            await _write(out, frames.finish(finish, index))
+        self._finished(seen, finish, n)
+        if frames.include_usage:
+            await out.write(frames.usage(n * count))
+        await out.write(frames.done())
         await out.write_eof()
         return out
 
     async def _fail_stream(
-        self, request: web.Request, out: web.StreamResponse, behavior: Behavior
+        self,
+        request: web.Request,
+        out: web.StreamResponse,
+        behavior: Behavior,
+        frames: Frames,
+        seen: Seen,
     ) -> web.StreamResponse:
         if behavior.failure == "reset":
+            if isinstance(frames, LiteLLMFrames):
+                # LiteLLM turns vLLM's reset into a clean end; the engine's request was aborted.
+                await out.write(frames.reset_masked())
+                await out.write_eof()
+                return out
             assert request.transport is not None
             request.transport.abort()
         elif behavior.failure == "hang_mid":
             await asyncio.sleep(3600)
         elif behavior.failure == "in_band_error":
-            error = {
-                "error": {
-                    "message": "The engine encountered an error (EngineDeadError).",
-                    "type": "InternalServerError",
-                    "param": None,
-                    "code": 500,
-                }
-            }
-            await out.write(b"data: " + orjson.dumps(error) + b"\n\n")
-            if self.flavor == "vllm":  # vLLM ends every stream with [DONE]; trtllm-serve doesn't
-                await out.write(b"data: [DONE]\n\n")
+            self._finished(seen, "error", seen.choices)
+            await out.write(frames.stream_error())
             await out.write_eof()
         else:  # "eof": the stream just ends, as trtllm-serve does on errors
             await out.write_eof()
@@ -283,40 +371,35 @@ class FakeUpstream:
 
     async def _stream_response(
         self,
+        request: web.Request,
         out: web.StreamResponse,
         frames: Frames,
         behavior: Behavior,
         count: int,
         seen: Seen,
-        finish: str,
     ) -> web.StreamResponse:
-        await out.write(frames.event("response.created", frames.response("in_progress", 0, None)))
+        for event in frames.response_head():
+            await out.write(event)
         if behavior.first_token_s:
             await asyncio.sleep(behavior.first_token_s)
         for i in range(count):
             if i and behavior.pace_s:
                 await asyncio.sleep(behavior.pace_s)
-            await out.write(
-                frames.event(
-                    "response.output_text.delta",
-                    {
-                        "type": "response.output_text.delta",
-                        "content_index": 0,
-                        "delta": WORDS[i % len(WORDS)],
-                        "item_id": frames.item_id,
-                        "output_index": 0,
-                        "sequence_number": i + 1,
-                        "logprobs": [],
-                    },
-                )
-            )
-            seen.generated += 1
-            self.generated_total += 1
+            if behavior.failure and i == behavior.fail_after:
+                return await self._fail_stream(request, out, behavior, frames, seen)
+            await out.write(frames.response_delta(i))
+            self._token(seen, i, seen.prompt_tokens or 0)
+        self._finished(seen, "length" if count < behavior.tokens else "stop", 1)
         usage = frames.response_usage(count) if behavior.usage else None
-        status = "incomplete" if finish == "length" else "completed"  # cut by max_output_tokens
-        await out.write(frames.event(f"response.{status}", frames.response(status, count, usage)))
+        for event in frames.response_tail(count, usage):
+            await out.write(event)
         await out.write_eof()
         return out
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> None:
+    if data:  # some servers send nothing where vLLM sends a chunk (e.g. LiteLLM's role chunk)
+        await out.write(data)
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
@@ -330,10 +413,10 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 
 def _cli() -> None:
-    parser = argparse.ArgumentParser(description="Run a simulated vLLM server.")
+    parser = argparse.ArgumentParser(description="Run a simulated vLLM (or other) server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--flavor", default="vllm", choices=("vllm", "trtllm"))
+    parser.add_argument("--flavor", default="vllm", choices=tuple(FLAVORS))
     parser.add_argument(
         "--model",
         action="append",
