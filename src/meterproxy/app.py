@@ -17,19 +17,23 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery, pricing, reload, routes
 from .backends import EnergyBackend, NoEnergy
+from .config import Ledger as LedgerSettings
 from .config import Settings, Upstream
 from .energy.factory import open_source
 from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
-from .keys import LEDGER, RELOAD, RUNTIME, STATUS
-from .ledger import Ledger
+from .export.exporter import CloudEventsExporter
+from .keys import EXPORT, LEDGER, RELOAD, RUNTIME, STATUS
+from .ledger import LEDGER_SCHEMA, Ledger
 from .metrics import Metrics
 from .quota_local import LocalQuota
 from .routing import Router
 from .runtime import Current, Live, Runtime, UpstreamState
 from .server import GuardedSite
 from .settlement import EstimateCompleter, Settler, Sink
+from .store.base import open_store
+from .store.sqlite import SqliteStore
 from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
 from .ui import web as ui_web
 from .watchdog import StreamWatchdog
@@ -89,11 +93,14 @@ def create_app(
         )
     )
     settler.add_completer(_energy_completer(runtime.energy))
-    ledger = None
-    if settings.ledger.enabled:
-        ledger = Ledger(
-            settings.ledger.path, on_error=lambda kind: metrics.ledger_errors.labels(kind).inc()
+    ledger = _ledger_for(settings.ledger, metrics, wall_clock) if settings.ledger.enabled else None
+    exporter = None
+    if settings.export.cloudevents.url:
+        exporter = CloudEventsExporter(
+            settings.export.cloudevents,
+            on_events=lambda result, n: metrics.export_events.labels(result).inc(n),
         )
+        metrics.export_queued.set_function(lambda: exporter.queued if exporter else 0)
     telemetry = None
     if settings.telemetry.otlp_endpoint:
         from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
@@ -104,6 +111,7 @@ def create_app(
             metrics.observe,
             quota.settle,
             *([ledger.add] if ledger else []),
+            *([exporter.add] if exporter else []),
             *([telemetry.observe] if telemetry else []),
             *sinks,
         ]
@@ -115,6 +123,9 @@ def create_app(
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
+    if exporter is not None:
+        app[EXPORT] = exporter
+        app.cleanup_ctx.append(_export)
     app.cleanup_ctx.append(_quota)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
@@ -128,6 +139,25 @@ def create_app(
         app.cleanup_ctx.append(_watch_config)
     routes.add_routes(app)
     return app
+
+
+def _ledger_for(
+    settings: LedgerSettings, metrics: Metrics, wall_clock: Callable[[], float]
+) -> Ledger:
+    """The configured store (SQLite file or PostgreSQL), a local spill file for overflow, and
+    the gauges that show rows waiting."""
+    ledger = Ledger(
+        open_store(settings.store_url, LEDGER_SCHEMA),
+        spill=SqliteStore(settings.spill_file, LEDGER_SCHEMA),
+        on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
+        on_spilled=metrics.ledger_spilled.inc,
+        max_queue=settings.max_queue_rows,
+        clock=wall_clock,
+    )
+    metrics.ledger_queued.labels("memory").set_function(lambda: ledger.queued)
+    metrics.ledger_queued.labels("spill").set_function(lambda: ledger.spilled)
+    metrics.ledger_backlog_age.set_function(ledger.backlog_age_s)
+    return ledger
 
 
 def _energy_backend(
@@ -183,6 +213,17 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
     await runtime.tasks.cancel(writer)
     await ledger.close()
+
+
+async def _export(app: web.Application) -> AsyncIterator[None]:
+    exporter, runtime = app[EXPORT], app[RUNTIME]
+    await exporter.open()
+    crashes = runtime.metrics.background_crashes.labels("export")
+    task = runtime.tasks.supervise("export", exporter.run, crashes.inc)
+    yield
+    # After the ledger's cleanup (cleanup runs in reverse): late settlements are queued by now.
+    await runtime.tasks.cancel(task)
+    await exporter.close()
 
 
 async def _quota(app: web.Application) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ import yaml
 
 from .energy.settings import EnergySettings, parse_energy
 from .errors import ConfigError
+from .export.settings import Export, parse_export
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
 from .validation import Checker, show
@@ -26,6 +27,7 @@ UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
 USAGE_STREAM_KINDS = frozenset({"vllm", "trtllm", "openai"})
 WILDCARD = "*"
+SQLITE_URL = "sqlite:///"
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,25 @@ class Server:
 
 @dataclass(frozen=True)
 class Ledger:
-    path: str = "./meterproxy-usage.db"
+    path: str = "./meterproxy-usage.db"  # the SQLite file, when `url` is None
     enabled: bool = True
+    url: str | None = None  # postgresql://...: one ledger for a fleet
+    # Rows held in memory while the ledger is unavailable; beyond, they spill to a local
+    # SQLite file (default: beside the SQLite ledger, or ./meterproxy-ledger-spill.db).
+    max_queue_rows: int = 200_000
+    spill_path: str | None = None
+
+    @property
+    def store_url(self) -> str:
+        return self.url or f"{SQLITE_URL}{self.path}"
+
+    @property
+    def spill_file(self) -> str:
+        if self.spill_path:
+            return self.spill_path
+        if self.url:
+            return "./meterproxy-ledger-spill.db"
+        return str(Path(self.path).with_suffix("")) + "-spill.db"
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,7 @@ class Settings:
     energy: EnergySettings = field(default_factory=EnergySettings)
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
+    export: Export = field(default_factory=Export)
     source: str = "<built-in>"
 
 
@@ -150,6 +170,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "energy",
             "ui",
             "telemetry",
+            "export",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -215,18 +236,12 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     upstreams = _upstreams(check, top.get("upstreams"), environ)
     aliases = _aliases(check, top.get("aliases"), upstreams)
     prices = _pricing(check, top.get("pricing"), upstreams)
-    ledger_tree = check.mapping(top.get("ledger"), "ledger", ("path", "enabled"))
-    enabled = ledger_tree.get("enabled", True)
-    if not isinstance(enabled, bool):
-        check.fail("ledger.enabled", f"expected true or false, got {show(enabled)}")
-    ledger = Ledger(
-        path=check.string(ledger_tree.get("path"), "ledger.path", Ledger.path) or Ledger.path,
-        enabled=enabled is not False,
-    )
+    ledger = _ledger(check, top.get("ledger"))
     tenancy = parse_tenancy(check, top, environ)
     energy = parse_energy(check, top.get("energy"))
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
+    export = parse_export(check, top.get("export"), environ)
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -239,7 +254,41 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         energy=energy,
         ui=ui,
         telemetry=telemetry,
+        export=export,
         source=source,
+    )
+
+
+def _ledger(check: Checker, value: Any) -> Ledger:
+    tree = check.mapping(
+        value, "ledger", ("url", "path", "enabled", "max_queue_rows", "spill_path")
+    )
+    d = Ledger()
+    enabled = tree.get("enabled", True)
+    if not isinstance(enabled, bool):
+        check.fail("ledger.enabled", f"expected true or false, got {show(enabled)}")
+    path = check.string(tree.get("path"), "ledger.path")
+    url = check.string(tree.get("url"), "ledger.url")
+    if url is not None and url.startswith(SQLITE_URL) and len(url) > len(SQLITE_URL):
+        if path is not None:
+            check.fail("ledger.url", "give ledger.url or ledger.path, not both")
+        path, url = url[len(SQLITE_URL) :], None
+    elif url is not None and not url.startswith(("postgresql://", "postgres://")):
+        check.fail(
+            "ledger.url",
+            "expected sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE, got "
+            f"a URL starting {url.split(':', 1)[0]!r}",
+        )
+    elif url is not None and not _installed("psycopg"):
+        check.fail("ledger.url", "needs the PostgreSQL driver: pip install 'meterproxy[postgres]'")
+    return Ledger(
+        path=path or d.path,
+        enabled=enabled is not False,
+        url=url,
+        max_queue_rows=check.integer(
+            tree.get("max_queue_rows"), "ledger.max_queue_rows", d.max_queue_rows, 1, 10**8
+        ),
+        spill_path=check.string(tree.get("spill_path"), "ledger.spill_path"),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .export.exporter import CloudEventsExporter
 from .ledger import Ledger
 from .reload import Loader
 from .runtime import Runtime
@@ -11,5 +12,6 @@ from .ui.history import History
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
+EXPORT: web.AppKey[CloudEventsExporter] = web.AppKey("export", CloudEventsExporter)
 STATUS: web.AppKey[History] = web.AppKey("status_history", History)
 RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)

@@ -139,9 +139,39 @@ class Metrics:
         )
         self.ledger_errors = Counter(
             "meterproxy_ledger_errors",
-            "Usage-ledger failures: `write` (rows kept, retried), `dropped` (queue full) or "
+            "Usage-ledger failures: `write` (rows kept, retried), `spill` (the local spill "
+            "file failed; rows kept in memory), `dropped` (lost: queue and spill full) or "
             "`invalid_row` (a row that could not be stored).",
             ["kind"],
+            registry=registry,
+        )
+        self.ledger_queued = Gauge(
+            "meterproxy_ledger_queued_rows",
+            "Ledger rows not yet in the ledger: in memory (`memory`) or in the spill file "
+            "(`spill`).",
+            ["place"],
+            registry=registry,
+        )
+        self.ledger_backlog_age = Gauge(
+            "meterproxy_ledger_backlog_age_seconds",
+            "Age of the oldest ledger row not yet in the ledger (0 when none waits).",
+            registry=registry,
+        )
+        self.ledger_spilled = Counter(
+            "meterproxy_ledger_spilled_rows",
+            "Ledger rows moved to the local spill file because the queue was full.",
+            registry=registry,
+        )
+        self.export_events = Counter(
+            "meterproxy_export_events",
+            "CloudEvents export, per event: `sent` (a 2xx answer), `failed` (sent again later), "
+            "`rejected` (refused for its content) or `dropped` (queue full, or at shutdown).",
+            ["result"],
+            registry=registry,
+        )
+        self.export_queued = Gauge(
+            "meterproxy_export_queued_events",
+            "CloudEvents waiting to be exported.",
             registry=registry,
         )
         self.quota_rejections = Counter(
