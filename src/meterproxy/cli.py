@@ -62,8 +62,13 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="report usage and cost from the ledger")
     where = usage.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", metavar="FILE", help="read the ledger path from this config")
-    where.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    where.add_argument("--config", metavar="FILE", help="read the ledger this config names")
+    where.add_argument(
+        "--ledger",
+        metavar="PATH",
+        action="append",
+        help="a SQLite ledger file (repeatable: the files are merged) or a postgresql:// URL",
+    )
     usage.add_argument(
         "--by",
         action="append",
@@ -127,23 +132,28 @@ def _check_config(path: str, environ: Mapping[str, str]) -> int:
 
 
 def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    path = args.ledger
+    ledgers: list[str] = args.ledger or []
     if args.config:
         try:
-            path = config.load(args.config, environ).ledger.path
+            ledger = config.load(args.config, environ).ledger
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"error: {problem}", file=sys.stderr)
             return 1
-    if not os.path.exists(path):
-        print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
-        return 1
+        ledgers = [ledger.url or ledger.path]
+    for path in ledgers:
+        if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
+            print(
+                f"error: no ledger at {path} (has the proxy run with this config?)",
+                file=sys.stderr,
+            )
+            return 1
     by = args.by or ["tenant"]
     now = time.time()
     try:
         since = report.parse_time(args.since, now) if args.since else None
         until = report.parse_time(args.until, now) if args.until else None
-        rows = report.query(path, by, since, until)
+        rows = report.query(ledgers, by, since, until)
     except report.ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

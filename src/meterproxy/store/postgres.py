@@ -18,6 +18,7 @@ row of `schema_version`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,7 +151,22 @@ class PostgresStore:
     async def _execute(
         self, conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: list[Any]
     ) -> None:
-        await asyncio.wait_for(conn.execute(statement, params), self._timeout_s)
+        task = asyncio.ensure_future(conn.execute(statement, params))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            # No answer: the statement may or may not have committed. Cut the connection
+            # rather than cancel the task (psycopg would then ask the server to cancel and
+            # wait up to 10 s for a server that is not answering); the batch is sent again.
+            await conn.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, psycopg.Error, OSError):
+                await task
+            raise asyncio.TimeoutError
+        task.result()
 
     async def _drop(self) -> None:
         """Forget a connection in an unknown state; the next write reconnects (and re-checks

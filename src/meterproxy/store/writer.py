@@ -5,12 +5,13 @@ it once the store takes rows again.
 Every interval the writer sends what is queued to its store, in batches. A store that refuses
 (`StoreUnavailable`) keeps the batch at the head of the queue, is counted (`write`) and retried
 with a backoff up to `retry_max_s`. The queue holds `max_queue` rows; rows beyond it go to the
-spill file, and when the store takes rows again the spill file is drained into it, one batch
-per interval. A row reaches the store at least once and is stored exactly once, because every
-table has a unique key: a batch sent again after a timeout, or drained from the spill file
-after a crash between the store's commit and the spill's delete, is skipped. Nothing is dropped
-unless the spill file fails too (counted as `dropped`); without a spill file the oldest queued
-row is dropped, as before. At close, what the store does not take is spilled for the next run.
+spill file (buffered in memory until the next interval, `max_spill_buffer` rows at most), and
+when the store takes rows again the spill file is drained into it, one batch per interval. A
+row reaches the store at least once and is stored exactly once, because every table has a
+unique key: a batch sent again after a timeout, or drained from the spill file after a crash
+between the store's commit and the spill's delete, is skipped. Nothing is dropped unless the
+spill file fails too (counted as `dropped`); without a spill file the oldest queued row is
+dropped. At close, what the store does not take is spilled for the next run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Writer:
         spill: SqliteStore | None = None,
         on_spilled: Callable[[int], None] = lambda n: None,
         max_queue: int = 200_000,
+        max_spill_buffer: int = 100_000,
         interval_s: float = 0.1,
         batch_rows: int = 5_000,
         retry_max_s: float = 5.0,
@@ -51,6 +53,7 @@ class Writer:
         self._queue: collections.deque[Row] = collections.deque()
         self._overflow: collections.deque[Row] = collections.deque()  # on its way to the spill
         self._max_queue = max_queue
+        self._max_spill_buffer = max_spill_buffer
         self.interval_s = interval_s
         self._batch_rows = batch_rows
         self._retry_max_s = retry_max_s
@@ -93,7 +96,7 @@ class Writer:
             self._on_error("dropped")
 
     def _bound_overflow(self) -> None:
-        while len(self._overflow) > self._max_queue:  # the spill file is failing too
+        while len(self._overflow) > self._max_spill_buffer:  # the spill file is failing too
             self._overflow.popleft()
             self._on_error("dropped")
 
@@ -113,9 +116,16 @@ class Writer:
                 log.error("spill file %s: %s", self._spill.where, exc)
 
     async def run(self) -> None:
+        """Every interval: spill what overflowed; write and drain, unless backing off."""
+        retry_at = 0.0
         while True:
-            await asyncio.sleep(self._delay_s())
-            await self.flush()
+            await asyncio.sleep(self.interval_s)
+            if time.monotonic() < retry_at:
+                async with self._lock:
+                    await self._spill_overflow()
+                continue
+            ok = await self.flush()
+            retry_at = 0.0 if ok else time.monotonic() + self._delay_s() - self.interval_s
 
     def _delay_s(self) -> float:
         if not self._failures:
