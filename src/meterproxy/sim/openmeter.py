@@ -125,6 +125,7 @@ class FakeOpenMeter:
     received: list[dict[str, Any]] = field(default_factory=list)  # every stored copy
     statuses: list[int] = field(default_factory=list)  # one per request, in order
     content_types: list[str] = field(default_factory=list)
+    authorizations: list[str] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -136,6 +137,7 @@ class FakeOpenMeter:
         fault = self.faults(n)
         kind = request.headers.get("Content-Type", "")
         self.content_types.append(kind)
+        self.authorizations.append(request.headers.get("Authorization", ""))
         status, body = self._accept(kind, await request.read(), store=fault != "fail")
         if status == 204 and fault == "fail":
             status = 500
