@@ -200,7 +200,7 @@ def test_ledger_url_picks_the_backend_and_export_is_validated() -> None:
         "starting 'mysql'",
         "ledger.max_queue_rows: expected an integer from 1 to 100000000, got 0",
         "export.cloudevents.batch: unknown key (expected one of: url, source, type, api_key_env, "
-        "batch_events, interval_s, max_queue_events, timeout_s, retry_max_s)",
+        "batch_events, interval_s, max_queue_events, timeout_s, retry_max_s, spill_path)",
         "export.cloudevents.url: expected the ingest endpoint's http:// or https:// URL "
         "(OpenMeter: http://openmeter:8888/api/v1/events), got 'om:8888'",
         "export.cloudevents.api_key_env: environment variable NOPE is not set; export it with "

@@ -20,9 +20,9 @@ import yaml
 from aiohttp import web
 
 from meterproxy.export.cloudevents import BATCH_CONTENT_TYPE, event
-from meterproxy.export.exporter import CloudEventsExporter
+from meterproxy.export.exporter import exporter as new_exporter
 from meterproxy.export.settings import CloudEvents
-from meterproxy.ledger import COLUMNS, row
+from meterproxy.ledger import COLUMNS, Ledger, row
 from meterproxy.sim.openmeter import FakeOpenMeter, validate_meter
 from meterproxy.sim.upstream import Behavior, with_failure
 from meterproxy.usage import Source, Usage
@@ -54,13 +54,13 @@ async def start_sink() -> AsyncIterator[Callable[..., Any]]:
         await runner.cleanup()
 
 
-def exporter(url: str, counts: dict[str, int], **options: Any) -> CloudEventsExporter:
+def exporter(url: str, counts: dict[str, int], spill: Path, **options: Any) -> Ledger:
     settings = CloudEvents(url=url, interval_s=0.01, retry_max_s=0.05, **options)
 
     def count(result: str, n: int) -> None:
         counts[result] = counts.get(result, 0) + n
 
-    return CloudEventsExporter(settings, on_events=count)
+    return new_exporter(settings, on_events=count, spill_path=str(spill))
 
 
 def test_an_event_is_a_structured_cloudevent_whose_data_is_the_ledger_row() -> None:
@@ -136,21 +136,21 @@ def test_the_shipped_meters_are_valid_and_read_fields_every_event_has() -> None:
             assert path.startswith("$.") and path[2:] in data, (meter["slug"], path)
 
 
-async def drain(exp: CloudEventsExporter, timeout_s: float = 20.0) -> None:
+async def drain(exp: Ledger, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while exp.queued and time.monotonic() < deadline:
+    while (exp.queued or exp.spilled) and time.monotonic() < deadline:
         await exp.flush()
         await asyncio.sleep(0.01)
-    assert exp.queued == 0
+    assert exp.queued == exp.spilled == 0
 
 
 async def test_failed_and_lost_batches_are_sent_again_and_each_request_stored_once(
-    start_sink: Callable[..., Any],
+    start_sink: Callable[..., Any], tmp_path: Path
 ) -> None:
     faults = {1: "fail", 2: "lost", 4: "fail", 5: "fail", 7: "lost"}
     sink, url = await start_sink(lambda n: faults.get(n, "ok"))
     counts: dict[str, int] = {}
-    exp = exporter(url, counts, batch_events=25, api_key="om-token")
+    exp = exporter(url, counts, tmp_path / "spill.db", batch_events=25, api_key="om-token")
     await exp.open()
     for i in range(200):
         exp.add(settlement(request_id=f"mp-{i}", usage=Usage(10, i, None, None, Source.UPSTREAM)))
@@ -165,11 +165,11 @@ async def test_failed_and_lost_batches_are_sent_again_and_each_request_stored_on
 
 
 async def test_an_event_refused_for_its_content_is_isolated_and_the_rest_delivered(
-    start_sink: Callable[..., Any],
+    start_sink: Callable[..., Any], tmp_path: Path
 ) -> None:
     sink, url = await start_sink()
     counts: dict[str, int] = {}
-    exp = exporter(url, counts, batch_events=16)
+    exp = exporter(url, counts, tmp_path / "spill.db", batch_events=16)
     await exp.open()
     for i in range(16):
         exp.add(settlement(request_id="" if i == 9 else f"mp-{i}"))  # an id OpenMeter refuses
@@ -179,23 +179,36 @@ async def test_an_event_refused_for_its_content_is_isolated_and_the_rest_deliver
     assert counts == {"sent": 15, "rejected": 1}
 
 
-async def test_a_full_queue_and_a_shutdown_with_the_receiver_down_are_counted() -> None:
-    with __import__("socket").socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/api/v1/events"
+async def test_overflow_and_a_shutdown_with_the_receiver_down_wait_in_the_spill_file(
+    start_sink: Callable[..., Any], tmp_path: Path
+) -> None:
+    """At least once across restarts: what the receiver did not take (the queue overflowed, the
+    proxy stopped while it was down) is in the spill file, and the next start sends it."""
+    sink, url = await start_sink(lambda n: "fail" if n < 3 else "ok")
     counts: dict[str, int] = {}
-    exp = exporter(url, counts, max_queue_events=5, timeout_s=0.5)
-    await exp.open()
-    for i in range(8):
-        exp.add(settlement(request_id=f"mp-{i}"))
-    assert counts == {"dropped": 3} and exp.queued == 5
-    assert await exp.flush() is False
-    await exp.close()
-    assert counts["dropped"] == 8 and counts["failed"] >= 5 and exp.queued == 0
+    first = exporter(url, counts, tmp_path / "spill.db", max_queue_events=5, batch_events=4)
+    await first.open()
+    for i in range(12):
+        first.add(settlement(request_id=f"mp-{i}"))
+    assert first.queued == 12  # 5 queued, 7 on their way to the spill file: none dropped
+    assert await first.flush() is False  # request 0 fails
+    assert (first.queued, first.spilled) == (5, 7)
+    await first.close()  # request 1 fails: the 5 queued join the spill file
+    assert first.spilled == 12 and counts == {"failed": 8}
+    second = exporter(url, counts, tmp_path / "spill.db", batch_events=4)
+    await second.open()
+    assert second.spilled == 12
+    await drain(second)  # request 2 fails too, then all are delivered
+    await second.close()
+    assert sorted(i for _, i in sink.events) == sorted(f"mp-{i}" for i in range(12))
+    assert counts == {"failed": 12, "sent": 12}
 
 
 async def test_through_the_proxy_each_request_is_one_event_and_the_meters_equal_the_ledger(
-    start_upstream: StartUpstream, start_proxy: StartProxy, start_sink: Callable[..., Any]
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    start_sink: Callable[..., Any],
+    tmp_path: Path,
 ) -> None:
     sink, url = await start_sink(lambda n: "fail" if n % 4 == 1 else "lost" if n % 7 == 3 else "ok")
     up = await start_upstream(
@@ -215,6 +228,7 @@ async def test_through_the_proxy_each_request_is_one_event_and_the_meters_equal_
                     "interval_s": 0.05,
                     "retry_max_s": 0.2,
                     "batch_events": 20,
+                    "spill_path": str(tmp_path / "export-spill.db"),
                 }
             },
         }

@@ -23,7 +23,7 @@ from .energy.factory import open_source
 from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
-from .export.exporter import CloudEventsExporter
+from .export.exporter import exporter as cloudevents_exporter
 from .keys import EXPORT, LEDGER, RELOAD, RUNTIME, STATUS
 from .ledger import LEDGER_SCHEMA, Ledger
 from .metrics import Metrics
@@ -96,11 +96,14 @@ def create_app(
     ledger = _ledger_for(settings.ledger, metrics, wall_clock) if settings.ledger.enabled else None
     exporter = None
     if settings.export.cloudevents.url:
-        exporter = CloudEventsExporter(
+        exporter = cloudevents_exporter(
             settings.export.cloudevents,
             on_events=lambda result, n: metrics.export_events.labels(result).inc(n),
+            spill_path=settings.export.cloudevents.spill_path,
         )
-        metrics.export_queued.set_function(lambda: exporter.queued if exporter else 0)
+        metrics.export_queued.set_function(
+            lambda: exporter.queued + exporter.spilled if exporter else 0
+        )
     telemetry = None
     if settings.telemetry.otlp_endpoint:
         from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
@@ -120,12 +123,12 @@ def create_app(
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = runtime
+    if exporter is not None:  # before the ledger: cleanup runs in reverse, so it closes last
+        app[EXPORT] = exporter
+        app.cleanup_ctx.append(_export)
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
-    if exporter is not None:
-        app[EXPORT] = exporter
-        app.cleanup_ctx.append(_export)
     app.cleanup_ctx.append(_quota)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
@@ -221,7 +224,9 @@ async def _export(app: web.Application) -> AsyncIterator[None]:
     crashes = runtime.metrics.background_crashes.labels("export")
     task = runtime.tasks.supervise("export", exporter.run, crashes.inc)
     yield
-    # After the ledger's cleanup (cleanup runs in reverse): late settlements are queued by now.
+    # After the ledger's cleanup, which waited for late settlements: they are queued by now.
+    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
+        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
     await runtime.tasks.cancel(task)
     await exporter.close()
 

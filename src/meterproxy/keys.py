@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .export.exporter import CloudEventsExporter
 from .ledger import Ledger
 from .reload import Loader
 from .runtime import Runtime
@@ -12,6 +11,6 @@ from .ui.history import History
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
-EXPORT: web.AppKey[CloudEventsExporter] = web.AppKey("export", CloudEventsExporter)
+EXPORT: web.AppKey[Ledger] = web.AppKey("export", Ledger)
 STATUS: web.AppKey[History] = web.AppKey("status_history", History)
 RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)

@@ -165,13 +165,13 @@ class Metrics:
         self.export_events = Counter(
             "meterproxy_export_events",
             "CloudEvents export, per event: `sent` (a 2xx answer), `failed` (sent again later), "
-            "`rejected` (refused for its content) or `dropped` (queue full, or at shutdown).",
+            "`rejected` (refused for its content) or `dropped` (lost: the spill file failed).",
             ["result"],
             registry=registry,
         )
         self.export_queued = Gauge(
             "meterproxy_export_queued_events",
-            "CloudEvents waiting to be exported.",
+            "CloudEvents waiting to be exported, in memory or in the export's spill file.",
             registry=registry,
         )
         self.quota_rejections = Counter(

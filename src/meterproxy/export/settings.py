@@ -22,6 +22,8 @@ class CloudEvents:
     max_queue_events: int = 100_000
     timeout_s: float = 10.0
     retry_max_s: float = 60.0
+    # Events the receiver has not taken when the queue is full or the proxy stops wait here.
+    spill_path: str = "./meterproxy-export-spill.db"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ def parse_export(check: Checker, value: Any, environ: Mapping[str, str]) -> Expo
             "max_queue_events",
             "timeout_s",
             "retry_max_s",
+            "spill_path",
         ),
     )
     d = CloudEvents()
@@ -79,5 +82,6 @@ def parse_export(check: Checker, value: Any, environ: Mapping[str, str]) -> Expo
             ),
             timeout_s=check.positive(ce.get("timeout_s"), f"{p}.timeout_s", d.timeout_s),
             retry_max_s=check.positive(ce.get("retry_max_s"), f"{p}.retry_max_s", d.retry_max_s),
+            spill_path=check.string(ce.get("spill_path"), f"{p}.spill_path") or d.spill_path,
         )
     )

@@ -36,6 +36,7 @@ class Writer:
         table: Table,
         *,
         on_error: Callable[[str], None],
+        name: str | None = None,
         spill: SqliteStore | None = None,
         on_spilled: Callable[[int], None] = lambda n: None,
         max_queue: int = 200_000,
@@ -47,6 +48,7 @@ class Writer:
     ) -> None:
         self.store = store
         self.table = table
+        self.name = name or table.name  # in log lines
         self._on_error = on_error  # "write", "spill", "dropped" or "invalid_row"
         self._on_spilled = on_spilled
         self._spill = spill
@@ -105,7 +107,7 @@ class Writer:
         left by an earlier run, so that it is drained."""
         try:
             await self.store.open()
-            log.info("%s: %s", self.table.name, self.store.where)
+            log.info("%s: %s", self.name, self.store.where)
         except StoreUnavailable as exc:
             self._refused(exc)
         if self._spill is not None:
@@ -193,7 +195,7 @@ class Writer:
         if first:
             log.warning(
                 "%s: queue full (%d rows); rows spill to %s until the store drains them",
-                self.table.name,
+                self.name,
                 self._max_queue,
                 self._spill.where,
             )
@@ -222,7 +224,7 @@ class Writer:
                 log.error("spill file %s: cannot delete drained rows (%s)", self._spill.where, exc)
         await self._count_spill()
         if not self._spilled:
-            log.info("%s: spill file %s drained", self.table.name, self._spill.where)
+            log.info("%s: spill file %s drained", self.name, self._spill.where)
         return True
 
     async def _count_spill(self) -> None:
@@ -236,7 +238,7 @@ class Writer:
         if not self._failures:
             log.error(
                 "%s: the store refused (%s); %d rows wait, retried every %gs at most",
-                self.table.name,
+                self.name,
                 exc,
                 self.queued,
                 self._retry_max_s,
@@ -245,9 +247,7 @@ class Writer:
 
     def _recovered(self) -> None:
         if self._failures:
-            log.info(
-                "%s: the store takes rows again after %d refusals", self.table.name, self._failures
-            )
+            log.info("%s: the store takes rows again after %d refusals", self.name, self._failures)
         self._failures = 0
 
     def _rejected(self, rejected: list[Rejected]) -> None:
@@ -256,7 +256,7 @@ class Writer:
             self._on_error("invalid_row")
             log.error(
                 "%s: row %r could not be stored (%s); dropped",
-                self.table.name,
+                self.name,
                 str(bad[key])[:80],
                 reason,
             )
@@ -271,7 +271,7 @@ class Writer:
                 await self._spill_overflow()
             lost = self.queued
             if lost:
-                log.error("%s: %d rows could not be stored or spilled", self.table.name, lost)
+                log.error("%s: %d rows could not be stored or spilled", self.name, lost)
                 for _ in range(lost):
                     self._on_error("dropped")
             await self.store.close()
