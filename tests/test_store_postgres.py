@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from meterproxy.ledger import COLUMNS, LEDGER_SCHEMA, REQUESTS, row
+from meterproxy.ledger import COLUMNS, LEDGER_SCHEMA, REQUESTS, Ledger, row
 from meterproxy.store.base import StoreUnavailable
 from meterproxy.store.postgres import PostgresStore
+from meterproxy.store.sqlite import SqliteStore
 from meterproxy.usage import Source, Usage
 
 from .factories import settlement
@@ -222,3 +224,39 @@ async def test_a_batch_whose_reply_was_lost_after_commit_is_sent_again_without_d
     assert query(pg_url, "SELECT count(*), count(DISTINCT request_id) FROM requests") == [(40, 40)]
     await store.close()
     await relay.close()
+
+
+async def test_a_batch_with_a_key_twice_stores_it_once(store: PostgresStore, pg_url: str) -> None:
+    batch = rows(3)
+    assert await store.insert(REQUESTS, [*batch, batch[1]]) == []
+    assert query(pg_url, "SELECT count(*) FROM requests") == [(3,)]
+
+
+async def test_a_writer_stopped_mid_batch_keeps_the_batch(
+    pg_server: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    """Shutdown cancels the writer while PostgreSQL is not answering: the batch in flight is
+    kept, and close() puts it in the spill file rather than losing it."""
+    relay = Relay(pg_server.port)
+    port = await relay.start()
+    store = PostgresStore(
+        pg_url.replace(f":{pg_server.port}/", f":{port}/"), LEDGER_SCHEMA, timeout_s=30
+    )
+    spill = SqliteStore(str(tmp_path / "spill.db"), LEDGER_SCHEMA)
+    ledger = Ledger(store, spill=spill, on_error=lambda kind: None)
+    await ledger.open()
+    for i in range(5):
+        ledger.add(settlement(request_id=f"r{i}"))
+    relay.swallow = True
+    flushing = asyncio.create_task(ledger.flush())
+    await asyncio.sleep(0.3)  # the batch is in flight, its reply swallowed
+    assert ledger.queued == 0
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    assert ledger.queued == 5
+    await relay.close()  # PostgreSQL is unreachable now: close spills the batch
+    await ledger.close()
+    check = SqliteStore(str(tmp_path / "spill.db"), LEDGER_SCHEMA)
+    assert len(await check.take(REQUESTS, 100)) == 5
+    await check.close()

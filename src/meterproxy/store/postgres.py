@@ -155,18 +155,24 @@ class PostgresStore:
         try:
             done, _ = await asyncio.wait({task}, timeout=self._timeout_s)
         except asyncio.CancelledError:
-            task.cancel()
+            await self._cut(conn, task)
             raise
         if not done:
-            # No answer: the statement may or may not have committed. Cut the connection
-            # rather than cancel the task (psycopg would then ask the server to cancel and
-            # wait up to 10 s for a server that is not answering); the batch is sent again.
-            await conn.close()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, psycopg.Error, OSError):
-                await task
+            await self._cut(conn, task)
             raise asyncio.TimeoutError
         task.result()
+
+    async def _cut(self, conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
+        """No answer (a timeout, or the writer stopping): the statement may or may not have
+        committed. Close the connection rather than cancel the statement (psycopg would ask the
+        server to cancel it and wait up to 10 s for a server that is not answering); the batch
+        is sent again on a new connection, and its key makes that harmless."""
+        if self._conn is conn:
+            self._conn = None
+        await conn.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, psycopg.Error, OSError):
+            await task
 
     async def _drop(self) -> None:
         """Forget a connection in an unknown state; the next write reconnects (and re-checks

@@ -158,8 +158,10 @@ class Writer:
             batch = [self._queue.popleft() for _ in range(n)]
             try:
                 rejected = await self.store.insert(self.table, batch)
-            except StoreUnavailable as exc:
-                self._queue.extendleft(reversed(batch))
+            except (asyncio.CancelledError, Exception) as exc:
+                self._queue.extendleft(reversed(batch))  # kept; sent again, which is harmless
+                if not isinstance(exc, StoreUnavailable):
+                    raise  # stopped mid-batch, or a bug (the writer is supervised)
                 while len(self._queue) > self._max_queue:
                     if self._spill is None:
                         self._queue.pop()
@@ -182,8 +184,10 @@ class Writer:
         try:
             rejected = await self._spill.insert(self.table, batch)
             await self._count_spill()
-        except StoreUnavailable as exc:
+        except (asyncio.CancelledError, Exception) as exc:
             self._overflow.extendleft(reversed(batch))
+            if not isinstance(exc, StoreUnavailable):
+                raise
             self._bound_overflow()
             self._on_error("spill")
             log.error(
