@@ -135,4 +135,4 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 def query(url: str, sql: str, *args: object) -> list[tuple[object, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, args).fetchall()  # type: ignore[call-overload]
+        return conn.execute(sql, args).fetchall()
