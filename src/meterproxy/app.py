@@ -25,6 +25,7 @@ from .exchange import Exchange
 from .keys import LEDGER, RELOAD, RUNTIME, STATUS
 from .ledger import Ledger
 from .metrics import Metrics
+from .proxy import upstream_trace
 from .quota_local import LocalQuota
 from .routing import Router
 from .runtime import Current, Live, Runtime, UpstreamState
@@ -208,6 +209,7 @@ def new_session(upstream: Upstream) -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[upstream_trace()],
     )
 
 

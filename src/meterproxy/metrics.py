@@ -119,6 +119,13 @@ class Metrics:
             ["upstream", "kind"],
             registry=registry,
         )
+        self.upstream_retries = Counter(
+            "meterproxy_upstream_retries",
+            "Requests sent again because a pooled connection had been closed by the upstream "
+            "before it answered (no live server read them).",
+            ["upstream"],
+            registry=registry,
+        )
         self.estimates = Counter(
             "meterproxy_token_estimates",
             "Requests whose tokens were counted by the proxy.",
