@@ -161,6 +161,18 @@ def overview() -> dict[str, Any]:
             panel(
                 "Time per output token", quantiles("meterproxy_time_per_output_token_seconds"), "s"
             ),
+            panel(
+                "Engine vs proxy: token drift",
+                [
+                    (
+                        'meterproxy_engine_token_drift_ratio{upstream=~"$upstream"}',
+                        "{{upstream}} {{type}}",
+                    )
+                ],
+                "percentunit",
+                description="(engine - proxy) / engine from the engine's own counters (vLLM): "
+                "above 0, traffic reaches the engine without being metered.",
+            ),
         ],
     )
 

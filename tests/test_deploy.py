@@ -45,7 +45,13 @@ def promtool(*args: str) -> str:
 
 def test_promtool_accepts_the_config_and_rules() -> None:
     assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 5 rules found" in promtool("check", "rules", "alerts.yml")
+    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    alerts = [rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule]
+    rules = sum(len(group["rules"]) for group in groups)
+    assert f"SUCCESS: {rules} rules found" in promtool("check", "rules", "alerts.yml")
+    tested = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
+    cases = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
+    assert set(alerts) <= cases, f"alerts without a promtool test case: {set(alerts) - cases}"
 
 
 def test_every_alert_has_a_passing_unit_test() -> None:

@@ -22,11 +22,12 @@ from .energy.factory import open_source
 from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
-from .keys import LEDGER, RELOAD, RUNTIME, STATUS
+from .keys import LEDGER, RECONCILER, RELOAD, RUNTIME, STATUS
 from .ledger import Ledger
 from .metrics import Metrics
 from .proxy import upstream_trace
 from .quota_local import LocalQuota
+from .reconcile import Reconciler
 from .routing import Router
 from .runtime import Current, Live, Runtime, UpstreamState
 from .server import GuardedSite
@@ -100,9 +101,17 @@ def create_app(
         from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
 
         telemetry = OtlpMetrics(settings.telemetry, lambda: runtime.settings.upstreams)
+    reconciler = Reconciler(
+        lambda: current.live.settings.upstreams,
+        metrics,
+        time.monotonic,
+        interval_s=settings.reconcile.interval_s,
+        window_s=settings.reconcile.window_s,
+    )
     settler.add_sinks(
         [
             metrics.observe,
+            reconciler.observe,
             quota.settle,
             *([ledger.add] if ledger else []),
             *([telemetry.observe] if telemetry else []),
@@ -113,6 +122,7 @@ def create_app(
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = runtime
+    app[RECONCILER] = reconciler
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
@@ -250,10 +260,13 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await discovery.refresh_all(runtime)
     runtime.tasks.spawn("stream-watchdog", runtime.watchdog.run())
+    engines = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    runtime.tasks.spawn("reconcile", app[RECONCILER].run(engines))
     for upstream in runtime.settings.upstreams:
         runtime.tasks.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
     yield
     await runtime.tasks.stop("background")  # with the pollers a reload started
+    await engines.close()
 
 
 @dataclass

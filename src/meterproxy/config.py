@@ -48,6 +48,8 @@ class Upstream:
     timeouts: Timeouts = Timeouts()
     gpus: tuple[int | str, ...] = ()
     refresh_interval_s: float = 30.0
+    # The engine's Prometheus counters (vllm: its /metrics beside /v1), for reconciliation.
+    metrics_url: str | None = None
 
     @property
     def discovers_models(self) -> bool:
@@ -106,6 +108,14 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class Reconcile:
+    """How often the engines' own counters are read, and the window drift is measured over."""
+
+    interval_s: float = 15.0
+    window_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: Server
     upstreams: tuple[Upstream, ...]
@@ -116,6 +126,7 @@ class Settings:
     energy: EnergySettings = field(default_factory=EnergySettings)
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
+    reconcile: Reconcile = Reconcile()
     source: str = "<built-in>"
 
 
@@ -150,6 +161,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "energy",
             "ui",
             "telemetry",
+            "reconcile",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -227,6 +239,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     energy = parse_energy(check, top.get("energy"))
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
+    reconcile = _reconcile(check, top.get("reconcile"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -239,6 +252,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         energy=energy,
         ui=ui,
         telemetry=telemetry,
+        reconcile=reconcile,
         source=source,
     )
 
@@ -255,6 +269,15 @@ def _ui(check: Checker, value: Any) -> StatusPage:
     elif ui.history_s / ui.interval_s > 100_000:
         check.fail("ui.history_s", "keeps over 100,000 snapshots; raise ui.interval_s")
     return ui
+
+
+def _reconcile(check: Checker, value: Any) -> Reconcile:
+    tree = check.mapping(value, "reconcile", ("interval_s", "window_s"))
+    d = Reconcile()
+    return Reconcile(
+        interval_s=check.positive(tree.get("interval_s"), "reconcile.interval_s", d.interval_s),
+        window_s=check.positive(tree.get("window_s"), "reconcile.window_s", d.window_s),
+    )
 
 
 def _installed(module: str) -> bool:
@@ -337,6 +360,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
         "timeouts",
         "gpus",
         "refresh_interval_s",
+        "metrics_url",
     )
     for i, item in enumerate(value):
         path = f"upstreams[{i}]"
@@ -397,6 +421,11 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
             check.fail(f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {show(gpus)}")
             gpus = []
         refresh = check.positive(tree.get("refresh_interval_s"), f"{path}.refresh_interval_s", 30.0)
+        metrics_url = check.string(tree.get("metrics_url"), f"{path}.metrics_url")
+        if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
+            check.fail(
+                f"{path}.metrics_url", f"expected an http:// or https:// URL, got {metrics_url!r}"
+            )
         if name and url:
             result.append(
                 Upstream(
@@ -409,6 +438,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
                     timeouts=timeouts,
                     gpus=tuple(gpus),
                     refresh_interval_s=refresh,
+                    metrics_url=metrics_url,
                 )
             )
     return tuple(result)

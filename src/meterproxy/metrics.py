@@ -255,6 +255,19 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.engine_drift = Gauge(
+            "meterproxy_engine_token_drift_ratio",
+            "(engine - proxy) / engine over the reconciliation window, from the engine's own "
+            "counters: traffic that bypasses the proxy is positive.",
+            ["upstream", "type"],
+            registry=registry,
+        )
+        self.engine_metrics_up = Gauge(
+            "meterproxy_engine_metrics_up",
+            "1 while the upstream engine's own counters can be read.",
+            ["upstream"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",

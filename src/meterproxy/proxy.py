@@ -359,7 +359,10 @@ async def _upstream_error(
         ex.upstream_failed(f"http_{status // 100}xx")
     payload = redact(payload, route.upstream)
     parsed = loads(payload) if payload else None
-    if not isinstance(parsed, dict):
+    # An API's own error answer passes as it is: JSON, or an error event (LiteLLM answers a
+    # failed stream with its status and `data: {"error": ...}`). Anything else (a load
+    # balancer's HTML page) is not an answer a client can read: a 502 of ours says so.
+    if not isinstance(parsed, dict) and response.content_type != "text/event-stream":
         ex.upstream_failed(ex.upstream_error or "bad_response")
         raise errors.UpstreamBadResponse(
             f"upstream `{name}` answered HTTP {status} with a body that is not JSON "
