@@ -5,6 +5,7 @@ app; start/stop run it with the same server options in production and in tests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -307,8 +308,21 @@ async def start(
         on_head_timeout=closed.labels("head_timeout").inc,
         reuse_port=reuse_port,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; pick another with --port "
+                "(or listen.port in the config)"
+            ) from None
+        raise
     return RunningServer(runner, host, site.port)
+
+
+class PortInUse(Exception):
+    """The listen address is taken: one line for the user, never a traceback."""
 
 
 async def stop(server: RunningServer) -> None:

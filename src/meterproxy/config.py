@@ -87,7 +87,7 @@ class Server:
 
 @dataclass(frozen=True)
 class Ledger:
-    path: str = "./meterproxy-usage.db"
+    path: str = "meterproxy-usage.db"  # relative: in the state directory (--data-dir)
     enabled: bool = True
 
 
@@ -474,6 +474,19 @@ def quick_start(upstream_url: str, *, kind: str = "vllm") -> Settings:
     """`serve --upstream URL`: one upstream serving whatever its /v1/models lists."""
     upstream = Upstream(name="default", url=upstream_url.rstrip("/"), kind=kind)
     return Settings(server=Server(), upstreams=(upstream,), source="--upstream")
+
+
+def in_data_dir(settings: Settings, data_dir: str | Path) -> Settings:
+    """Relative ledger and quota-state paths are kept in the state directory, never wherever
+    the proxy happens to be started; absolute ones stay as they are."""
+    base = Path(data_dir).expanduser()
+
+    def place(path: str) -> str:
+        return path if Path(path).is_absolute() else str(base / path)
+
+    ledger = dataclasses.replace(settings.ledger, path=place(settings.ledger.path))
+    tenancy = dataclasses.replace(settings.tenancy, state_path=place(settings.tenancy.state_path))
+    return dataclasses.replace(settings, ledger=ledger, tenancy=tenancy)
 
 
 def with_listen(settings: Settings, host: str | None, port: int | None) -> Settings:

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from .settlement import Settlement
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# `*_created` series double the exposition and no dashboard or alert reads them. (The library's
+# switch is process-wide; this module is its only importer.)
+disable_created_metrics()
 
 # Milliseconds to minutes: relayed TTFT is ~1 ms on a warm local engine, generations run minutes.
 LATENCY_BUCKETS = (
