@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `*_created` series double the exposition and no dashboard or alert reads them. (The library's
 # switch is process-wide; this module is its only importer.)
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Milliseconds to minutes: relayed TTFT is ~1 ms on a warm local engine, generations run minutes.
 LATENCY_BUCKETS = (
