@@ -77,15 +77,17 @@ def variable(name: str, metric: str) -> dict[str, Any]:
 def dashboard(
     uid: str, title: str, description: str, panels: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    # Two columns of half-width panels; a table takes a row of its own.
+    x = y = 0
     for i, p in enumerate(panels):
         p["id"] = i + 1
         width = 24 if p["type"] == "table" else 12
-        p["gridPos"] = {
-            "h": 8,
-            "w": width,
-            "x": 0 if width == 24 else (i % 2) * 12,
-            "y": (i // 2) * 8,
-        }
+        if x + width > 24:
+            x, y = 0, y + 8
+        p["gridPos"] = {"h": 8, "w": width, "x": x, "y": y}
+        x += width
+        if x >= 24:
+            x, y = 0, y + 8
     return {
         "uid": uid,
         "title": title,
@@ -160,6 +162,18 @@ def overview() -> dict[str, Any]:
             panel("Time to first token", quantiles("meterproxy_time_to_first_token_seconds"), "s"),
             panel(
                 "Time per output token", quantiles("meterproxy_time_per_output_token_seconds"), "s"
+            ),
+            panel(
+                "Engine vs proxy: token drift",
+                [
+                    (
+                        'meterproxy_engine_token_drift_ratio{upstream=~"$upstream"}',
+                        "{{upstream}} {{type}}",
+                    )
+                ],
+                "percentunit",
+                description="(engine - proxy) / engine from the engine's own counters (vLLM): "
+                "above 0, traffic reaches the engine without being metered.",
             ),
         ],
     )

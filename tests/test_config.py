@@ -68,7 +68,7 @@ def test_every_problem_is_reported_by_key_path() -> None:
     )
     assert found == [
         "extra: unknown key (expected one of: listen, server, upstreams, aliases, pricing, "
-        "ledger, auth, tenants, quota, energy, ui, telemetry, export)",
+        "ledger, auth, tenants, quota, energy, ui, telemetry, export, reconcile)",
         "listen.hots: unknown key (expected one of: host, port)",
         "listen.port: expected an integer from 0 to 65535, got 70000",
         "upstreams[0].url: expected an http:// or https:// URL, got 'ftp://x'",
@@ -171,7 +171,7 @@ def test_admin_keys_status_page_and_telemetry_sections() -> None:
 def test_ledger_url_picks_the_backend_and_export_is_validated() -> None:
     up = [{"name": "a", "url": "http://x/v1"}]
     default = config.parse({"upstreams": up}, {}).ledger
-    assert default.store_url == "sqlite:///./meterproxy-usage.db"
+    assert default.store_url == "sqlite:///meterproxy-usage.db"
     assert default.spill_file == "meterproxy-usage-spill.db"
     sqlite = config.parse({"upstreams": up, "ledger": {"url": "sqlite:////var/l.db"}}, {}).ledger
     assert (sqlite.path, sqlite.url, sqlite.spill_file) == ("/var/l.db", None, "/var/l-spill.db")
@@ -180,7 +180,13 @@ def test_ledger_url_picks_the_backend_and_export_is_validated() -> None:
         {},
     ).ledger
     assert pg.store_url == "postgresql://meter@db/meter" and pg.max_queue_rows == 10
-    assert pg.spill_file == "./meterproxy-ledger-spill.db"
+    assert pg.spill_file == "meterproxy-ledger-spill.db"
+    placed = config.in_data_dir(
+        config.parse({"upstreams": up, "ledger": {"url": "postgresql://meter@db/meter"}}, {}),
+        "/state",
+    )
+    assert placed.ledger.spill_file == "/state/meterproxy-ledger-spill.db"
+    assert placed.export.cloudevents.spill_path == "/state/meterproxy-export-spill.db"
     export = config.parse(
         {
             "upstreams": up,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -45,7 +46,13 @@ def promtool(*args: str) -> str:
 
 def test_promtool_accepts_the_config_and_rules() -> None:
     assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml")
+    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    alerts = [rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule]
+    rules = sum(len(group["rules"]) for group in groups)
+    assert f"SUCCESS: {rules} rules found" in promtool("check", "rules", "alerts.yml")
+    tested = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
+    cases = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
+    assert set(alerts) <= cases, f"alerts without a promtool test case: {set(alerts) - cases}"
 
 
 def test_every_alert_has_a_passing_unit_test() -> None:
@@ -69,7 +76,18 @@ def test_compose_and_kubernetes_manifests_parse_and_reference_real_files() -> No
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert (DEPLOY / source).exists(), source
+            assert source in compose.get("volumes", {}) or (DEPLOY / source).exists(), source
+    # Both of meterproxy's commands (the demo, and the one commented for real traffic) are
+    # ones the CLI accepts, with the config file it mounts.
+    from meterproxy import cli
+
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    [commented] = re.findall(r"^\s*# command: (\[.*\])$", text, re.M)
+    for command in (compose["services"]["meterproxy"]["command"], yaml.safe_load(commented)):
+        args = cli._parser().parse_args(command)
+        assert args.command in ("demo", "serve") and args.data_dir == "/var/lib/meterproxy"
+        if args.command == "serve":
+            assert args.config == "/etc/meterproxy/meterproxy.yaml"
     assert (DEPLOY / compose["services"]["meterproxy"]["build"] / "Dockerfile").exists()
     kinds = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
@@ -107,8 +125,22 @@ def test_dashboards_are_current_and_well_formed() -> None:
         for panel in board["panels"]:
             assert panel["datasource"]["uid"] == "${datasource}"
             assert panel["fieldConfig"]["defaults"]["unit"]
+        cells: dict[tuple[int, int], str] = {}  # no two panels share a grid cell
+        for panel in board["panels"]:
+            g = panel["gridPos"]
+            assert g["x"] + g["w"] <= 24
+            for cx in range(g["x"], g["x"] + g["w"]):
+                for cy in range(g["y"], g["y"] + g["h"]):
+                    assert (cx, cy) not in cells, (panel["title"], cells[(cx, cy)])
+                    cells[(cx, cy)] = panel["title"]
     for path in (GRAFANA / "provisioning").rglob("*.yaml"):
         assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+
+
+def readme_queries() -> list[str]:
+    """Every PromQL expression the README shows in a code span."""
+    text = (DEPLOY.parent / "README.md").read_text()
+    return re.findall(r"`([^`\n]*rate\(meterproxy_[^`\n]*)`", text)
 
 
 def substitute(expr: str) -> str:
@@ -185,6 +217,9 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                             expr = substitute(target["expr"])
                             if not await query(http, prom_url, expr):
                                 empty.append(f"{board['title']} / {panel['title']}: {expr}")
+                for expr in readme_queries():  # the README's own PromQL returns data too
+                    if not await query(http, prom_url, expr.replace("[5m]", "[20s]")):
+                        empty.append(f"README: {expr}")
                 assert empty == []
                 # The efficiency figures against what the test knows independently: the
                 # tokens-per-joule panel's query summed over models and upstreams, over the

@@ -5,6 +5,7 @@ app; start/stop run it with the same server options in production and in tests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,10 +25,12 @@ from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
 from .export.exporter import exporter as cloudevents_exporter
-from .keys import EXPORT, LEDGER, RELOAD, RUNTIME, STATUS
+from .keys import EXPORT, LEDGER, RECONCILER, RELOAD, RUNTIME, STATUS
 from .ledger import LEDGER_SCHEMA, Ledger
 from .metrics import Metrics
+from .proxy import upstream_trace
 from .quota_local import LocalQuota
+from .reconcile import Reconciler
 from .routing import Router
 from .runtime import Current, Live, Runtime, UpstreamState
 from .server import GuardedSite
@@ -109,9 +112,17 @@ def create_app(
         from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
 
         telemetry = OtlpMetrics(settings.telemetry, lambda: runtime.settings.upstreams)
+    reconciler = Reconciler(
+        lambda: current.live.settings.upstreams,
+        metrics,
+        time.monotonic,
+        interval_s=settings.reconcile.interval_s,
+        window_s=settings.reconcile.window_s,
+    )
     settler.add_sinks(
         [
             metrics.observe,
+            reconciler.observe,
             quota.settle,
             *([ledger.add] if ledger else []),
             *([exporter.add] if exporter else []),
@@ -126,6 +137,7 @@ def create_app(
     if exporter is not None:  # before the ledger: cleanup runs in reverse, so it closes last
         app[EXPORT] = exporter
         app.cleanup_ctx.append(_export)
+    app[RECONCILER] = reconciler
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
@@ -254,6 +266,7 @@ def new_session(upstream: Upstream) -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[upstream_trace()],
     )
 
 
@@ -294,10 +307,13 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await discovery.refresh_all(runtime)
     runtime.tasks.spawn("stream-watchdog", runtime.watchdog.run())
+    engines = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    runtime.tasks.spawn("reconcile", app[RECONCILER].run(engines))
     for upstream in runtime.settings.upstreams:
         runtime.tasks.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
     yield
     await runtime.tasks.stop("background")  # with the pollers a reload started
+    await engines.close()
 
 
 @dataclass
@@ -338,8 +354,21 @@ async def start(
         on_head_timeout=closed.labels("head_timeout").inc,
         reuse_port=reuse_port,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; pick another with --port "
+                "(or listen.port in the config)"
+            ) from None
+        raise
     return RunningServer(runner, host, site.port)
+
+
+class PortInUse(Exception):
+    """The listen address is taken: one line for the user, never a traceback."""
 
 
 async def stop(server: RunningServer) -> None:

@@ -11,11 +11,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from . import __version__, config, demo, reload, report
-from .app import create_app, new_session, start, stop
+from .app import PortInUse, create_app, new_session, start, stop
 from .errors import ConfigError
 from .keys import RUNTIME
 from .policy import hash_key
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    _data_dir_argument(serve)
     serve.add_argument("--benchmark-no-metering", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the proxy, a simulated vLLM and GPU, and a load")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
+    _data_dir_argument(demo, "demo")
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
@@ -69,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="a SQLite ledger file (repeatable: the files are merged) or a postgresql:// URL",
     )
+    _data_dir_argument(usage)
     usage.add_argument(
         "--by",
         action="append",
@@ -79,6 +83,26 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
     return parser
+
+
+def _data_dir_argument(parser: argparse.ArgumentParser, below: str = "") -> None:
+    where = "$XDG_STATE_HOME/meterproxy" + (f"/{below}" if below else "")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"where relative ledger and quota paths live (default {where}, "
+        "else ~/.local/state/meterproxy" + (f"/{below}" if below else "") + ")",
+    )
+
+
+def data_dir(arg: str | None, environ: Mapping[str, str], below: str = "") -> Path:
+    """The state directory: --data-dir, else XDG's state home (~/.local/state) /meterproxy."""
+    if arg:
+        return Path(arg).expanduser()
+    state = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(state) / "meterproxy" / below if below else Path(state) / "meterproxy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,8 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _use_uvloop()
-        code = asyncio.run(demo.main(args.port, args.host))
-        print("demo stopped")
+        code = asyncio.run(
+            demo.main(args.port, args.host, data_dir(args.data_dir, environ, "demo"))
+        )
+        if code == 0:
+            print("demo stopped")
         return code
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
@@ -115,9 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    settings = config.with_listen(settings, args.host, args.port)
+    state = data_dir(args.data_dir, environ)
+    settings = config.in_data_dir(config.with_listen(settings, args.host, args.port), state)
     _use_uvloop()
-    return asyncio.run(_serve(settings, environ, args.config, args.benchmark_no_metering))
+    try:
+        return asyncio.run(
+            _serve(settings, environ, args.config, args.benchmark_no_metering, state)
+        )
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check_config(path: str, environ: Mapping[str, str]) -> int:
@@ -135,7 +169,8 @@ def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     ledgers: list[str] = args.ledger or []
     if args.config:
         try:
-            ledger = config.load(args.config, environ).ledger
+            loaded = config.load(args.config, environ)
+            ledger = config.in_data_dir(loaded, data_dir(args.data_dir, environ)).ledger
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"error: {problem}", file=sys.stderr)
@@ -185,12 +220,18 @@ def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 async def _serve(
-    settings: config.Settings, environ: Mapping[str, str], path: str | None, no_metering: bool
+    settings: config.Settings,
+    environ: Mapping[str, str],
+    path: str | None,
+    no_metering: bool,
+    state: Path,
 ) -> int:
     host, port = settings.server.host, settings.server.port
 
-    def load() -> config.Settings:  # a reload keeps the --host/--port of this run
-        return config.with_listen(config.load(path or "", environ), host, port)
+    def load() -> config.Settings:  # a reload keeps the --host/--port/--data-dir of this run
+        return config.in_data_dir(
+            config.with_listen(config.load(path or "", environ), host, port), state
+        )
 
     app = create_app(
         settings,

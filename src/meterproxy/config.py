@@ -50,6 +50,8 @@ class Upstream:
     timeouts: Timeouts = Timeouts()
     gpus: tuple[int | str, ...] = ()
     refresh_interval_s: float = 30.0
+    # The engine's Prometheus counters (vllm: its /metrics beside /v1), for reconciliation.
+    metrics_url: str | None = None
 
     @property
     def discovers_models(self) -> bool:
@@ -87,11 +89,11 @@ class Server:
 
 @dataclass(frozen=True)
 class Ledger:
-    path: str = "./meterproxy-usage.db"  # the SQLite file, when `url` is None
+    path: str = "meterproxy-usage.db"  # relative: in the state directory (--data-dir)
     enabled: bool = True
     url: str | None = None  # postgresql://...: one ledger for a fleet
     # Rows held in memory while the ledger is unavailable; beyond, they spill to a local
-    # SQLite file (default: beside the SQLite ledger, or ./meterproxy-ledger-spill.db).
+    # SQLite file (default: beside the SQLite ledger, or meterproxy-ledger-spill.db).
     max_queue_rows: int = 200_000
     spill_path: str | None = None
 
@@ -104,7 +106,7 @@ class Ledger:
         if self.spill_path:
             return self.spill_path
         if self.url:
-            return "./meterproxy-ledger-spill.db"
+            return "meterproxy-ledger-spill.db"
         return str(Path(self.path).with_suffix("")) + "-spill.db"
 
 
@@ -125,6 +127,14 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class Reconcile:
+    """How often the engines' own counters are read, and the window drift is measured over."""
+
+    interval_s: float = 15.0
+    window_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: Server
     upstreams: tuple[Upstream, ...]
@@ -136,6 +146,7 @@ class Settings:
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
     export: Export = field(default_factory=Export)
+    reconcile: Reconcile = Reconcile()
     source: str = "<built-in>"
 
 
@@ -171,6 +182,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "ui",
             "telemetry",
             "export",
+            "reconcile",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -242,6 +254,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
     export = parse_export(check, top.get("export"), environ)
+    reconcile = _reconcile(check, top.get("reconcile"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -255,6 +268,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         ui=ui,
         telemetry=telemetry,
         export=export,
+        reconcile=reconcile,
         source=source,
     )
 
@@ -304,6 +318,15 @@ def _ui(check: Checker, value: Any) -> StatusPage:
     elif ui.history_s / ui.interval_s > 100_000:
         check.fail("ui.history_s", "keeps over 100,000 snapshots; raise ui.interval_s")
     return ui
+
+
+def _reconcile(check: Checker, value: Any) -> Reconcile:
+    tree = check.mapping(value, "reconcile", ("interval_s", "window_s"))
+    d = Reconcile()
+    return Reconcile(
+        interval_s=check.positive(tree.get("interval_s"), "reconcile.interval_s", d.interval_s),
+        window_s=check.positive(tree.get("window_s"), "reconcile.window_s", d.window_s),
+    )
 
 
 def _installed(module: str) -> bool:
@@ -386,6 +409,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
         "timeouts",
         "gpus",
         "refresh_interval_s",
+        "metrics_url",
     )
     for i, item in enumerate(value):
         path = f"upstreams[{i}]"
@@ -446,6 +470,11 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
             check.fail(f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {show(gpus)}")
             gpus = []
         refresh = check.positive(tree.get("refresh_interval_s"), f"{path}.refresh_interval_s", 30.0)
+        metrics_url = check.string(tree.get("metrics_url"), f"{path}.metrics_url")
+        if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
+            check.fail(
+                f"{path}.metrics_url", f"expected an http:// or https:// URL, got {metrics_url!r}"
+            )
         if name and url:
             result.append(
                 Upstream(
@@ -458,6 +487,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
                     timeouts=timeouts,
                     gpus=tuple(gpus),
                     refresh_interval_s=refresh,
+                    metrics_url=metrics_url,
                 )
             )
     return tuple(result)
@@ -493,6 +523,24 @@ def quick_start(upstream_url: str, *, kind: str = "vllm") -> Settings:
     """`serve --upstream URL`: one upstream serving whatever its /v1/models lists."""
     upstream = Upstream(name="default", url=upstream_url.rstrip("/"), kind=kind)
     return Settings(server=Server(), upstreams=(upstream,), source="--upstream")
+
+
+def in_data_dir(settings: Settings, data_dir: str | Path) -> Settings:
+    """Relative ledger and quota-state paths are kept in the state directory, never wherever
+    the proxy happens to be started; absolute ones stay as they are."""
+    base = Path(data_dir).expanduser()
+
+    def place(path: str) -> str:
+        return path if Path(path).is_absolute() else str(base / path)
+
+    ledger = dataclasses.replace(settings.ledger, path=place(settings.ledger.path))
+    ledger = dataclasses.replace(ledger, spill_path=place(ledger.spill_file))
+    tenancy = dataclasses.replace(settings.tenancy, state_path=place(settings.tenancy.state_path))
+    ce = settings.export.cloudevents
+    export = dataclasses.replace(
+        settings.export, cloudevents=dataclasses.replace(ce, spill_path=place(ce.spill_path))
+    )
+    return dataclasses.replace(settings, ledger=ledger, tenancy=tenancy, export=export)
 
 
 def with_listen(settings: Settings, host: str | None, port: int | None) -> Settings:

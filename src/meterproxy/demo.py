@@ -9,6 +9,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,12 +21,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import config
-from .app import RunningServer, create_app, start, stop
+from .app import PortInUse, RunningServer, create_app, start, stop
 from .sim.upstream import Behavior, FakeUpstream
+from .ui import terminal
+from .ui import web as ui_web
 
 log = logging.getLogger(__name__)
 
 KEYS = {"research": "demo-research-key", "support": "demo-support-key"}
+ADMIN_KEY = "demo-admin-key"  # reads the status page's data
+SUMMARY_EVERY_S = 5.0
 # Paced like an 8B model on a busy modern GPU: ~50-70 tokens/s per stream.
 MODELS = {
     "llama-3.1-8b": Behavior(tokens=160, pace_s=0.016, first_token_s=0.06),
@@ -56,6 +61,7 @@ def demo_tree(upstream_url: str, workdir: Path, port: int, host: str) -> dict[st
         "pricing": {
             "upstreams": {"local-vllm": {"gpu_hour_usd": 2.5, "electricity_usd_per_kwh": 0.12}}
         },
+        "auth": {"admin_keys": ["env:DEMO_ADMIN_KEY"]},
         "tenants": {
             "research": {
                 "keys": ["env:DEMO_RESEARCH_KEY"],
@@ -106,7 +112,11 @@ async def running(
         tree = demo_tree(upstream_url, workdir or Path(tmp), port, host)
         settings = config.parse(
             tree,
-            {"DEMO_RESEARCH_KEY": KEYS["research"], "DEMO_SUPPORT_KEY": KEYS["support"]},
+            {
+                "DEMO_RESEARCH_KEY": KEYS["research"],
+                "DEMO_SUPPORT_KEY": KEYS["support"],
+                "DEMO_ADMIN_KEY": ADMIN_KEY,
+            },
             source="demo",
         )
         registry = registry or CollectorRegistry()
@@ -158,34 +168,51 @@ async def load(
         await asyncio.gather(*(client(http, tenant) for tenant in KEYS for _ in range(workers)))
 
 
-async def main(port: int, host: str) -> int:
-    async with running(port, host) as demo:
-        base = demo.proxy.url
-        print(
-            f"""
+async def main(port: int, host: str, data_dir: Path) -> int:
+    try:
+        async with running(port, host, workdir=data_dir) as demo:
+            return await _show(demo, data_dir)
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+async def _show(demo: Demo, data_dir: Path) -> int:
+    base = demo.proxy.url
+    ledger = data_dir / "meterproxy-usage.db"
+    print(
+        f"""
 meterproxy demo: a simulated vLLM server (llama-3.1-8b, qwen2.5-7b) on a simulated 700 W GPU,
 and a small load from two tenants.
 
-  proxy         {base}/v1        (OpenAI-compatible; keys below)
+  status page   {base}/ui#key={ADMIN_KEY}
+  proxy         {base}/v1        (OpenAI-compatible)
+  keys          research: {KEYS["research"]}   support: {KEYS["support"]} (qwen* only)
+                admin (status page data): {ADMIN_KEY}
   metrics       {base}/metrics
-  models        curl -H 'Authorization: Bearer {KEYS["research"]}' {base}/v1/models
   try it        OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={KEYS["research"]} python your_app.py
+  usage report  meterproxy usage --ledger {ledger} --by tenant --by model
   dashboards    docker compose -f deploy/docker-compose.yml up  (Prometheus + Grafana)
 
-Ctrl-C stops.
+A summary follows every {SUMMARY_EVERY_S:g} s. Ctrl-C stops.
 """,
-            flush=True,
-        )
-        traffic = asyncio.create_task(load(base + "/v1"), name="demo-load")
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        try:
-            await stopping.wait()
-            print("stopping: the load first, then the proxy and the simulated server", flush=True)
-        finally:
-            traffic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await traffic
+        flush=True,
+    )
+    traffic = asyncio.create_task(load(base + "/v1"), name="demo-load")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        while not stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), SUMMARY_EVERY_S)
+            if not stopping.is_set():
+                print(terminal.summary(ui_web.current(demo.proxy.runner.app)) + "\n", flush=True)
+        print("stopping: the load first, then the proxy and the simulated server", flush=True)
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
+    print(f"the ledger stays in {ledger}: meterproxy usage --ledger {ledger}", flush=True)
     return 0

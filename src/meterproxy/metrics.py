@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from .settlement import Settlement
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# `*_created` series double the exposition and no dashboard or alert reads them. (The library's
+# switch is process-wide; this module is its only importer.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Milliseconds to minutes: relayed TTFT is ~1 ms on a warm local engine, generations run minutes.
 LATENCY_BUCKETS = (
@@ -117,6 +126,13 @@ class Metrics:
             "meterproxy_upstream_errors",
             "Upstream failures, by kind.",
             ["upstream", "kind"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "meterproxy_upstream_retries",
+            "Requests sent again because a pooled connection had been closed by the upstream "
+            "before it answered (no live server read them).",
+            ["upstream"],
             registry=registry,
         )
         self.estimates = Counter(
@@ -276,6 +292,19 @@ class Metrics:
             "meterproxy_background_task_crashes",
             "Background tasks (ledger writer, quota store, ...) that crashed and were restarted.",
             ["task"],
+            registry=registry,
+        )
+        self.engine_drift = Gauge(
+            "meterproxy_engine_token_drift_ratio",
+            "(engine - proxy) / engine over the reconciliation window, from the engine's own "
+            "counters: traffic that bypasses the proxy is positive.",
+            ["upstream", "type"],
+            registry=registry,
+        )
+        self.engine_metrics_up = Gauge(
+            "meterproxy_engine_metrics_up",
+            "1 while the upstream engine's own counters can be read.",
+            ["upstream"],
             registry=registry,
         )
         self.metering_errors = Counter(

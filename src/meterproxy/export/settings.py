@@ -23,7 +23,7 @@ class CloudEvents:
     timeout_s: float = 10.0
     retry_max_s: float = 60.0
     # Events the receiver has not taken when the queue is full or the proxy stops wait here.
-    spill_path: str = "./meterproxy-export-spill.db"
+    spill_path: str = "meterproxy-export-spill.db"  # relative: in the state directory
 
 
 @dataclass(frozen=True)
