@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
 from .validation import Checker, show
+from .value.settings import ValueSettings, parse_value
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
@@ -116,6 +117,7 @@ class Settings:
     energy: EnergySettings = field(default_factory=EnergySettings)
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
+    value: ValueSettings = field(default_factory=ValueSettings)
     source: str = "<built-in>"
 
 
@@ -150,6 +152,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "energy",
             "ui",
             "telemetry",
+            "value",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -227,6 +230,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     energy = parse_energy(check, top.get("energy"))
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
+    value = parse_value(check, top.get("value"), environ)
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -239,6 +243,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         energy=energy,
         ui=ui,
         telemetry=telemetry,
+        value=value,
         source=source,
     )
 

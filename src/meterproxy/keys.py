@@ -8,8 +8,10 @@ from .ledger import Ledger
 from .reload import Loader
 from .runtime import Runtime
 from .ui.history import History
+from .value.meter import ValueMeter
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger", Ledger)
 STATUS: web.AppKey[History] = web.AppKey("status_history", History)
+VALUE: web.AppKey[ValueMeter] = web.AppKey("value", ValueMeter)
 RELOAD: web.AppKey[tuple[str, Loader]] = web.AppKey("reload", tuple)
