@@ -1,5 +1,6 @@
 """Repeated prompts: a request is reduced to a salted digest of its normalized form (never its
-text), and a tenant sending the same digest again within the window is sending a duplicate.
+text). A duplicate is a request the same tenant already got a complete answer to within the
+window: asking again for an answer already received. A retry after a failure is not one.
 
 Normalized: the routed model and endpoint, the body without transport-only fields (stream,
 stream options, `user`, metadata), keys sorted, every string's whitespace collapsed. Pure.
@@ -55,7 +56,8 @@ def digest(key: bytes, endpoint: str, model: str, body: dict[str, Any]) -> bytes
 
 
 class RepeatWindow:
-    """Per tenant, when each digest was last sent; bounded (least recently sent forgotten)."""
+    """Per tenant, when each digest last got a complete answer; bounded (the least recently
+    answered forgotten first)."""
 
     def __init__(self, max_entries: int = 200_000) -> None:
         self._last: collections.OrderedDict[tuple[str, bytes], int] = collections.OrderedDict()
@@ -64,12 +66,16 @@ class RepeatWindow:
     def __len__(self) -> int:
         return len(self._last)
 
-    def seen(self, tenant: str, key: bytes, at_ns: int, window_ns: int) -> bool:
-        """Record a request started at `at_ns`; True when the same tenant sent the same request
-        within `window_ns` of it (before or, when requests settle out of order, after)."""
+    def repeats(self, tenant: str, key: bytes, at_ns: int, window_ns: int) -> bool:
+        """Did the tenant get an answer to this same request, sent within `window_ns` of
+        `at_ns` (before it, or after it when requests settle out of order)?"""
+        last = self._last.get((tenant, key))
+        return last is not None and abs(at_ns - last) <= window_ns
+
+    def answered(self, tenant: str, key: bytes, at_ns: int, window_ns: int) -> None:
+        """A request started at `at_ns` got a complete answer."""
         entry = (tenant, key)
         last = self._last.get(entry)
-        repeat = last is not None and abs(at_ns - last) <= window_ns
         self._last[entry] = at_ns if last is None else max(at_ns, last)
         self._last.move_to_end(entry)
         while self._last:
@@ -77,4 +83,3 @@ class RepeatWindow:
             if len(self._last) <= self._max and oldest >= at_ns - window_ns:
                 break
             self._last.popitem(last=False)
-        return repeat

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import errors
-from ..exchange import Exchange
+from ..exchange import Exchange, Outcome
 from ..metrics import Metrics
 from ..settlement import Settlement
 from .duplicates import RepeatWindow, digest, salt_key
@@ -118,8 +118,11 @@ class ValueMeter:
             done()
 
     def _judge(self, ex: Exchange, key: bytes, window_ns: int) -> None:
-        if self.repeats.seen(ex.tenant.name, key, ex.started_ns, window_ns):
+        tenant = ex.tenant.name
+        if self.repeats.repeats(tenant, key, ex.started_ns, window_ns):
             ex.repeated()
+        if ex.outcome is Outcome.SUCCESS:  # an answer was received whole
+            self.repeats.answered(tenant, key, ex.started_ns, window_ns)
 
     def settled(self, s: Settlement) -> None:
         """Settlement sink: the request joins its task's figures; rows queue for the store."""
@@ -221,7 +224,7 @@ class ValueMeter:
         task_id = feedback.task_id
         if self.book.knows((tenant, task_id)):
             return tenant, task_id
-        owners: set[str] = set()
+        owners = self.book.tenants(task_id)
         alone = self.book.request(task_id)  # a request sent alone is its own task
         if alone is not None and alone[1] == task_id:
             owners.add(alone[0])

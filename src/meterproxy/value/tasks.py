@@ -91,6 +91,7 @@ class TaskBook:
         self._unrated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
         self._rated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
         self._in_flight: dict[str, TaskKey] = {}  # request key -> its task
+        self._tenants: dict[str, set[str]] = {}  # task id -> tenants with an open task so named
         # Recently settled requests and closed tasks, for feedback and late requests.
         self._settled: collections.OrderedDict[str, TaskKey] = collections.OrderedDict()
         self._closed: collections.OrderedDict[TaskKey, tuple[Result, str]] = (
@@ -111,6 +112,7 @@ class TaskBook:
             return  # a late request of a closed task: counted under its result as it settles
         if task is None:
             task = self._tasks[task_key] = _Task(last_s=now_s)
+            self._tenants.setdefault(task_id, set()).add(tenant)
         task.in_flight += 1
         self._unrated.pop(task_key, None)
         self._rated.pop(task_key, None)
@@ -151,6 +153,10 @@ class TaskBook:
 
     def knows(self, task_key: TaskKey) -> bool:
         return task_key in self._tasks or task_key in self._closed
+
+    def tenants(self, task_id: str) -> set[str]:
+        """The tenants with an open task of this id (closed ones: ask the store)."""
+        return set(self._tenants.get(task_id, ()))
 
     def in_flight(self, task_key: TaskKey) -> int:
         task = self._tasks.get(task_key)
@@ -196,6 +202,11 @@ class TaskBook:
 
     def _close(self, task_key: TaskKey) -> list[Figures]:
         task = self._tasks.pop(task_key)
+        tenants = self._tenants.get(task_key[1])
+        if tenants is not None:
+            tenants.discard(task_key[0])
+            if not tenants:
+                del self._tenants[task_key[1]]
         self._unrated.pop(task_key, None)
         self._rated.pop(task_key, None)
         result = task.report.result if task.report is not None else Result.UNKNOWN
