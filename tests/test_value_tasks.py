@@ -107,3 +107,13 @@ def test_past_max_open_the_longest_idle_task_closes_early() -> None:
     [evicted] = book.due(3.0, IDLE_S, GRACE_S)
     assert evicted.result is Result.UNKNOWN and book.open_tasks == 2
     assert not book.is_open(("t", "T0")) and book.is_open(("t", "T2"))
+
+
+def test_a_task_of_refusals_alone_is_forgotten_so_its_retry_starts_afresh() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0, reached_upstream=False)  # a 429, then a long back-off
+    assert book.due(IDLE_S, IDLE_S, GRACE_S) == [] and not book.knows(("t", "T"))
+    assert run(book, "r2", "T", 100.0) is None  # the retry: a task again, not a late request
+    book.report(("t", "T"), Report(True), 101.0)
+    [closed] = book.due(101.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert (closed.result, closed.model, closed.closes) == (Result.SUCCESS, "m", True)

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the proxy, a simulated vLLM and GPU, and a load")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument(
+        "--workdir", metavar="DIR", help="keep the demo's ledger here (default: a temporary dir)"
+    )
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
@@ -108,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _use_uvloop()
-        code = asyncio.run(demo.main(args.port, args.host))
+        workdir = Path(args.workdir) if args.workdir else None
+        code = asyncio.run(demo.main(args.port, args.host, workdir))
         print("demo stopped")
         return code
     if args.command == "hash-key":

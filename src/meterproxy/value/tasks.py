@@ -209,11 +209,11 @@ class TaskBook:
                 del self._tenants[task_key[1]]
         self._unrated.pop(task_key, None)
         self._rated.pop(task_key, None)
+        if task.reached == 0 and task.report is None:
+            return []  # only refusals, and nobody asked: not a task anyone ran (yet)
         result = task.report.result if task.report is not None else Result.UNKNOWN
         model = task.model()
         _remember(self._closed, task_key, (result, model), self._max_remembered)
-        if task.reached == 0 and task.report is None:
-            return []  # only refusals, and nobody asked: not a task anyone ran
         return [
             Figures(task_key[0], model, result, task.cost_usd, task.energy_j, task.tokens, True)
         ]
