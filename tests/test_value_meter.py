@@ -119,3 +119,21 @@ async def test_tasks_sweep_into_the_counters_once_and_feedback_finds_them() -> N
     assert registry.get_sample_value("meterproxy_task_outcomes_total", labels) == 1
     assert registry.get_sample_value("meterproxy_task_cost_usd_total", labels) == 0.5
     assert registry.get_sample_value("meterproxy_task_tokens_total", labels) == 30
+
+
+async def test_a_zero_window_turns_duplicate_detection_off() -> None:
+    metrics = Metrics(CollectorRegistry())
+    meter = ValueMeter(
+        lambda: ValueSettings(duplicate_window_s=0),
+        metrics,
+        Clock(),
+        lambda: 1.7e9,
+        store=None,
+        spawn=lambda name, coro: None,
+    )
+    for key in ("r1", "r2"):
+        ex = request(key, "same")
+        ex.answered(200)
+        assert meter.completer(ex, lambda: None) is False
+        assert not ex.duplicate
+    assert len(meter.repeats) == 0

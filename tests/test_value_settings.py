@@ -35,6 +35,7 @@ def test_defaults_and_values() -> None:
     assert (found.salt, found.max_open_tasks, found.success_score) == ("s" * 32, 5000, 0.8)
     assert found.user_aliases == {"u-1": "alice"}
     assert "s" * 32 not in repr(found)  # the salt never reaches a log line
+    assert parse({"duplicate_window_s": 0}).duplicate_window_s == 0  # detection off
 
 
 def test_every_problem_is_named_by_its_path() -> None:

@@ -98,9 +98,9 @@ class ValueMeter:
 
     def completer(self, ex: Exchange, done: Callable[[], None]) -> bool:
         """Settlement completer: is this request a repeat? Large bodies are hashed off-loop."""
-        if not ex.reached_upstream or ex.body is None or not ex.endpoint.metered:
-            return False
         window_ns = int(self._settings().duplicate_window_s * 1e9)
+        if not window_ns or not ex.reached_upstream or ex.body is None or not ex.endpoint.metered:
+            return False
         if ex.body_bytes <= INLINE_HASH_BYTES:
             self._judge(ex, digest(self._key, ex.endpoint.name, ex.model, ex.body), window_ns)
             return False

@@ -17,7 +17,8 @@ class ValueSettings:
     # A rated task closes this long after its last request or report (a correction sent within
     # it still counts; one sent later reaches the tables, not the counters).
     outcome_grace_s: float = 10.0
-    # The same normalized request from the same tenant within this many seconds is a duplicate.
+    # The same normalized request from the same tenant within this many seconds is a duplicate
+    # (0: no duplicate detection, and no hashing).
     duplicate_window_s: float = 600.0
     # Keys the prompt and user hashes; None: generated once and kept beside the ledger.
     salt: str | None = field(default=None, repr=False)
@@ -66,9 +67,7 @@ def parse_value(check: Checker, value: Any, environ: Mapping[str, str]) -> Value
         outcome_grace_s=check.positive(
             tree.get("outcome_grace_s"), "value.outcome_grace_s", d.outcome_grace_s
         ),
-        duplicate_window_s=check.positive(
-            tree.get("duplicate_window_s"), "value.duplicate_window_s", d.duplicate_window_s
-        ),
+        duplicate_window_s=_window(check, tree.get("duplicate_window_s"), d.duplicate_window_s),
         salt=salt,
         max_open_tasks=check.integer(
             tree.get("max_open_tasks"), "value.max_open_tasks", d.max_open_tasks, 1, 10_000_000
@@ -76,3 +75,11 @@ def parse_value(check: Checker, value: Any, environ: Mapping[str, str]) -> Value
         user_aliases=aliases,
         success_score=float(score),
     )
+
+
+def _window(check: Checker, value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return check.positive(value, "value.duplicate_window_s", default)
