@@ -434,7 +434,7 @@ def value() -> dict[str, Any]:
                 [
                     (
                         f"sum by (tenant) (increase({SUCCESSES}[$__range])) / (sum by (tenant) "
-                        "(increase(meterproxy_task_outcomes_total{tenant=~\"$tenant\","
+                        '(increase(meterproxy_task_outcomes_total{tenant=~"$tenant",'
                         'model=~"$model",result=~"success|failure"}[$__range])) > 0)',
                         "{{tenant}}",
                     )
