@@ -68,7 +68,7 @@ def test_every_problem_is_reported_by_key_path() -> None:
     )
     assert found == [
         "extra: unknown key (expected one of: listen, server, upstreams, aliases, pricing, "
-        "ledger, auth, tenants, quota, energy, ui, telemetry, export, reconcile)",
+        "ledger, auth, tenants, quota, energy, ui, telemetry, export, reconcile, value)",
         "listen.hots: unknown key (expected one of: host, port)",
         "listen.port: expected an integer from 0 to 65535, got 70000",
         "upstreams[0].url: expected an http:// or https:// URL, got 'ftp://x'",

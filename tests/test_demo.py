@@ -87,6 +87,13 @@ async def test_demo_shows_live_plausible_figures_and_stops_on_ctrl_c(tmp_path: P
     assert total("meterproxy_quota_rejections_total", tenant="support") > 0
     assert total("meterproxy_wasted_tokens_total", reason="truncated") > 0
     assert total("meterproxy_cost_usd_total") > 0
+    # Tasks and their outcomes: research's succeed, the token loop repeats itself.
+    assert total("meterproxy_task_outcomes_total", tenant="research", result="success") > 0
+    assert total("meterproxy_task_cost_usd_total", tenant="research") > 0
+    assert total("meterproxy_feedback_reports_total") > 0
+    assert total("meterproxy_duplicate_requests_total", tenant="tokenmaxx") > 0
+    assert total("meterproxy_duplicate_requests_total", tenant="research") == 0
+    assert total("meterproxy_wasted_tokens_total", tenant="tokenmaxx", reason="duplicate") > 0
 
 
 async def test_a_port_in_use_is_one_clear_line_for_demo_and_serve(tmp_path: Path) -> None:

@@ -53,6 +53,9 @@ def test_promtool_accepts_the_config_and_rules() -> None:
     tested = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
     cases = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
     assert set(alerts) <= cases, f"alerts without a promtool test case: {set(alerts) - cases}"
+    recorded = yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]
+    count = sum(len(group["rules"]) for group in recorded)
+    assert f"SUCCESS: {count} rules found" in promtool("check", "rules", "rules.yml")
 
 
 def test_every_alert_has_a_passing_unit_test() -> None:
@@ -176,7 +179,9 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
     prometheus = binary("prometheus")
     proxy_port, prom_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: meterproxy\n"
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{DEPLOY / 'rules.yml'}']\n"
+        "scrape_configs:\n  - job_name: meterproxy\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{proxy_port}']}}]\n"
     )
     prom = await asyncio.create_subprocess_exec(
@@ -257,6 +262,41 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                 assert energy_j / elapsed == pytest.approx(watts, rel=0.2)
                 # 8B-class models on modern GPUs: about 1 to 20 tokens per joule
                 assert 0.5 <= tokens / energy_j <= 20
+                await value_figures(http, prom_url, t_b + 2)
     finally:
         prom.terminate()
         await asyncio.wait_for(prom.wait(), 10)
+
+
+async def value_figures(http: aiohttp.ClientSession, url: str, at: float) -> None:
+    """The Value dashboard's story and deploy/rules.yml's recording rules on the demo's traffic:
+    every tenant's cost per success counts all its tasks' attempts, and the recorded series
+    equal the dashboard's own query over the same hour."""
+    value = dashboards()["value"]["panels"]
+    per_tenant = substitute(
+        next(p for p in value if p["title"] == "USD per successful task, by tenant")["targets"][0][
+            "expr"
+        ]
+    )
+    figures = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, per_tenant, at=at)
+    }
+    assert "research" in figures  # most of its tasks succeed
+    # The token-maxing loop rarely reports a success; when it has one, each cost many times
+    # what research pays.
+    if "tokenmaxx" in figures:
+        assert figures["tokenmaxx"] > 5 * figures["research"]
+    recorded = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, "tenant:meterproxy_task_cost_usd_per_success:ratio_1h")
+    }
+    live = {r["metric"]["tenant"]: float(r["value"][1]) for r in await query(http, url, per_tenant)}
+    assert recorded.keys() == live.keys()
+    for tenant, figure in recorded.items():
+        assert figure == pytest.approx(live[tenant], rel=0.1)
+    shares = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, "tenant:meterproxy_duplicate_share:ratio_1h")
+    }
+    assert shares["tokenmaxx"] > 0.5 and shares.get("research", 0.0) == 0.0

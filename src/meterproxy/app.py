@@ -39,6 +39,7 @@ from .store.base import open_store
 from .store.sqlite import SqliteStore
 from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
 from .ui import web as ui_web
+from .value import web as value_web
 from .watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
     app.cleanup_ctx.append(_background_tasks)
+    value_web.install(app, runtime)  # tasks, outcomes, duplicates: after the ledger
     app[STATUS] = ui_web.new_history(runtime)
     app.cleanup_ctx.append(ui_web.keep_history)
     if telemetry is not None:

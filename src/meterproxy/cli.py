@@ -22,6 +22,7 @@ from .keys import RUNTIME
 from .policy import hash_key
 from .runtime import Runtime
 from .tokens import TokenCounter
+from .value import leaderboard
 
 log = logging.getLogger("meterproxy")
 
@@ -82,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", help="e.g. 7d, 24h, 2026-11-01 (default: everything)")
     usage.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
+
+    board = commands.add_parser(
+        "leaderboard", help="rank tenants, users or models by value (cost per successful task)"
+    )
+    source = board.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="the config: ledger path, salt, aliases")
+    source.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    board.add_argument("--by", default="tenant", choices=leaderboard.BY)
+    board.add_argument("--since", default="7d", help="e.g. 7d, 24h, 2026-11-01 (default: 7d)")
+    board.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
+    board.add_argument(
+        "--rank",
+        default="usd",
+        choices=leaderboard.RANKS,
+        help="usd or joules per successful task (ascending), successes or success_rate",
+    )
+    board.add_argument("--format", default="table", choices=("table", "csv", "json"))
     return parser
 
 
@@ -112,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file, environ)
     if args.command == "usage":
         return _usage(args, environ)
+    if args.command == "leaderboard":
+        return _leaderboard(args, environ)
     if args.command == "demo":
         logging.basicConfig(
             level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -193,6 +213,35 @@ def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(report.render(rows, by, args.format))
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    path: str = args.ledger
+    salt: str | None = None
+    aliases: Mapping[str, str] = {}
+    if args.config:
+        try:
+            settings = config.load(args.config, environ)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 1
+        path, salt, aliases = settings.ledger.path, settings.value.salt, settings.value.user_aliases
+    if not os.path.exists(path):
+        print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
+        return 1
+    now = time.time()
+    try:
+        since = report.parse_time(args.since, now)
+        until = report.parse_time(args.until, now) if args.until else now + 1
+        names = leaderboard.Names(salt or leaderboard.stored_salt(path), aliases)
+        tasks = leaderboard.tasks(path, since, until)
+        groups = leaderboard.board(tasks, args.by, names, args.rank)
+    except report.ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(leaderboard.render(groups, args.by, args.format))
     return 0
 
 

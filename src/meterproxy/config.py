@@ -22,6 +22,7 @@ from .export.settings import Export, parse_export
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
 from .validation import Checker, show
+from .value.settings import ValueSettings, parse_value
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
@@ -147,6 +148,7 @@ class Settings:
     telemetry: Telemetry = Telemetry()
     export: Export = field(default_factory=Export)
     reconcile: Reconcile = Reconcile()
+    value: ValueSettings = field(default_factory=ValueSettings)
     source: str = "<built-in>"
 
 
@@ -183,6 +185,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "telemetry",
             "export",
             "reconcile",
+            "value",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -255,6 +258,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     telemetry = _telemetry(check, top.get("telemetry"))
     export = parse_export(check, top.get("export"), environ)
     reconcile = _reconcile(check, top.get("reconcile"))
+    value = parse_value(check, top.get("value"), environ)
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -269,6 +273,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         telemetry=telemetry,
         export=export,
         reconcile=reconcile,
+        value=value,
         source=source,
     )
 

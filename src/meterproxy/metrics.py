@@ -307,6 +307,49 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        # Value, not volume (value/): a task is counted once, when it closes; its figures
+        # are those of all its attempts, failed and unrated ones included. `model` is the
+        # model that served most of the task's tokens.
+        task_labels = ["tenant", "model", "result"]
+        self.task_outcomes = Counter(
+            "meterproxy_task_outcomes",
+            "Tasks closed, by result: success or failure as last reported, unknown if none was.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_cost = Counter(
+            "meterproxy_task_cost_usd",
+            "Cost of every request of the closed tasks (failed and retried attempts included), "
+            "by the task's result.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_energy = Counter(
+            "meterproxy_task_energy_joules",
+            "Attributed GPU energy of every request of the closed tasks, by the task's result.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_tokens = Counter(
+            "meterproxy_task_tokens",
+            "Prompt + completion tokens of every request of the closed tasks, by their result.",
+            task_labels,
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "meterproxy_duplicate_requests",
+            "Requests repeating one the same tenant sent within value.duplicate_window_s (a "
+            "salted hash of the normalized request, never its text).",
+            ["tenant", "model"],
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "meterproxy_feedback_reports",
+            "Outcome reports accepted, by reported result (every report; a task is counted once "
+            "in meterproxy_task_outcomes_total).",
+            ["tenant", "result"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",

@@ -136,11 +136,14 @@ async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
         endpoint=endpoint,
         started_ns=runtime.clock(),
         client_request_id=intake.client_request_id(request.headers.get("x-request-id")),
+        task_id=intake.task_id(request.headers.get(intake.TASK_HEADER)),
     )
     try:
         intake.check_target(request.raw_path)
         settings = runtime.settings
         ex.tenant = auth.authenticate(settings.tenancy, request.headers)
+        if runtime.metering:
+            runtime.settler.opened(ex)
         server = settings.server
         raw = await intake.read_body(request, server.max_body_bytes, server.timeouts.body_s)
         ex.body_bytes = len(raw)
