@@ -234,3 +234,16 @@ def test_a_client_leaving_a_broken_stream_changes_nothing() -> None:
     accounting.client_left(ex, watch)
     assert ex.outcome is Outcome.UPSTREAM_ERROR and ex.status == "502"
     assert ex.pending_text is None  # stream_end, in the relay, is what reads a broken stream
+
+
+def test_a_client_leaving_after_the_final_event_of_a_stream_without_usage_keeps_its_text() -> None:
+    # The relay and then the handler both see the client leave; the second call must not erase
+    # the text the first left to be counted (a generic upstream reports no usage).
+    ex = routed()
+    watch = watched("chat_stream")
+    ex.finished()
+    accounting.client_left(ex, watch)
+    text = ex.pending_text
+    accounting.client_left(ex, None)
+    assert text and ex.pending_text == text
+    assert ex.outcome is Outcome.SUCCESS

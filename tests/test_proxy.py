@@ -156,3 +156,13 @@ def test_the_upstream_key_replaces_the_clients_and_the_request_id_is_forwarded()
     # Without an upstream key, no Authorization goes at all.
     bare = upstream_headers(sent, ROUTE, exchange(key="mp-k-3"))
     assert "Authorization" not in bare and bare.getall("x-request-id") == ["mp-k-3"]
+
+
+def test_a_request_whose_connection_never_opened_did_not_reach_its_upstream() -> None:
+    # Nothing was sent, so nothing is billed or reconciled against the engine.
+    from meterproxy.proxy import _FAILURES, NOT_CONNECTED
+
+    assert {"connect", "connect_timeout"} == NOT_CONNECTED
+    kinds = {kind for _, kind, _, _ in _FAILURES}
+    assert NOT_CONNECTED <= kinds
+    assert not {"first_byte_timeout", "reset", "bad_response"} & NOT_CONNECTED

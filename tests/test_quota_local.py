@@ -134,3 +134,18 @@ async def test_spend_survives_a_restart(tmp_path: Path) -> None:
     with pytest.raises(QuotaExhausted, match="used 800 of 1,000 tokens today"):
         await second.admit(tenant, 300, "mp-2", capped=True)
     await second.close()
+
+
+async def test_a_repeated_settlement_changes_nothing(tmp_path: Path) -> None:
+    """QuotaBackend.settle is idempotent per request: a settlement that comes twice (a retry,
+    a replay) releases its slot and charges its usage once."""
+    quota = backend(tmp_path / "q.db", CollectorRegistry(), Clocks())
+    tenant = tenancy(tmp_path / "q.db").tenants["research"]
+    ticket = await quota.admit(tenant, 100, "mp-1", capped=True)
+    done = settlement(ticket=ticket, tenant=tenant.name, usage=Usage(10, 20, None, None))
+    quota.settle(done)
+    state = quota.quota.state(tenant.name)
+    before = (state.concurrent, state.reserved_today, dict(state.spend))
+    quota.settle(done)
+    assert (state.concurrent, state.reserved_today, dict(state.spend)) == before
+    assert state.concurrent == 0 and state.reserved_today == 0

@@ -72,9 +72,16 @@ def test_a_redirect_anywhere_else_is_dropped() -> None:
         "https://api.example.com/openai/v1",  # the base itself
         "https://api.example.com/other",
         "http://api.example.com/openai/v1/files",  # another scheme is another origin
+        "/internal/admin",  # relative, but outside the API
+        "//evil.example.com/v1/x",  # scheme-relative: another host
     ):
         out = seen([("Location", location), ("Content-Location", location)])
         assert "Location" not in out and "Content-Location" not in out, location
+
+
+def test_a_relative_redirect_inside_the_api_stays_as_it_is() -> None:
+    out = seen([("Location", "/v1/files/file-1"), ("Content-Location", "/v1/responses/r1")])
+    assert out["Location"] == "/v1/files/file-1" and out["Content-Location"] == "/v1/responses/r1"
 
 
 def test_the_upstream_key_is_redacted_wherever_a_header_echoes_it() -> None:

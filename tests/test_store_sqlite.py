@@ -160,3 +160,17 @@ async def test_open_existing_creates_no_file(tmp_path: Path) -> None:
     assert await again.open_existing() is True and again.opened
     assert await again.count(NOTES) == (1, 1.0)
     await again.close()
+
+
+async def test_a_value_sqlite_cannot_bind_is_the_rows_fault_not_the_databases(
+    tmp_path: Path,
+) -> None:
+    """Python 3.11 raises ProgrammingError for an unbindable value: that row is rejected and the
+    rest written, never the whole batch kept as if the database were down."""
+    path = tmp_path / "notes.db"
+    store = SqliteStore(str(path), SCHEMA_V2)
+    rows = [("a", 1.0, "x"), ("b", 2.0, object()), ("c", 3.0, "z")]
+    rejected = await store.insert(NOTES, rows)
+    await store.close()
+    assert [(row[0], why) for row, why in rejected] == [("b", "ProgrammingError")]
+    assert stored(path) == [("a", 1.0, "x"), ("c", 3.0, "z")]

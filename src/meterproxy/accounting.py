@@ -42,5 +42,5 @@ def client_left(ex: Exchange, watch: StreamWatch | None) -> None:
         return
     if watch is not None:
         stream_end(ex, watch)
-    elif ex.endpoint.metered and not ex.usage.known:
+    elif ex.endpoint.metered and not ex.usage.known and ex.pending_text is None:
         ex.pending_text = ""  # the prompt was processed; nothing was seen of the answer

@@ -87,6 +87,10 @@ _FAILURES: tuple[tuple[type[BaseException], str, type[ProxyError], str], ...] = 
 )
 
 
+# Failure kinds of a request whose connection never opened: no upstream saw a byte of it.
+NOT_CONNECTED = frozenset({"connect", "connect_timeout"})
+
+
 def _translate(exc: BaseException, route: Route) -> tuple[str, ProxyError]:
     timeouts = route.upstream.timeouts
     for exc_type, kind, error_type, template in _FAILURES:
@@ -327,7 +331,7 @@ async def _send(
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             failure = exc
         kind, error = _translate(failure, route)
-        ex.upstream_failed(kind, reached=not isinstance(error, errors.UpstreamUnreachable))
+        ex.upstream_failed(kind, reached=kind not in NOT_CONNECTED)
         raise error from None
     raise AssertionError("unreachable")  # the loop returns or raises
 

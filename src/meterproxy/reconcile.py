@@ -102,7 +102,7 @@ class Reconciler:
 
     def observe(self, settlement: Settlement) -> None:
         """Settlement sink: what the proxy metered for each upstream's engine."""
-        if not settlement.reached_upstream or settlement.upstream_error in ("connect",):
+        if not settlement.reached_upstream:
             return
         totals = self._proxy[settlement.upstream]
         usage = settlement.usage

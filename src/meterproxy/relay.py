@@ -50,9 +50,10 @@ def client_headers(
         if lower in RESPONSE_DROP or lower == "x-request-id":
             continue
         if lower in ("location", "content-location"):
-            if not value.startswith(upstream.url + "/"):
+            if value.startswith(upstream.url + "/"):
+                value = "/v1" + value[len(upstream.url) :]  # the same place, through the proxy
+            elif not (value.startswith("/v1/") and "//" not in value):
                 continue  # the upstream's own address, or somewhere else: not for the client
-            value = "/v1" + value[len(upstream.url) :]
         if secret and secret in value:
             value = value.replace(secret, REDACTED.decode())
         out.add(name, value)

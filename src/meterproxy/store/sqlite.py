@@ -24,6 +24,9 @@ T = TypeVar("T")
 ROW_ERRORS = (
     sqlite3.IntegrityError,
     sqlite3.InterfaceError,
+    # An unbindable value (Python 3.11+; 3.10 raised InterfaceError). A closed connection is
+    # never reached here: `_conn` refuses with OperationalError first.
+    sqlite3.ProgrammingError,
     sqlite3.DataError,
     ValueError,
     TypeError,
