@@ -18,7 +18,13 @@ from meterproxy.store.sqlite import connect, insert_sql
 from meterproxy.usage import Source, Usage
 from meterproxy.value import leaderboard
 from meterproxy.value.duplicates import salt_key
-from meterproxy.value.store import OutcomeRow, RequestRow, SqliteStorage
+from meterproxy.value.store import (
+    TASK_OUTCOMES,
+    TASK_REQUESTS,
+    VALUE_SCHEMA,
+    OutcomeRow,
+    RequestRow,
+)
 
 from .factories import settlement
 
@@ -44,10 +50,11 @@ def write(path: Path, rows: list[tuple[object, ...]], value: list[Any]) -> None:
     db = connect(str(path), ledger.LEDGER_SCHEMA)
     db.executemany(insert_sql(ledger.REQUESTS), rows)
     db.close()
-    storage = SqliteStorage(str(path))
-    storage.open(SALT)
-    storage.write(value)
-    storage.close()
+    db = connect(str(path), VALUE_SCHEMA)
+    for row in value:
+        table = TASK_REQUESTS if isinstance(row, RequestRow) else TASK_OUTCOMES
+        db.execute(insert_sql(table), row.row())
+    db.close()
 
 
 @pytest.fixture
