@@ -209,9 +209,7 @@ async def test_a_full_queue_spills_and_the_next_run_drains_every_row_once(
         ("r2", 0),
         ("r3", 1),
     ]
-    assert select(path, "SELECT success, feedback_id, reports FROM task_outcomes") == [
-        (0, "f2", 3)
-    ]
+    assert select(path, "SELECT success, feedback_id, reports FROM task_outcomes") == [(0, "f2", 3)]
     assert select(spill, "SELECT count(*) FROM task_requests") == [(0,)]
     assert select(spill, "SELECT count(*) FROM task_outcomes") == [(0,)]
 
