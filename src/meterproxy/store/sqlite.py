@@ -51,7 +51,7 @@ def insert_sql(table: Table) -> str:
 
 
 def on_conflict(table: Table) -> str:
-    """`DO NOTHING`, or the upsert's `DO UPDATE` (the same text in PostgreSQL)."""
+    """`DO NOTHING`, or the upsert's `DO UPDATE` (store/postgres.py composes its own)."""
     upsert = table.upsert
     if upsert is None:
         return "DO NOTHING"
