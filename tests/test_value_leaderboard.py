@@ -18,7 +18,13 @@ from meterproxy.store.sqlite import connect, insert_sql
 from meterproxy.usage import Source, Usage
 from meterproxy.value import leaderboard
 from meterproxy.value.duplicates import salt_key
-from meterproxy.value.store import OutcomeRow, RequestRow, SqliteStorage
+from meterproxy.value.store import (
+    TASK_OUTCOMES,
+    TASK_REQUESTS,
+    VALUE_SCHEMA,
+    OutcomeRow,
+    RequestRow,
+)
 
 from .factories import settlement
 
@@ -40,22 +46,21 @@ def request(key: str, tenant: str, **changes: Any) -> tuple[object, ...]:
     return ledger.row(settlement(**values))
 
 
-def write(path: Path, rows: list[tuple[object, ...]], value: list[Any]) -> None:
+def write(path: Path, rows: list[tuple[object, ...]], value: list[RequestRow | OutcomeRow]) -> None:
     db = connect(str(path), ledger.LEDGER_SCHEMA)
     db.executemany(insert_sql(ledger.REQUESTS), rows)
     db.close()
-    storage = SqliteStorage(str(path))
-    storage.open(SALT)
-    storage.write(value)
-    storage.close()
+    db = connect(str(path), VALUE_SCHEMA)
+    for row in value:
+        table = TASK_REQUESTS if isinstance(row, RequestRow) else TASK_OUTCOMES
+        db.execute(insert_sql(table), row.row())
+    db.close()
 
 
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
+def ledger_rows() -> list[tuple[object, ...]]:
     """Tenant `good`: 2 tasks, both succeed, on `big`. Tenant `burn`: 6 requests, 4 of them
     duplicates, one task rated a success; `mixed`: a failure, a truncation, a refusal."""
-    file = tmp_path / "ledger.db"
-    rows = [
+    return [
         request("g1", "good", model="big", cost_usd=0.05, energy_j=100.0, client_user="alice"),
         request("g2", "good", model="big", cost_usd=0.05, energy_j=100.0, client_user="alice"),
         request("g3", "good", model="small", cost_usd=0.02, energy_j=30.0, client_user="bob"),
@@ -75,7 +80,10 @@ def path(tmp_path: Path) -> Path:
         request("m2", "mixed", status="429", outcome=Outcome.REFUSED, cost_usd=0.0),
         request("m3", "mixed", model="big"),
     ]
-    value = [
+
+
+def value_rows() -> list[RequestRow | OutcomeRow]:
+    return [
         RequestRow("g1", "good", "task-1", NOW, False),
         RequestRow("g2", "good", "task-1", NOW, False),  # g3 is a task of its own
         *(RequestRow(f"b{i}", "burn", "loop", NOW, i > 0) for i in range(5)),
@@ -85,11 +93,19 @@ def path(tmp_path: Path) -> Path:
         OutcomeRow("mixed", "m3", False, None, None, NOW, "f4"),
         OutcomeRow("good", "other-tasks-outcome", False, None, None, NOW, "f5"),
     ]
-    write(file, rows, value)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    file = tmp_path / "ledger.db"
+    write(file, ledger_rows(), value_rows())
     return file
 
 
-def board(path: Path, by: str, rank: str = "usd", aliases: dict[str, str] | None = None) -> Any:
+def board(
+    path: Path | str, by: str, rank: str = "usd", aliases: dict[str, str] | None = None
+) -> Any:
+    """The leaderboard of a SQLite file or a postgresql:// URL, as JSON."""
     found = leaderboard.tasks(str(path), NOW - 7 * 86400, NOW)
     names = leaderboard.Names(leaderboard.stored_salt(str(path)) or SALT, aliases or {})
     rows = leaderboard.board(found, by, names, rank)

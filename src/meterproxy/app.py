@@ -40,6 +40,7 @@ from .store.sqlite import SqliteStore
 from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
 from .ui import web as ui_web
 from .value import web as value_web
+from .value.store import ValueStore, value_store
 from .watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def create_app(
         )
     )
     settler.add_completer(_energy_completer(runtime.energy))
-    ledger = _ledger_for(settings.ledger, metrics, wall_clock) if settings.ledger.enabled else None
+    ledger = values = None
+    if settings.ledger.enabled:
+        ledger, values = _ledger_for(settings.ledger, metrics, wall_clock)
     exporter = None
     if settings.export.cloudevents.url:
         exporter = cloudevents_exporter(
@@ -146,7 +149,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
     app.cleanup_ctx.append(_background_tasks)
-    value_web.install(app, runtime)  # tasks, outcomes, duplicates: after the ledger
+    value_web.install(app, runtime, values)  # tasks, outcomes, duplicates: after the ledger
     app[STATUS] = ui_web.new_history(runtime)
     app.cleanup_ctx.append(ui_web.keep_history)
     if telemetry is not None:
@@ -160,21 +163,35 @@ def create_app(
 
 def _ledger_for(
     settings: LedgerSettings, metrics: Metrics, wall_clock: Callable[[], float]
-) -> Ledger:
-    """The configured store (SQLite file or PostgreSQL), a local spill file for overflow, and
-    the gauges that show rows waiting."""
+) -> tuple[Ledger, ValueStore]:
+    """The configured store (SQLite file or PostgreSQL) for the ledger and, beside it, tasks
+    and outcomes; a local spill file for overflow; the gauges that show rows waiting (all of
+    them: the value tables' too)."""
+
+    def on_error(kind: str) -> None:
+        metrics.ledger_errors.labels(kind).inc()
+
     ledger = Ledger(
         open_store(settings.store_url, LEDGER_SCHEMA),
         spill=SqliteStore(settings.spill_file, LEDGER_SCHEMA),
-        on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
+        on_error=on_error,
         on_spilled=metrics.ledger_spilled.inc,
         max_queue=settings.max_queue_rows,
         clock=wall_clock,
     )
-    metrics.ledger_queued.labels("memory").set_function(lambda: ledger.queued)
-    metrics.ledger_queued.labels("spill").set_function(lambda: ledger.spilled)
-    metrics.ledger_backlog_age.set_function(ledger.backlog_age_s)
-    return ledger
+    values = value_store(
+        settings.store_url,
+        settings.spill_file,
+        on_error=on_error,
+        on_spilled=metrics.ledger_spilled.inc,
+        max_queue=settings.max_queue_rows,
+        clock=wall_clock,
+    )
+    writers = (ledger, *values.writers)
+    metrics.ledger_queued.labels("memory").set_function(lambda: sum(w.queued for w in writers))
+    metrics.ledger_queued.labels("spill").set_function(lambda: sum(w.spilled for w in writers))
+    metrics.ledger_backlog_age.set_function(lambda: max(w.backlog_age_s() for w in writers))
+    return ledger, values
 
 
 def _energy_backend(

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .keys import RUNTIME
 from .policy import hash_key
 from .runtime import Runtime
+from .store.base import is_postgres
 from .tokens import TokenCounter
 from .value import leaderboard
 
@@ -88,8 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "leaderboard", help="rank tenants, users or models by value (cost per successful task)"
     )
     source = board.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", metavar="FILE", help="the config: ledger path, salt, aliases")
-    source.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    source.add_argument(
+        "--config", metavar="FILE", help="the config: its ledger (path or url), salt, aliases"
+    )
+    source.add_argument(
+        "--ledger", metavar="PATH", help="the ledger's SQLite file or a postgresql:// URL"
+    )
+    _data_dir_argument(board)
     board.add_argument("--by", default="tenant", choices=leaderboard.BY)
     board.add_argument("--since", default="7d", help="e.g. 7d, 24h, 2026-11-01 (default: 7d)")
     board.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
@@ -197,7 +203,7 @@ def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             return 1
         ledgers = [ledger.url or ledger.path]
     for path in ledgers:
-        if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
+        if not is_postgres(path) and not os.path.exists(path):
             print(
                 f"error: no ledger at {path} (has the proxy run with this config?)",
                 file=sys.stderr,
@@ -222,13 +228,15 @@ def _leaderboard(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     aliases: Mapping[str, str] = {}
     if args.config:
         try:
-            settings = config.load(args.config, environ)
+            loaded = config.load(args.config, environ)
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"error: {problem}", file=sys.stderr)
             return 1
-        path, salt, aliases = settings.ledger.path, settings.value.salt, settings.value.user_aliases
-    if not os.path.exists(path):
+        settings = config.in_data_dir(loaded, data_dir(args.data_dir, environ))
+        path = settings.ledger.url or settings.ledger.path
+        salt, aliases = settings.value.salt, settings.value.user_aliases
+    if not is_postgres(path) and not os.path.exists(path):
         print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
         return 1
     now = time.time()

@@ -19,6 +19,7 @@
     ├── RateLimited                 429     requests | tokens       rate_limit_exceeded
     ├── QuotaExhausted              429     insufficient_quota      insufficient_quota
     ├── QuotaUnavailable            503     server_error            quota_backend_unavailable
+    ├── LedgerUnavailable           503     server_error            ledger_unavailable
     └── UpstreamError               502     upstream_error          (varies)
         ├── UpstreamUnreachable     502     upstream_error          upstream_unreachable
         ├── UpstreamTimeout         504     upstream_error          upstream_timeout
@@ -159,6 +160,18 @@ class QuotaUnavailable(ProxyError):
         super().__init__(message)
         self.limit = limit
         self.headers = {"retry-after": "1"}
+
+
+class LedgerUnavailable(ProxyError):
+    """Feedback needs the ledger's database (a task no longer in memory) and it refuses."""
+
+    status = 503
+    type = "server_error"
+    code = "ledger_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"retry-after": "5"}
 
 
 class UpstreamError(ProxyError):

@@ -133,10 +133,12 @@ REQUESTS = Table(
             ("outcome", T),
         )
     ),
-    key="request_id",
+    key=("request_id",),
     time="ts",
 )
-LEDGER_SCHEMA = Schema("ledger", (REQUESTS,), sqlite=MIGRATIONS, postgres=PG_MIGRATIONS)
+LEDGER_SCHEMA = Schema(
+    "ledger", (REQUESTS,), sqlite=MIGRATIONS, postgres=PG_MIGRATIONS, sqlite_user_version=True
+)
 COLUMNS = REQUESTS.names
 # Bounds on what is stored: text columns at most this many characters, integers 64-bit.
 MAX_TEXT = 256

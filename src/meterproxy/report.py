@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from .store.dialect import POSTGRES, SQLITE, Dialect
+
 DIMENSIONS = ("tenant", "model", "upstream", "day")
 COLUMNS = (
     "requests",
@@ -78,21 +80,6 @@ class Row:
         }
 
 
-@dataclass(frozen=True)
-class Dialect:
-    day: str  # the UTC date of `ts`, as YYYY-MM-DD
-    param: str
-    time: str  # a time bound, from Unix seconds
-    total: str  # the sum of an integer column, as an integer
-
-
-SQLITE = Dialect("date(ts, 'unixepoch')", "?", "?", "coalesce(sum({}), 0)")
-POSTGRES = Dialect(
-    "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "%s",
-    "to_timestamp(%s)",
-    "coalesce(sum({}), 0)::bigint",
-)
 # What a merge of several files keeps of each row: the columns the report reads.
 MERGED = (
     "request_id",

@@ -3,16 +3,19 @@ is a matter of URL (`sqlite:///path`, `postgresql://...`), never a branch in the
 
 A store raises `StoreUnavailable` when the database, not the rows, refused (down, locked, a
 full disk, a schema from a newer meterproxy): the rows are kept and written again later, which
-is harmless because every table has a unique key and a row already stored is skipped. A row
-that cannot be stored at all is returned to the caller with the reason, and the rest are kept.
+is harmless because every table has a unique key and a row already stored is skipped (or, in a
+table that upserts, the same row again changes nothing). A row that cannot be stored at all is
+returned to the caller with the reason, and the rest are kept. A `Database` (SQLite,
+PostgreSQL) also answers queries, written in its dialect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .dialect import Dialect
 from .schema import Row, Schema, Table
 
 Rejected = tuple[Row, str]  # a row no retry can store, and why (an exception's name)
@@ -25,17 +28,29 @@ class StoreUnavailable(Exception):
 
 
 class Store(Protocol):
+    """Where a writer's rows go: a database, or a receiver of events (the export)."""
+
     where: str  # for logs and errors: a file path, or the URL without its password
 
     async def open(self) -> None:
         """Connect and create or migrate the schema; raises StoreUnavailable."""
 
     async def insert(self, table: Table, rows: Sequence[Row]) -> list[Rejected]:
-        """Store the rows in one atomic step, skipping any whose key is already stored; if some
-        row itself is at fault, store the others and return the ones that failed. Raises
-        StoreUnavailable (nothing stored, or a step whose outcome is unknown)."""
+        """Store the rows in one atomic step, in order, skipping any whose key is already
+        stored (or upserting them, as the table says); if some row itself is at fault, store
+        the others and return the ones that failed. Raises StoreUnavailable (nothing stored, or
+        a step whose outcome is unknown)."""
 
     async def close(self) -> None: ...
+
+
+class Database(Store, Protocol):
+    """A store that also answers queries: SQLite or PostgreSQL."""
+
+    dialect: Dialect  # how `select` statements are written
+
+    async def select(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """One query, in `dialect`; raises StoreUnavailable."""
 
 
 def sqlite_path(url: str) -> str | None:
@@ -62,7 +77,7 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def open_store(url: str, schema: Schema, *, timeout_s: float = 10.0) -> Store:
+def open_store(url: str, schema: Schema, *, timeout_s: float = 10.0) -> Database:
     """The store a URL names (nothing is connected yet)."""
     path = sqlite_path(url)
     if path is not None:

@@ -8,9 +8,13 @@ psycopg2 authors, and ships as one binary wheel (`pip install 'meterproxy[postgr
 A batch is ONE statement, `INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT
 (key) DO NOTHING`, in autocommit: it is atomic, costs one round trip whatever its size, and a
 batch sent again after a timeout (the server may have committed it before the reply was lost)
-stores nothing twice. Columns are typed properly: BIGINT tokens, DOUBLE PRECISION seconds,
-joules and dollars, BOOLEAN flags, TIMESTAMPTZ times (rows carry Unix seconds; `to_timestamp`
-converts them in the statement). The schema is created and migrated on connect, under an
+stores nothing twice. A table that upserts (`ON CONFLICT ... DO UPDATE`, the last report wins)
+takes its batch as one transaction of one statement per row, pipelined: one statement cannot
+update a row twice, and two reports on one key in a batch must apply in order, as in SQLite.
+
+Columns are typed properly: BIGINT tokens, DOUBLE PRECISION seconds, joules and dollars, BOOLEAN
+flags, TIMESTAMPTZ times (rows carry Unix seconds; `to_timestamp` converts them in the
+statement). The schema is created and migrated on connect, under an
 advisory lock so that replicas starting together migrate once; each component's version is a
 row of `schema_version`.
 """
@@ -20,16 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
 from .base import Rejected, StoreUnavailable, redact
+from .dialect import POSTGRES
 from .schema import Kind, Row, Schema, SchemaTooNew, Table
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Read = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
 
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -38,13 +45,15 @@ CREATE TABLE IF NOT EXISTS schema_version (
     migrated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 )"""
 MIGRATION_LOCK = 0x6D65746572  # pg_advisory_xact_lock key: "meter"
-ARRAY = {
-    Kind.TEXT: "text[]",
-    Kind.INT: "int8[]",
-    Kind.REAL: "float8[]",
-    Kind.BOOL: "bool[]",
-    Kind.TIME: "float8[]",
+# What a row's value is sent as (TIME: Unix seconds, converted by `to_timestamp`).
+SCALAR = {
+    Kind.TEXT: "text",
+    Kind.INT: "int8",
+    Kind.REAL: "float8",
+    Kind.BOOL: "bool",
+    Kind.TIME: "float8",
 }
+ARRAY = {kind: f"{name}[]" for kind, name in SCALAR.items()}
 CONVERT: dict[Kind, Callable[[Any], Any]] = {
     Kind.TEXT: lambda v: v,
     Kind.INT: lambda v: v,
@@ -79,13 +88,54 @@ def insert_sql(table: Table) -> sql.Composed:
     )
     return sql.SQL(
         "INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) AS r ({names}) "
-        "ON CONFLICT ({key}) DO NOTHING"
+        "{conflict}"
     ).format(
         table=sql.Identifier(table.name),
         names=names,
         values=values,
         arrays=arrays,
-        key=sql.Identifier(table.key),
+        conflict=conflict_sql(table),
+    )
+
+
+def upsert_sql(table: Table) -> sql.Composed:
+    """One row's statement, for a table that upserts."""
+    values = sql.SQL(", ").join(
+        sql.SQL(
+            "to_timestamp({}::float8)" if c.kind is Kind.TIME else "{}::" + SCALAR[c.kind]
+        ).format(sql.Placeholder())
+        for c in table.columns
+    )
+    return sql.SQL("INSERT INTO {table} ({names}) VALUES ({values}) {conflict}").format(
+        table=sql.Identifier(table.name),
+        names=sql.SQL(", ").join(sql.Identifier(n) for n in table.names),
+        values=values,
+        conflict=conflict_sql(table),
+    )
+
+
+def conflict_sql(table: Table) -> sql.Composed:
+    key = sql.SQL(", ").join(sql.Identifier(n) for n in table.key)
+    upsert = table.upsert
+    if upsert is None:
+        return sql.SQL("ON CONFLICT ({key}) DO NOTHING").format(key=key)
+    stored = sql.Identifier(table.name)
+    sets = sql.SQL(", ").join(
+        sql.SQL(
+            "{c} = {t}.{c} + EXCLUDED.{c}" if name == upsert.count else "{c} = EXCLUDED.{c}"
+        ).format(c=sql.Identifier(name), t=stored)
+        for name in table.names
+        if name not in table.key
+    )
+    return sql.SQL(
+        "ON CONFLICT ({key}) DO UPDATE SET {sets} "
+        "WHERE EXCLUDED.{newer} >= {t}.{newer} AND EXCLUDED.{same} <> {t}.{same}"
+    ).format(
+        key=key,
+        sets=sets,
+        t=stored,
+        newer=sql.Identifier(upsert.newer),
+        same=sql.Identifier(upsert.same),
     )
 
 
@@ -98,13 +148,24 @@ def columns(table: Table, rows: Sequence[Row]) -> list[list[Any]]:
     return out
 
 
+def converted(table: Table, row: Row) -> list[Any]:
+    """One row, each value as its column's type wants it."""
+    return [
+        None if value is None else CONVERT[column.kind](value)
+        for column, value in zip(table.columns, row, strict=True)
+    ]
+
+
 class PostgresStore:
+    dialect = POSTGRES
+
     def __init__(self, url: str, schema: Schema, *, timeout_s: float = 10.0) -> None:
         self._url = url
         self.where = redact(url)
         self._schema = schema
         self._timeout_s = timeout_s
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._connecting = asyncio.Lock()  # a writer and a reader share the connection
 
     async def open(self) -> None:
         await self._connection()
@@ -112,6 +173,12 @@ class PostgresStore:
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
+        async with self._connecting:
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            return await self._connect()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             conn = await asyncio.wait_for(
@@ -128,10 +195,9 @@ class PostgresStore:
 
     async def insert(self, table: Table, rows: Sequence[Row]) -> list[Rejected]:
         conn = await self._connection()
-        statement = insert_sql(table)
         try:
             try:
-                await self._execute(conn, statement, columns(table, rows))
+                await self._write(conn, table, rows)
                 return []
             except ROW_ERRORS as exc:
                 log.warning(
@@ -140,7 +206,7 @@ class PostgresStore:
             rejected: list[Rejected] = []
             for one in rows:
                 try:
-                    await self._execute(conn, statement, columns(table, [one]))
+                    await self._write(conn, table, [one])
                 except ROW_ERRORS as exc:
                     rejected.append((one, type(exc).__name__))
             return rejected
@@ -148,10 +214,25 @@ class PostgresStore:
             await self._drop()
             raise StoreUnavailable(f"{self.where}: {_reason(exc)}") from exc
 
-    async def _execute(
-        self, conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: list[Any]
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], table: Table, rows: Sequence[Row]
     ) -> None:
-        task = asyncio.ensure_future(conn.execute(statement, params))
+        if table.upsert is None:
+            await self._bounded(conn, conn.execute(insert_sql(table), columns(table, rows)))
+        else:
+            params = [converted(table, one) for one in rows]
+            await self._bounded(conn, _in_order(conn, upsert_sql(table), params))
+
+    async def select(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        conn = await self._connection()
+        try:
+            return await self._bounded(conn, _fetch(conn, statement, args))
+        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+            await self._drop()
+            raise StoreUnavailable(f"{self.where}: {_reason(exc)}") from exc
+
+    async def _bounded(self, conn: psycopg.AsyncConnection[Any], work: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(work)
         try:
             done, _ = await asyncio.wait({task}, timeout=self._timeout_s)
         except asyncio.CancelledError:
@@ -160,7 +241,7 @@ class PostgresStore:
         if not done:
             await self._cut(conn, task)
             raise asyncio.TimeoutError
-        task.result()
+        return task.result()
 
     async def _cut(self, conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
         """No answer (a timeout, or the writer stopping): the statement may or may not have
@@ -183,6 +264,20 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._drop()
+
+
+async def _in_order(
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, rows: list[list[Any]]
+) -> None:
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(statement, rows)
+
+
+async def _fetch(
+    conn: psycopg.AsyncConnection[Any], statement: str, args: Sequence[object]
+) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(sql.SQL(statement), args)
+    return await cur.fetchall()
 
 
 async def migrate(conn: psycopg.AsyncConnection[Any], schema: Schema, where: str) -> None:
@@ -212,13 +307,29 @@ async def migrate(conn: psycopg.AsyncConnection[Any], schema: Schema, where: str
     log.info("%s: %s schema at version %d (was %d)", where, schema.component, newest, version)
 
 
-def query(url: str, statement: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
-    """One read for `meterproxy usage` (synchronous: the CLI has no event loop)."""
+@contextlib.contextmanager
+def reading(url: str) -> Iterator[Read]:
+    """One connection for a command's reads (synchronous: the CLI has no event loop); each
+    read raises StoreUnavailable."""
     try:
-        with psycopg.connect(url, **CONNECT) as conn:
-            return conn.execute(sql.SQL(statement), args).fetchall()
+        conn = psycopg.connect(url, autocommit=True, **CONNECT)
     except psycopg.Error as exc:
         raise StoreUnavailable(f"{redact(url)}: {_reason(exc)}") from exc
+
+    def read(statement: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
+        try:
+            return conn.execute(sql.SQL(statement), args).fetchall()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"{redact(url)}: {_reason(exc)}") from exc
+
+    with conn:
+        yield read
+
+
+def query(url: str, statement: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
+    """One read for `meterproxy usage`."""
+    with reading(url) as read:
+        return read(statement, args)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,10 +1,12 @@
 """Tables described once, for every backend: typed columns, the unique key that makes a retried
-write harmless, and each dialect's versioned migrations.
+write harmless, what a row whose key is stored already does, and each dialect's versioned
+migrations.
 
-A component (the ledger today; tasks and outcomes next) declares a `Schema`: its tables and, per
-dialect, `(version, statements)` steps. A store applies the steps above the version it finds and
-records the new one: SQLite in `PRAGMA user_version` (one schema per file), PostgreSQL in the
-`schema_version` table (one row per component, so several components share a database).
+A component (the ledger; tasks and outcomes) declares a `Schema`: its tables and, per dialect,
+`(version, statements)` steps. A store applies the steps above the version it finds and records
+the new one in the `schema_version` table, one row per component, so several components share a
+database (a PostgreSQL one, or the SQLite ledger file). The ledger alone keeps its SQLite
+version in `PRAGMA user_version`, where its files have had it since version 1.
 """
 
 from __future__ import annotations
@@ -33,11 +35,26 @@ class Column:
 
 
 @dataclass(frozen=True)
+class Upsert:
+    """A row whose key is stored already replaces the stored one when it is newer: the last
+    report wins. A row older than the stored one (`newer`: the column that orders them) is
+    skipped, so a replayed older batch never overwrites a newer row; the stored row itself sent
+    again (`same`: a NOT NULL column that names one row; a batch retried after a timeout, a
+    spill drained twice) is skipped too, so `count` stays exact: an INT column that adds up
+    (the stored value + the row's) how many rows the stored one stands for."""
+
+    newer: str
+    same: str
+    count: str | None = None
+
+
+@dataclass(frozen=True)
 class Table:
     name: str
     columns: tuple[Column, ...]
-    key: str  # unique: a row whose key is already stored is the same row again, skipped
+    key: tuple[str, ...]  # unique: a row whose key is stored already is skipped (or upserted)
     time: str | None = None  # the TIME column that dates a row (the age of a backlog)
+    upsert: Upsert | None = None  # None: a stored key is the same row again, skipped
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -46,6 +63,9 @@ class Table:
     def index(self, name: str) -> int:
         return self.names.index(name)
 
+    def key_of(self, row: Row) -> tuple[object, ...]:
+        return tuple(row[self.index(name)] for name in self.key)
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -53,6 +73,9 @@ class Schema:
     tables: tuple[Table, ...]
     sqlite: tuple[Migration, ...]
     postgres: tuple[Migration, ...]
+    # SQLite: the version in `PRAGMA user_version` (one such schema per file: the ledger's),
+    # not in the `schema_version` table.
+    sqlite_user_version: bool = False
 
     def table(self, name: str) -> Table:
         for table in self.tables:

@@ -1,7 +1,8 @@
-"""SQLite store: one file per schema, one thread per file (sqlite3 blocks), WAL mode with
-synchronous=NORMAL so that each committed batch survives a killed process, the schema version
-in `PRAGMA user_version`. Also the spill file's store: `take`, `delete` and `count` let a writer
-hand its rows on to another store later.
+"""SQLite store: one connection and one thread per store (sqlite3 blocks), WAL mode with
+synchronous=NORMAL so that each committed batch survives a killed process, a component's schema
+version in the `schema_version` table (the ledger's in `PRAGMA user_version`), so components
+share a file. Also the spill file's store: `take`, `delete` and `count` let a writer hand its
+rows on to another store later.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..storage import open_wal
 from .base import Rejected, StoreUnavailable
+from .dialect import SQLITE
 from .schema import Row, Schema, SchemaTooNew, Table
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,12 @@ ROW_ERRORS = (
     TypeError,
     OverflowError,
 )
+VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    component TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    migrated_at REAL NOT NULL
+)"""
 
 
 def insert_sql(table: Table) -> str:
@@ -39,7 +48,26 @@ def insert_sql(table: Table) -> str:
     # INSERT OR IGNORE: that would also skip a row that breaks a NOT NULL rule, silently.)
     return (
         f"INSERT INTO {table.name} ({', '.join(table.names)}) "
-        f"VALUES ({', '.join('?' * len(table.columns))}) ON CONFLICT ({table.key}) DO NOTHING"
+        f"VALUES ({', '.join('?' * len(table.columns))}) "
+        f"ON CONFLICT ({', '.join(table.key)}) {on_conflict(table)}"
+    )
+
+
+def on_conflict(table: Table) -> str:
+    """`DO NOTHING`, or the upsert's `DO UPDATE` (store/postgres.py composes its own)."""
+    upsert = table.upsert
+    if upsert is None:
+        return "DO NOTHING"
+    sets = [
+        f"{name} = {table.name}.{name} + excluded.{name}"
+        if name == upsert.count
+        else f"{name} = excluded.{name}"
+        for name in table.names
+        if name not in table.key
+    ]
+    return (
+        f"DO UPDATE SET {', '.join(sets)} WHERE excluded.{upsert.newer} >= "
+        f"{table.name}.{upsert.newer} AND excluded.{upsert.same} <> {table.name}.{upsert.same}"
     )
 
 
@@ -54,6 +82,9 @@ def connect(path: str, schema: Schema) -> sqlite3.Connection:
 
 
 def migrate(db: sqlite3.Connection, schema: Schema, where: str) -> None:
+    if not schema.sqlite_user_version:
+        migrate_component(db, schema, where)
+        return
     version = db.execute("PRAGMA user_version").fetchone()[0]
     newest = schema.sqlite[-1][0]
     if version > newest:
@@ -71,7 +102,45 @@ def migrate(db: sqlite3.Connection, schema: Schema, where: str) -> None:
         version = target
 
 
+def migrate_component(db: sqlite3.Connection, schema: Schema, where: str) -> None:
+    """A component's version is its row of `schema_version`; the steps run under the write
+    lock (BEGIN IMMEDIATE), so processes sharing the file migrate once."""
+    newest = schema.sqlite[-1][0]
+    if _component_version(db, schema, where) == newest:
+        return  # the usual case, without taking the write lock
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(VERSION_TABLE)
+        version = _component_version(db, schema, where)
+        for target, statements in schema.sqlite:
+            if version < target:
+                for statement in statements:
+                    db.execute(statement)
+        db.execute(
+            "INSERT INTO schema_version (component, version, migrated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (component) DO UPDATE SET "
+            "version = excluded.version, migrated_at = excluded.migrated_at",
+            (schema.component, newest, time.time()),
+        )
+    if version < newest:
+        log.info("%s: %s schema at version %d (was %d)", where, schema.component, newest, version)
+
+
+def _component_version(db: sqlite3.Connection, schema: Schema, where: str) -> int:
+    if db.execute(SQLITE.has_table, ("schema_version",)).fetchone() is None:
+        return 0
+    found = db.execute(
+        "SELECT version FROM schema_version WHERE component = ?", (schema.component,)
+    ).fetchone()
+    version = 0 if found is None else int(found[0])
+    if version > schema.sqlite[-1][0]:
+        raise SchemaTooNew(where, schema.component, version, schema.sqlite[-1][0])
+    return version
+
+
 class SqliteStore:
+    dialect = SQLITE
+
     def __init__(self, path: str, schema: Schema) -> None:
         self.path = self.where = path
         self._schema = schema
@@ -89,14 +158,18 @@ class SqliteStore:
             raise StoreUnavailable(f"{self.where}: {exc}") from exc
 
     async def open(self) -> None:
+        # Decided on the store's one thread: two callers opening at once share one connection.
         if self._db is None:
-            self._db = await self._call(lambda: connect(self.path, self._schema))
+            self._db = await self._call(lambda: self._db or connect(self.path, self._schema))
 
     async def open_existing(self) -> bool:
         """Open the file if there is one (a spill file is created only when a row needs it)."""
         if self._db is None:
             self._db = await self._call(
-                lambda: connect(self.path, self._schema) if os.path.exists(self.path) else None
+                lambda: (
+                    self._db
+                    or (connect(self.path, self._schema) if os.path.exists(self.path) else None)
+                )
             )
         return self._db is not None
 
@@ -132,20 +205,25 @@ class SqliteStore:
                     rejected.append((one, type(exc).__name__))
         return rejected
 
+    async def select(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        await self.open()
+        return await self._call(lambda: self._conn().execute(statement, args).fetchall())
+
     async def take(self, table: Table, limit: int) -> list[Row]:
         """The oldest `limit` rows (they stay until `delete`)."""
         await self.open()
         sql = f"SELECT {', '.join(table.names)} FROM {table.name} ORDER BY rowid LIMIT ?"
         return await self._call(lambda: self._conn().execute(sql, (limit,)).fetchall())
 
-    async def delete(self, table: Table, keys: Sequence[object]) -> None:
+    async def delete(self, table: Table, keys: Sequence[tuple[object, ...]]) -> None:
         # By key, not by rowid range: another process sharing the file may have reused a rowid.
-        sql = f"DELETE FROM {table.name} WHERE {table.key} = ?"
+        match = " AND ".join(f"{name} = ?" for name in table.key)
+        sql = f"DELETE FROM {table.name} WHERE {match}"
 
         def run() -> None:
             with self._conn() as db:
                 db.execute("BEGIN")
-                db.executemany(sql, [(k,) for k in keys])
+                db.executemany(sql, keys)
 
         await self._call(run)
 

@@ -9,7 +9,8 @@ spill file (buffered in memory until the next interval, `max_spill_buffer` rows 
 when the store takes rows again the spill file is drained into it, one batch per interval. A
 row reaches the store at least once and is stored exactly once, because every table has a
 unique key: a batch sent again after a timeout, or drained from the spill file after a crash
-between the store's commit and the spill's delete, is skipped. Nothing is dropped unless the
+between the store's commit and the spill's delete, is skipped (in a table that upserts, the
+same row again changes nothing, and the spill file upserts too). Nothing is dropped unless the
 spill file fails too (counted as `dropped`); without a spill file the oldest queued row is
 dropped. At close, what the store does not take is spilled for the next run.
 """
@@ -207,7 +208,6 @@ class Writer:
     async def _drain_spill(self) -> bool:
         if self._spill is None or not self._spilled:
             return True
-        key = self.table.index(self.table.key)
         try:
             rows = await self._spill.take(self.table, self._batch_rows)
         except StoreUnavailable as exc:
@@ -222,7 +222,7 @@ class Writer:
                 return False
             self._rejected(rejected)
             try:
-                await self._spill.delete(self.table, [r[key] for r in rows])
+                await self._spill.delete(self.table, [self.table.key_of(r) for r in rows])
             except StoreUnavailable as exc:  # drained again later: skipped by the store's key
                 self._on_error("spill")
                 log.error("spill file %s: cannot delete drained rows (%s)", self._spill.where, exc)
@@ -255,13 +255,12 @@ class Writer:
         self._failures = 0
 
     def _rejected(self, rejected: list[Rejected]) -> None:
-        key = self.table.index(self.table.key)
         for bad, reason in rejected:
             self._on_error("invalid_row")
             log.error(
                 "%s: row %r could not be stored (%s); dropped",
                 self.name,
-                str(bad[key])[:80],
+                "/".join(str(k) for k in self.table.key_of(bad))[:80],
                 reason,
             )
 

@@ -1,8 +1,9 @@
 """`meterproxy leaderboard`: tenants, users or models ranked by what their tokens bought.
 
-Read from the ledger's database (read-only; safe while the proxy writes): every request in the
-period that reached an upstream, grouped into its task (x-meterproxy-task, else the request
-alone), joined with the task's last reported outcome. Per group: successful tasks, success
+Read from the ledger's database, a SQLite file (read-only; safe while the proxy writes) or
+PostgreSQL, with the same SQL for both: every request in the period that reached an upstream,
+grouped into its task (x-meterproxy-task, else the request alone), joined with the task's last
+reported outcome. Per group: successful tasks, success
 rate (successes / rated tasks), USD and joules per successful task (every attempt of every
 task - failed, unrated, retried, duplicate - divided by the successful tasks), waste share by
 reason, duplicate share. Raw tokens are shown as context and never rank anything.
@@ -13,17 +14,23 @@ shown only as configured aliases (value.user_aliases) or short salted hashes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 from ..report import ReportError
+from ..store.base import StoreUnavailable, is_postgres
+from ..store.dialect import POSTGRES, SQLITE, Dialect
 from .duplicates import salt_key
+
+Read = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
 
 BY = ("tenant", "user", "model")
 RANKS = ("usd", "joules", "successes", "success_rate")
@@ -38,38 +45,58 @@ SHORT = {
 FLAG_SHARE = 0.5
 NO_USER = "(none)"
 
+# Written once for both dialects: {time} and {total} are the dialect's; BOOL columns are 0/1 in
+# SQLite and BOOLEAN in PostgreSQL, so they are only ever tested (CASE WHEN), never summed.
 _TASKS = """
 WITH r AS (
     SELECT q.tenant AS tenant,
            coalesce(t.task_id, q.request_id) AS task,
            q.model AS model,
-           q.client_user AS user,
+           q.client_user AS client_user,
            q.cost_usd AS cost,
            coalesce(q.energy_j, 0) AS energy,
            coalesce(q.prompt_tokens, 0) + coalesce(q.completion_tokens, 0) AS tokens,
            coalesce(q.completion_tokens, 0) AS completion,
            q.waste_reason AS waste,
-           coalesce(t.duplicate, 0) AS duplicate
+           CASE WHEN t.duplicate THEN 1 ELSE 0 END AS duplicate
     FROM requests q LEFT JOIN {task_requests} t ON t.request_id = q.request_id
-    WHERE (q.outcome IS NULL OR q.outcome != 'refused') AND q.ts >= ? AND q.ts < ?
+    WHERE (q.outcome IS NULL OR q.outcome <> 'refused') AND q.ts >= {time} AND q.ts < {time}
 )
-SELECT r.tenant, r.task, r.model, r.user,
-       count(*), sum(r.cost), sum(r.energy), sum(r.tokens), sum(r.completion),
+SELECT r.tenant, r.task, r.model, r.client_user,
+       count(*), sum(r.cost), sum(r.energy), {tokens}, {completion},
        {waste},
        sum(CASE WHEN r.waste = 'truncated' THEN 1 ELSE 0 END),
        sum(r.duplicate),
-       max(o.success), max(o.score)
+       max(CASE WHEN o.success THEN 1 WHEN NOT o.success THEN 0 END), max(o.score)
 FROM r LEFT JOIN {task_outcomes} o ON o.tenant = r.tenant AND o.task_id = r.task
-GROUP BY r.tenant, r.task, r.model, r.user
+GROUP BY r.tenant, r.task, r.model, r.client_user
 """
-_WASTE = ", ".join(
-    f"sum(CASE WHEN r.waste = '{reason}' THEN r.completion ELSE 0 END)" for reason in REASONS
+# Stand-ins when the value tables do not exist (a ledger written before them), typed for both.
+_NO_TASK_REQUESTS = (
+    "(SELECT CAST(NULL AS TEXT) AS request_id, CAST(NULL AS TEXT) AS task_id, "
+    "CAST(NULL AS BOOLEAN) AS duplicate WHERE 1 = 0)"
 )
-# Stand-ins when the value tables do not exist (a ledger written before them).
-_NO_TASK_REQUESTS = "(SELECT NULL AS request_id, NULL AS task_id, 0 AS duplicate WHERE 0)"
 _NO_TASK_OUTCOMES = (
-    "(SELECT NULL AS tenant, NULL AS task_id, NULL AS success, NULL AS score WHERE 0)"
+    "(SELECT CAST(NULL AS TEXT) AS tenant, CAST(NULL AS TEXT) AS task_id, "
+    "CAST(NULL AS BOOLEAN) AS success, CAST(NULL AS REAL) AS score WHERE 1 = 0)"
 )
+
+
+def _tasks_sql(d: Dialect, has: Callable[[str], bool]) -> str:
+    def total(expression: str) -> str:
+        return d.total.format(expression)
+
+    return _TASKS.format(
+        task_requests="task_requests" if has("task_requests") else _NO_TASK_REQUESTS,
+        task_outcomes="task_outcomes" if has("task_outcomes") else _NO_TASK_OUTCOMES,
+        time=d.time,
+        tokens=total("r.tokens"),
+        completion=total("r.completion"),
+        waste=", ".join(
+            total(f"CASE WHEN r.waste = '{reason}' THEN r.completion ELSE 0 END")
+            for reason in REASONS
+        ),
+    )
 
 
 @dataclass
@@ -185,30 +212,19 @@ class Names:
         return "u:" + hashlib.blake2b(raw.encode(), key=self._key, digest_size=4).hexdigest()
 
 
-def stored_salt(path: str) -> str | None:
-    db = _open(path)
-    try:
-        if not _has(db, "value_meta"):
+def stored_salt(ledger: str) -> str | None:
+    """The salt the proxy stored beside the ledger (a SQLite path or a postgresql:// URL)."""
+    with _reading(ledger) as (d, read):
+        if not read(d.has_table, ("value_meta",)):
             return None
-        found = db.execute("SELECT value FROM value_meta WHERE key = 'salt'").fetchone()
-        return None if found is None else str(found[0])
-    finally:
-        db.close()
+        found = read("SELECT value FROM value_meta WHERE key = 'salt'", ())
+    return None if not found else str(found[0][0])
 
 
-def tasks(path: str, since: float, until: float) -> list[Task]:
-    db = _open(path)
-    try:
-        sql = _TASKS.format(
-            task_requests="task_requests" if _has(db, "task_requests") else _NO_TASK_REQUESTS,
-            task_outcomes="task_outcomes" if _has(db, "task_outcomes") else _NO_TASK_OUTCOMES,
-            waste=_WASTE,
-        )
-        rows = db.execute(sql, (since, until)).fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise ReportError(f"cannot read the ledger {path}: {exc}") from None
-    finally:
-        db.close()
+def tasks(ledger: str, since: float, until: float) -> list[Task]:
+    """The tasks of the period, from the ledger (a SQLite path or a postgresql:// URL)."""
+    with _reading(ledger) as (d, read):
+        rows = read(_tasks_sql(d, lambda table: bool(read(d.has_table, (table,)))), (since, until))
     found: dict[tuple[str, str], Task] = {}
     for tenant, task_id, model, user, n, cost, energy, tokens, completion, *rest in rows:
         wasted, (truncated, duplicates, success, _score) = rest[: len(REASONS)], rest[-4:]
@@ -265,16 +281,28 @@ def _ranking(rank: str) -> Callable[[Group], tuple[float | str, ...]]:
     return lambda g: (*key(g), g.key)
 
 
-def _open(path: str) -> sqlite3.Connection:
+@contextlib.contextmanager
+def _reading(ledger: str) -> Iterator[tuple[Dialect, Read]]:
+    """The ledger's dialect and a read function; a database error is a ReportError."""
+    if is_postgres(ledger):
+        from ..store.postgres import reading  # the optional `postgres` extra
+
+        try:
+            with reading(ledger) as read:
+                yield POSTGRES, read
+        except StoreUnavailable as exc:
+            raise ReportError(f"cannot read the ledger {exc}") from None
+        return
     try:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     except sqlite3.OperationalError as exc:
-        raise ReportError(f"cannot open the ledger {path}: {exc}") from None
-
-
-def _has(db: sqlite3.Connection, table: str) -> bool:
-    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return db.execute(query, (table,)).fetchone() is not None
+        raise ReportError(f"cannot open the ledger {ledger}: {exc}") from None
+    try:
+        yield SQLITE, lambda statement, args: db.execute(statement, args).fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise ReportError(f"cannot read the ledger {ledger}: {exc}") from None
+    finally:
+        db.close()
 
 
 # -- output -------------------------------------------------------------------------------

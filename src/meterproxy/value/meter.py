@@ -12,26 +12,30 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import errors
 from ..exchange import Exchange, Outcome
 from ..metrics import Metrics
 from ..settlement import Settlement
+from ..store.base import StoreUnavailable
 from .duplicates import RepeatWindow, digest, salt_key
 from .feedback import Feedback
 from .settings import ValueSettings
-from .store import OutcomeRow, OutcomeStore, RequestRow
+from .store import OutcomeRow, RequestRow, ValueStore
 from .tasks import Figures, Report, Settled, TaskBook, TaskKey
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Spawn = Callable[[str, Coroutine[Any, Any, None]], object]
 # Bodies up to this size are hashed on the loop (about 10 us for 1 KB, under 1 ms at this size:
 # normalizing costs ~18 us per KiB); larger ones in a worker thread, like large token estimates.
 INLINE_HASH_BYTES = 32 * 1024
+# How often the stored salt is asked for again while the database is unavailable.
+SALT_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,7 @@ class ValueMeter:
         clock: Callable[[], int],
         wall_clock: Callable[[], float],
         *,
-        store: OutcomeStore | None,
+        store: ValueStore | None,
         spawn: Spawn,
     ) -> None:
         self._settings = settings
@@ -77,15 +81,32 @@ class ValueMeter:
         current = settings()
         self.book = TaskBook(current.max_open_tasks)
         self.repeats = RepeatWindow()
-        # Until `open` reads the stored salt: the configured one, else one for this process.
+        # Until the stored salt is read: the configured one, else one for this process.
         self.salt = current.salt or secrets.token_hex(32)
         self._key = salt_key(self.salt)
+        self.salt_stored = store is None or current.salt is not None
 
     async def open(self) -> None:
-        configured = self._settings().salt
         if self.store is not None:
-            self.salt = await self.store.open(configured)
-            self._key = salt_key(self.salt)
+            await self.store.open()
+            await self._read_salt()
+
+    async def keep_salt(self) -> None:
+        """Background, while the database was unavailable at `open`: until the stored salt is
+        read (or a new one stored). Duplicates already seen under the process's salt
+        are not recognized across the switch; nothing else hashed with it is kept."""
+        while not self.salt_stored:
+            await asyncio.sleep(SALT_RETRY_S)
+            await self._read_salt()
+
+    async def _read_salt(self) -> None:
+        assert self.store is not None
+        try:
+            salt = await self.store.salt(self._settings().salt)
+        except StoreUnavailable as exc:
+            log.warning("value: the salt cannot be read yet (%s); retried", exc)
+            return
+        self.salt, self._key, self.salt_stored = salt, salt_key(salt), True
 
     def _now_s(self) -> float:
         return self._clock() / 1e9
@@ -201,12 +222,23 @@ class ValueMeter:
             feedback.dryrun,
         )
 
+    @staticmethod
+    async def _stored(read: Awaitable[T]) -> T:
+        try:
+            return await read
+        except StoreUnavailable as exc:
+            log.error("value: feedback cannot be resolved from the ledger's database (%s)", exc)
+            raise errors.LedgerUnavailable(
+                "the task is no longer in memory and the ledger's database cannot be read right "
+                "now; send the report again in a few seconds"
+            ) from None
+
     async def _resolve(self, tenant: str, feedback: Feedback) -> TaskKey:
         if feedback.request_id is not None:
             key = feedback.request_id
             found = self.book.request(key)
             if found is None and self.store is not None:
-                found = await self.store.find_request(key)
+                found = await self._stored(self.store.find_request(key))
             if found is None:
                 raise errors.RequestNotFound(
                     f"no request `{key}` is known here; name a request by the "
@@ -229,7 +261,7 @@ class ValueMeter:
         if alone is not None and alone[1] == task_id:
             owners.add(alone[0])
         if not owners and self.store is not None:
-            owners = await self.store.task_tenants(task_id)
+            owners = await self._stored(self.store.task_tenants(task_id))
         if tenant in owners:
             return tenant, task_id
         if owners:

@@ -1,45 +1,40 @@
-"""Tasks and outcomes, stored beside the usage ledger (the same database), written off the
-request path: rows queue in memory and one writer hands them in batches to one thread.
+"""Tasks and outcomes, stored beside the usage ledger in the same database (its SQLite file, or
+its PostgreSQL), written off the request path by the shared writer (`store.writer`), one per
+table: batched, kept through an outage, spilled to the ledger's spill file when the queue is
+full, each row stored once.
 
     task_requests   request key -> tenant, task id, duplicate flag: every request sent with
                     x-meterproxy-task and every duplicate (a request sent alone, and not a
                     duplicate, is its own task: the ledger's row says all there is)
-    task_outcomes   tenant + task id -> success, score, metric, when; the last report wins
-    value_meta      the salt that keys prompt and user hashes, when none is configured
-
-`Storage` is what a backend implements (SQLite here). A PostgreSQL one needs the same three
-tables (`ON CONFLICT` upserts as written below work there too), its driver's transient errors
-raised as `StoreUnavailable`, and the salt insert made race-free across replicas
-(`INSERT ... ON CONFLICT DO NOTHING`, then read back), as it is here.
+    task_outcomes   tenant + task id -> success, score, metric, when, how many reports: the
+                    last report wins (an upsert; a replayed older report never overwrites)
+    value_meta      the salt that keys prompt and user hashes, when none is configured: the
+                    first replica to insert it wins, and every replica reads that one back
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import logging
 import secrets
-import sqlite3
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
-from ..storage import open_wal
+from ..store.base import Database, open_store
+from ..store.schema import Column, Kind, Row, Schema, Table, Upsert
+from ..store.sqlite import SqliteStore
+from ..store.writer import Writer
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS task_requests (
+_SQLITE_V1 = (
+    # As the first value tables were created (before they had a version): kept as they are.
+    """CREATE TABLE IF NOT EXISTS task_requests (
     request_id TEXT PRIMARY KEY,   -- the proxy's request key (= requests.request_id)
     tenant TEXT NOT NULL,
     task_id TEXT NOT NULL,         -- x-meterproxy-task, else the request key itself
     ts REAL NOT NULL,              -- end of the request, Unix seconds
     duplicate INTEGER NOT NULL     -- 1: a repeat of a recent identical request
-);
-CREATE INDEX IF NOT EXISTS task_requests_task ON task_requests (task_id, tenant);
-CREATE TABLE IF NOT EXISTS task_outcomes (
+)""",
+    "CREATE INDEX IF NOT EXISTS task_requests_task ON task_requests (task_id, tenant)",
+    """CREATE TABLE IF NOT EXISTS task_outcomes (
     tenant TEXT NOT NULL,
     task_id TEXT NOT NULL,
     success INTEGER NOT NULL,
@@ -49,20 +44,67 @@ CREATE TABLE IF NOT EXISTS task_outcomes (
     feedback_id TEXT NOT NULL,     -- the id the last report was answered with
     reports INTEGER NOT NULL,      -- how many reports (the last one wins)
     PRIMARY KEY (tenant, task_id)
-);
-CREATE TABLE IF NOT EXISTS value_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-INSERT_REQUEST = (
-    "INSERT INTO task_requests (request_id, tenant, task_id, ts, duplicate) "
-    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+)""",
+    "CREATE TABLE IF NOT EXISTS value_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-# The last report wins (by arrival time, so a replayed older batch never overwrites a newer one).
-UPSERT_OUTCOME = (
-    "INSERT INTO task_outcomes (tenant, task_id, success, score, metric, ts, feedback_id, reports) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (tenant, task_id) DO UPDATE SET "
-    "success = excluded.success, score = excluded.score, metric = excluded.metric, "
-    "ts = excluded.ts, feedback_id = excluded.feedback_id, "
-    "reports = task_outcomes.reports + 1 WHERE excluded.ts >= task_outcomes.ts"
+_POSTGRES_V1 = (
+    """CREATE TABLE IF NOT EXISTS task_requests (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    duplicate BOOLEAN NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS task_requests_task ON task_requests (task_id, tenant)",
+    """CREATE TABLE IF NOT EXISTS task_outcomes (
+    tenant TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    success BOOLEAN NOT NULL,
+    score DOUBLE PRECISION,
+    metric TEXT,
+    ts TIMESTAMPTZ NOT NULL,
+    feedback_id TEXT NOT NULL,
+    reports BIGINT NOT NULL,
+    PRIMARY KEY (tenant, task_id)
+)""",
+    "CREATE TABLE IF NOT EXISTS value_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+T = Kind.TEXT
+TASK_REQUESTS = Table(
+    "task_requests",
+    (
+        Column("request_id", T),
+        Column("tenant", T),
+        Column("task_id", T),
+        Column("ts", Kind.TIME),
+        Column("duplicate", Kind.BOOL),
+    ),
+    key=("request_id",),
+    time="ts",
+)
+# The last report wins, by arrival time; `reports` counts them, each once (feedback_id).
+TASK_OUTCOMES = Table(
+    "task_outcomes",
+    (
+        Column("tenant", T),
+        Column("task_id", T),
+        Column("success", Kind.BOOL),
+        Column("score", Kind.REAL),
+        Column("metric", T),
+        Column("ts", Kind.TIME),
+        Column("feedback_id", T),
+        Column("reports", Kind.INT),
+    ),
+    key=("tenant", "task_id"),
+    time="ts",
+    upsert=Upsert(newer="ts", same="feedback_id", count="reports"),
+)
+VALUE_META = Table("value_meta", (Column("key", T), Column("value", T)), key=("key",))
+VALUE_SCHEMA = Schema(
+    "value",
+    (TASK_REQUESTS, TASK_OUTCOMES, VALUE_META),
+    sqlite=((1, _SQLITE_V1),),
+    postgres=((1, _POSTGRES_V1),),
 )
 
 
@@ -73,6 +115,9 @@ class RequestRow:
     task_id: str
     ts: float
     duplicate: bool
+
+    def row(self) -> Row:
+        return (self.request_id, self.tenant, self.task_id, self.ts, int(self.duplicate))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,210 +130,130 @@ class OutcomeRow:
     ts: float
     feedback_id: str
 
-
-Row = RequestRow | OutcomeRow
-
-
-class StoreUnavailable(Exception):
-    """The database refused for now (locked, busy, full, unreachable): rows stay queued."""
-
-
-class Storage(Protocol):
-    """One backend, used from one worker thread at a time."""
-
-    def open(self, salt: str | None) -> str:
-        """Create the tables; return the salt in use: `salt` if given, else the stored one,
-        else a new one, stored."""
-
-    def write(self, rows: list[Row]) -> int:
-        """One transaction, in order; returns how many rows could not be stored at all (and
-        were skipped). Raises StoreUnavailable when the database refuses."""
-
-    def find_request(self, request_id: str) -> tuple[str, str] | None:
-        """(tenant, task id) of a stored request, from these tables or the ledger's."""
-
-    def task_tenants(self, task_id: str) -> set[str]:
-        """The tenants with a stored task of this id."""
-
-    def close(self) -> None: ...
-
-
-class SqliteStorage:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-
-    def open(self, salt: str | None) -> str:
-        self._db = db = open_wal(self.path, SCHEMA)
-        if salt is not None:
-            return salt
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "INSERT INTO value_meta (key, value) VALUES ('salt', ?) ON CONFLICT DO NOTHING",
-                (secrets.token_hex(32),),
-            )
-        stored: str = db.execute("SELECT value FROM value_meta WHERE key = 'salt'").fetchone()[0]
-        return stored
-
-    def write(self, rows: list[Row]) -> int:
-        db = self._connection()
-        try:
-            with db:
-                db.execute("BEGIN")
-                for row in rows:
-                    db.execute(*_statement(row))
-            return 0
-        except sqlite3.OperationalError as exc:  # locked, busy, full, I/O: keep the rows
-            raise StoreUnavailable(str(exc)) from exc
-        except sqlite3.Error as exc:  # a row at fault: store the others, one by one
-            log.warning("outcome store: a batch of %d rows failed (%s); row by row", len(rows), exc)
-        rejected = 0
-        try:
-            with db:
-                db.execute("BEGIN")
-                for row in rows:
-                    try:
-                        db.execute(*_statement(row))
-                    except sqlite3.OperationalError:
-                        raise
-                    except sqlite3.Error:
-                        rejected += 1
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return rejected
-
-    def find_request(self, request_id: str) -> tuple[str, str] | None:
-        db = self._connection()
-        found = db.execute(
-            "SELECT tenant, task_id FROM task_requests WHERE request_id = ?", (request_id,)
-        ).fetchone()
-        if found is None and self._has_ledger(db):
-            found = db.execute(
-                "SELECT tenant, request_id FROM requests WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        return None if found is None else (str(found[0]), str(found[1]))
-
-    def task_tenants(self, task_id: str) -> set[str]:
-        db = self._connection()
-        rows = db.execute(
-            "SELECT DISTINCT tenant FROM task_requests WHERE task_id = ?", (task_id,)
-        ).fetchall()
-        tenants = {str(r[0]) for r in rows}
-        if self._has_ledger(db):
-            # A request sent alone is its own task, named by its key.
-            alone = db.execute(
-                "SELECT tenant FROM requests WHERE request_id = ? AND NOT EXISTS "
-                "(SELECT 1 FROM task_requests t WHERE t.request_id = ? AND t.task_id != ?)",
-                (task_id, task_id, task_id),
-            ).fetchall()
-            tenants.update(str(r[0]) for r in alone)
-        return tenants
-
-    def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreUnavailable("the outcome store is not open")
-        return self._db
-
-    @staticmethod
-    def _has_ledger(db: sqlite3.Connection) -> bool:
+    def row(self) -> Row:
         return (
-            db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
-            ).fetchone()
-            is not None
+            self.tenant,
+            self.task_id,
+            int(self.success),
+            self.score,
+            self.metric,
+            self.ts,
+            self.feedback_id,
+            1,  # one report, added to those stored
         )
 
 
-def _statement(row: Row) -> tuple[str, tuple[object, ...]]:
-    if isinstance(row, RequestRow):
-        return INSERT_REQUEST, (row.request_id, row.tenant, row.task_id, row.ts, int(row.duplicate))
-    return UPSERT_OUTCOME, (
-        row.tenant,
-        row.task_id,
-        int(row.success),
-        row.score,
-        row.metric,
-        row.ts,
-        row.feedback_id,
-    )
+class ValueStore:
+    """The two writers, and the reads feedback needs (`reads`: the outcome writer's store, so
+    that no third connection is held); `add` never blocks or does I/O."""
 
+    def __init__(self, requests: Writer, outcomes: Writer, reads: Database) -> None:
+        self.requests = requests
+        self.outcomes = outcomes
+        self._store = reads
+        self._ledger_known = False  # the ledger's `requests` table was seen
 
-class OutcomeStore:
-    """The queue and its writer in front of a `Storage`; `add` never blocks or does I/O."""
-
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        on_error: Callable[[str], None],
-        max_queue: int = 200_000,
-        interval_s: float = 0.1,
-    ) -> None:
-        self.storage = storage
-        self._on_error = on_error  # "write" (rows kept), "dropped" or "invalid_row"
-        self._queue: collections.deque[Row] = collections.deque()
-        self._max_queue = max_queue
-        self.interval_s = interval_s
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outcomes")
+    @property
+    def writers(self) -> tuple[Writer, Writer]:
+        return self.requests, self.outcomes
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self.requests.queued + self.outcomes.queued
 
-    def add(self, row: Row) -> None:
-        if len(self._queue) >= self._max_queue:
-            self._queue.popleft()
-            self._on_error("dropped")
-        self._queue.append(row)
+    def add(self, row: RequestRow | OutcomeRow) -> None:
+        if isinstance(row, RequestRow):
+            self.requests.put(row.row())
+        else:
+            self.outcomes.put(row.row())
 
-    async def open(self, salt: str | None) -> str:
-        return await self._call(self.storage.open, salt)
+    async def open(self) -> None:
+        """Open both stores (one that is down is retried by its writer)."""
+        for writer in self.writers:
+            await writer.open()
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
-
-    async def flush(self) -> bool:
-        """Write everything queued; False (rows kept, in order) if the database refused."""
-        if not self._queue:
-            return True
-        batch = list(self._queue)
-        self._queue.clear()
-        try:
-            rejected = await self._call(self.storage.write, batch)
-        except StoreUnavailable as exc:
-            self._queue.extendleft(reversed(batch))
-            while len(self._queue) > self._max_queue:
-                self._queue.pop()
-                self._on_error("dropped")
-            self._on_error("write")
-            log.error(
-                "outcome store: write of %d rows failed (%s); they stay queued", len(batch), exc
-            )
-            return False
-        for _ in range(rejected):
-            self._on_error("invalid_row")
-        if rejected:
-            log.error("outcome store: %d rows could not be stored; dropped", rejected)
-        return True
+    async def salt(self, configured: str | None) -> str:
+        """The salt in use: `configured` if given, else the stored one, else a new one, stored.
+        Insert-if-absent, then read back: replicas starting together all get the first one.
+        Raises StoreUnavailable."""
+        if configured is not None:
+            return configured
+        await self._store.insert(VALUE_META, [("salt", secrets.token_hex(32))])
+        [(stored,)] = await self._store.select("SELECT value FROM value_meta WHERE key = 'salt'")
+        return str(stored)
 
     async def find_request(self, request_id: str) -> tuple[str, str] | None:
-        return await self._call(self.storage.find_request, request_id)
+        """(tenant, task id) of a stored request, from these tables or the ledger's."""
+        p = self._store.dialect.param
+        found = await self._store.select(
+            f"SELECT tenant, task_id FROM task_requests WHERE request_id = {p}", (request_id,)
+        )
+        if not found and await self._has_ledger():
+            found = await self._store.select(
+                f"SELECT tenant, request_id FROM requests WHERE request_id = {p}", (request_id,)
+            )
+        return (str(found[0][0]), str(found[0][1])) if found else None
 
     async def task_tenants(self, task_id: str) -> set[str]:
-        return await self._call(self.storage.task_tenants, task_id)
+        """The tenants with a stored task of this id."""
+        p = self._store.dialect.param
+        rows = await self._store.select(
+            f"SELECT DISTINCT tenant FROM task_requests WHERE task_id = {p}", (task_id,)
+        )
+        tenants = {str(r[0]) for r in rows}
+        if await self._has_ledger():
+            # A request sent alone is its own task, named by its key.
+            alone = await self._store.select(
+                f"SELECT tenant FROM requests WHERE request_id = {p} AND NOT EXISTS "
+                f"(SELECT 1 FROM task_requests t WHERE t.request_id = {p} AND t.task_id <> {p})",
+                (task_id, task_id, task_id),
+            )
+            tenants.update(str(r[0]) for r in alone)
+        return tenants
+
+    async def _has_ledger(self) -> bool:
+        if not self._ledger_known:
+            found = await self._store.select(self._store.dialect.has_table, ("requests",))
+            self._ledger_known = bool(found)
+        return self._ledger_known
+
+    async def flush(self) -> bool:
+        """Write everything queued; False (rows kept) if the database refused."""
+        done = [await writer.flush() for writer in self.writers]
+        return all(done)
 
     async def close(self) -> None:
-        await self.flush()
-        await self._call(self.storage.close)
-        self._thread.shutdown(wait=True)
+        """Write what the database takes; spill the rest for the next run."""
+        for writer in self.writers:
+            await writer.close()
 
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+def value_store(
+    url: str,
+    spill_path: str | None,
+    *,
+    on_error: Callable[[str], None],
+    on_spilled: Callable[[int], None] = lambda n: None,
+    max_queue: int = 200_000,
+    clock: Callable[[], float] = time.time,
+) -> ValueStore:
+    """The store beside the ledger at `url` (nothing is connected yet); rows beyond the queue
+    spill to `spill_path` (the ledger's spill file: the value tables have their own version
+    there), or, without one, the oldest is dropped."""
+
+    def writer(table: Table, store: Database) -> Writer:
+        return Writer(
+            store,
+            table,
+            name=f"value {table.name}",
+            spill=None if spill_path is None else SqliteStore(spill_path, VALUE_SCHEMA),
+            on_error=on_error,
+            on_spilled=on_spilled,
+            max_queue=max_queue,
+            clock=clock,
+        )
+
+    reads = open_store(url, VALUE_SCHEMA)
+    return ValueStore(
+        writer(TASK_REQUESTS, open_store(url, VALUE_SCHEMA)), writer(TASK_OUTCOMES, reads), reads
+    )

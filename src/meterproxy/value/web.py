@@ -13,7 +13,7 @@ from ..keys import RUNTIME, VALUE
 from ..runtime import Runtime
 from .feedback import parse
 from .meter import ValueMeter
-from .store import OutcomeStore, SqliteStorage
+from .store import ValueStore
 
 # A feedback body is a few fields; anything larger is not one.
 MAX_FEEDBACK_BYTES = 64 * 1024
@@ -34,15 +34,9 @@ async def feedback(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(accepted.body()), content_type="application/json")
 
 
-def install(app: web.Application, runtime: Runtime) -> ValueMeter:
-    """Composition: the meter, its store beside the ledger, its hooks, its lifetime."""
-    settings = runtime.settings
-    store = None
-    if settings.ledger.enabled:
-        store = OutcomeStore(
-            SqliteStorage(settings.ledger.path),
-            on_error=lambda kind: runtime.metrics.ledger_errors.labels(kind).inc(),
-        )
+def install(app: web.Application, runtime: Runtime, store: ValueStore | None) -> ValueMeter:
+    """Composition: the meter, its store beside the ledger (None: no ledger), its hooks, its
+    lifetime."""
     meter = ValueMeter(
         lambda: runtime.settings.value,
         runtime.metrics,
@@ -66,10 +60,14 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     crashes = runtime.metrics.background_crashes
     tasks = [runtime.tasks.supervise("task-sweeper", meter.run, crashes.labels("task-sweeper").inc)]
     if meter.store is not None:
+        for name, writer in (
+            ("task-writer", meter.store.requests),
+            ("outcome-writer", meter.store.outcomes),
+        ):
+            tasks.append(runtime.tasks.supervise(name, writer.run, crashes.labels(name).inc))
+    if not meter.salt_stored:  # the database was unavailable: the salt is read once it is back
         tasks.append(
-            runtime.tasks.supervise(
-                "outcome-writer", meter.store.run, crashes.labels("outcome-writer").inc
-            )
+            runtime.tasks.supervise("value-salt", meter.keep_salt, crashes.labels("value-salt").inc)
         )
     yield
     await runtime.settler.wait_idle(SETTLE_WAIT_S)  # late settlements still reach the queue
