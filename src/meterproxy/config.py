@@ -20,6 +20,7 @@ from .energy.settings import EnergySettings, parse_energy
 from .errors import ConfigError
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
+from .quota_settings import QuotaBackendSettings, parse_quota_backend
 from .validation import Checker, show
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
@@ -81,6 +82,8 @@ class Server:
     max_connections: int = 1024
     # One upstream SSE event (or line) larger than this is an upstream error.
     max_sse_event_bytes: int = 4 * 1024 * 1024
+    # Processes serving the port (SO_REUSEPORT), one energy sampler and local quota for all.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class Settings:
     energy: EnergySettings = field(default_factory=EnergySettings)
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
+    quota: QuotaBackendSettings = field(default_factory=QuotaBackendSettings)
     source: str = "<built-in>"
 
 
@@ -163,6 +167,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "timeouts",
             "max_connections",
             "max_sse_event_bytes",
+            "workers",
         ),
     )
     defaults = Server()
@@ -210,6 +215,9 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             1024,
             2**31,
         ),
+        workers=check.integer(
+            server_tree.get("workers"), "server.workers", defaults.workers, 1, 256
+        ),
     )
 
     upstreams = _upstreams(check, top.get("upstreams"), environ)
@@ -227,6 +235,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     energy = parse_energy(check, top.get("energy"))
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
+    quota = parse_quota_backend(check, top.get("quota"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -239,6 +248,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         energy=energy,
         ui=ui,
         telemetry=telemetry,
+        quota=quota,
         source=source,
     )
 

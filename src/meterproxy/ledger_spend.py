@@ -1,0 +1,96 @@
+"""What the usage ledger says a tenant spent in a period: the truth from which a quota store that
+lost its state (a Redis restarted without persistence, or flushed) rebuilds day and month
+budgets, and against which the drift check compares it.
+
+Spend is counted the way quota settlement counts it: tokens = prompt + completion, USD =
+cost_usd, joules = energy_j, each row in the period that holds its `ts` (the request's end).
+A ledger has an `identity`: replicas writing one ledger (the workers of a host on one SQLite
+file, or every replica on one PostgreSQL) share it, and their spend is rebuilt once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Spend:
+    tokens: float = 0.0
+    usd: float = 0.0
+    joules: float = 0.0
+
+    def __sub__(self, other: Spend) -> Spend:
+        return Spend(self.tokens - other.tokens, self.usd - other.usd, self.joules - other.joules)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open interval of Unix seconds: [start_s, end_s)."""
+
+    start_s: float
+    end_s: float
+
+
+class LedgerSpend(Protocol):
+    @property
+    def identity(self) -> str:
+        """The same for every process that writes this ledger."""
+        ...
+
+    def spend(self, tenant: str, day: Span, month: Span, exclude: Collection[str]) -> Spend:
+        """Blocking (run it in a thread): tokens and joules in `day`, USD in `month`, leaving
+        out the rows of the request keys in `exclude`."""
+        ...
+
+
+_SUMS = (
+    "SELECT coalesce(sum(CASE WHEN ts >= ? AND ts < ? "
+    "THEN coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) END), 0), "
+    "coalesce(sum(CASE WHEN ts >= ? AND ts < ? THEN cost_usd END), 0), "
+    "coalesce(sum(CASE WHEN ts >= ? AND ts < ? THEN energy_j END), 0) "
+    "FROM requests WHERE tenant = ? AND ts >= ? AND ts < ?"
+)
+_CHUNK = 500  # request keys per IN (...) query: under SQLite's variable limit
+
+
+class SqliteSpend:
+    """Reads the SQLite usage ledger (read-only, its own connection; WAL readers never block
+    the writers)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._identity = f"sqlite:{socket.gethostname()}:{os.path.realpath(path)}"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def spend(self, tenant: str, day: Span, month: Span, exclude: Collection[str]) -> Spend:
+        if not os.path.exists(self.path):
+            return Spend()
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            lo, hi = min(day.start_s, month.start_s), max(day.end_s, month.end_s)
+            spans = (day.start_s, day.end_s, month.start_s, month.end_s, day.start_s, day.end_s)
+            try:
+                total = Spend(*db.execute(_SUMS, (*spans, tenant, lo, hi)).fetchone())
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # the ledger has not been written yet
+                    return Spend()
+                raise
+            keys = list(exclude)
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                row = db.execute(
+                    _SUMS + f" AND request_id IN ({marks})", (*spans, tenant, lo, hi, *chunk)
+                ).fetchone()
+                total = total - Spend(*row)
+            return total
+        finally:
+            db.close()
