@@ -5,6 +5,7 @@ Skipped with a reason where the binary is missing; a failure under CI=true."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -95,10 +96,18 @@ class RedisServer:
             self.proc = None
 
 
-async def running_redis(workdir: Path) -> AsyncIterator[RedisServer]:
+@contextlib.asynccontextmanager
+async def redis_running(workdir: Path) -> AsyncIterator[RedisServer]:
+    os.makedirs(workdir, exist_ok=True)
     server = RedisServer(redis_binary(), workdir)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with redis_running(tmp_path / "redis") as server:
+        yield server

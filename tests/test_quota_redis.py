@@ -26,15 +26,9 @@ from meterproxy.quota_settings import QuotaBackendSettings
 from meterproxy.usage import Source, Usage
 
 from .factories import settlement
-from .redis_support import RedisServer, running_redis
+from .redis_support import RedisServer, redis_server
 
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    async for server in running_redis(workdir):
-        yield server
+__all__ = ["redis_server"]  # the fixture
 
 
 class Replica:

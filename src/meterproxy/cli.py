@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, config, demo, reload, report
+from . import __version__, config, demo, host, reload, report, workers
 from .app import create_app, new_session, start, stop
 from .errors import ConfigError
+from .host_link import WorkerContext
 from .keys import RUNTIME
 from .policy import hash_key
 from .runtime import Runtime
@@ -48,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the port (default: server.workers, 1)"
+    )
     serve.add_argument("--benchmark-no-metering", action="store_true", help=argparse.SUPPRESS)
+    # Set by the supervisor of `--workers` for the processes it starts.
+    serve.add_argument("--role", choices=("worker", "host"), help=argparse.SUPPRESS)
+    serve.add_argument("--link", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     commands.add_parser("hash-key", help="read a key on stdin, print its sha256: form")
@@ -77,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     environ = os.environ
     if args.command == "check-config":
@@ -98,9 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"sha256:{hash_key(key)}")
         return 0
+    role = {"worker": f"worker-{args.worker_index} ", "host": "host "}.get(args.role, "")
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s"
     )
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
+        return 1
     try:
         if args.config:
             settings = config.load(args.config, environ)
@@ -111,8 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 1
     settings = config.with_listen(settings, args.host, args.port)
+    if args.workers is not None:
+        settings = config.with_workers(settings, args.workers)
     _use_uvloop()
-    return asyncio.run(_serve(settings, environ, args.config, args.benchmark_no_metering))
+    worker = None
+    if args.role is not None:
+        metrics_dir = environ["PROMETHEUS_MULTIPROC_DIR"]
+        if args.role == "host":
+            return asyncio.run(host.run(settings, args.link, metrics_dir, CollectorRegistry()))
+        worker = WorkerContext(args.link, metrics_dir, args.worker_index)
+    elif settings.server.workers > 1:
+        return asyncio.run(workers.supervise(settings, argv, environ))
+    return asyncio.run(_serve(settings, environ, args.config, args.benchmark_no_metering, worker))
 
 
 def _check_config(path: str, environ: Mapping[str, str]) -> int:
@@ -175,7 +198,11 @@ def tiktoken_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 async def _serve(
-    settings: config.Settings, environ: Mapping[str, str], path: str | None, no_metering: bool
+    settings: config.Settings,
+    environ: Mapping[str, str],
+    path: str | None,
+    no_metering: bool,
+    worker: WorkerContext | None = None,
 ) -> int:
     host, port = settings.server.host, settings.server.port
 
@@ -188,10 +215,13 @@ async def _serve(
         tokens=TokenCounter(tiktoken_cache_dir(environ)),
         reload_from=(path, load) if path else None,
         metering=not no_metering,
+        worker=worker,
     )
     if no_metering:
         log.warning("--benchmark-no-metering: requests are relayed but NOT metered")
-    server = await start(app, settings.server.host, settings.server.port)
+    server = await start(
+        app, settings.server.host, settings.server.port, reuse_port=worker is not None
+    )
     log.info(
         "meterproxy %s listening on %s (OPENAI_BASE_URL=%s/v1)", __version__, server.url, server.url
     )
@@ -205,7 +235,10 @@ async def _serve(
             signal.SIGHUP,
             lambda: runtime.tasks.spawn("reload:SIGHUP", _reload(runtime, load), group="reload"),
         )
+    watcher = asyncio.create_task(workers.watch_parent(stopping)) if worker else None
     await stopping.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info(
         "shutting down: draining in-flight requests (up to %ss)", settings.server.drain_timeout_s
     )

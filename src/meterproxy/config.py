@@ -462,3 +462,9 @@ def with_listen(settings: Settings, host: str | None, port: int | None) -> Setti
         server, host=host or server.host, port=server.port if port is None else port
     )
     return dataclasses.replace(settings, server=server)
+
+
+def with_workers(settings: Settings, workers: int) -> Settings:
+    return dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, workers=workers)
+    )
