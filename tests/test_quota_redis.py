@@ -336,3 +336,47 @@ async def test_budgets_are_rebuilt_from_the_ledger_after_a_flush(
         "meterproxy_quota_drift_ratio", tenant="research", limit="tokens_per_day"
     ) == pytest.approx(-0.05)
     await ledger.close()
+
+
+async def test_a_settlement_held_through_an_outage_is_not_counted_twice(
+    replicas: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Its row reached the ledger while Redis was down and Redis came back empty: the rebuild
+    counts the row, and the settlement, applied after, is checked against the ledger."""
+    path = str(tmp_path / "usage.db")
+    ledger = Ledger(path, on_error=lambda kind: None)
+    await ledger.open()
+    tenant = research(tokens_per_day=1000)
+    replica = await replicas(tenant, ledger=SqliteSpend(path), run=False)
+    backend = replica.backend
+    ticket = await backend.admit(tenant, 0, "k1", capped=True)
+    done = settlement(
+        request_id="k1",
+        tenant="research",
+        ticket=ticket,
+        ts=time.time(),
+        usage=Usage(100, 0, None, None, Source.UPSTREAM),
+    )
+    await redis_server.kill()
+    backend.settle(done)
+    ledger.add(done)
+    assert not await backend._apply_batch()  # Redis is down: held
+    await ledger.flush()
+    await redis_server.start()  # empty
+    await backend.admit(tenant, 0, "k2", capped=True)  # rebuilt from the ledger: 100 (k1)
+    assert await backend._apply_batch()  # k1 now: in the rebuilt sum already, so not charged
+    second = await backend.admit(tenant, 0, "k3", capped=True)
+    backend.settle(
+        settlement(
+            request_id="k3",
+            tenant="research",
+            ticket=second,
+            ts=time.time(),
+            usage=Usage(1, 0, None, None, Source.UPSTREAM),
+        )
+    )
+    assert await backend._apply_batch()
+    assert replica.value(
+        "meterproxy_quota_usage_ratio", tenant="research", limit="tokens_per_day"
+    ) == pytest.approx(0.101)
+    await ledger.close()

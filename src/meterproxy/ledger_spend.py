@@ -42,9 +42,15 @@ class LedgerSpend(Protocol):
         """The same for every process that writes this ledger."""
         ...
 
-    def spend(self, tenant: str, day: Span, month: Span, exclude: Collection[str]) -> Spend:
+    def spend(
+        self, tenant: str, day: Span, month: Span, exclude: Collection[str]
+    ) -> tuple[Spend, str]:
         """Blocking (run it in a thread): tokens and joules in `day`, USD in `month`, leaving
-        out the rows of the request keys in `exclude`."""
+        out the rows of the request keys in `exclude`; and a watermark: what this read saw."""
+        ...
+
+    def counted(self, keys: Collection[str], watermark: str) -> set[str]:
+        """Blocking: which of `keys` have rows that a read with this watermark saw."""
         ...
 
 
@@ -53,14 +59,15 @@ _SUMS = (
     "THEN coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) END), 0), "
     "coalesce(sum(CASE WHEN ts >= ? AND ts < ? THEN cost_usd END), 0), "
     "coalesce(sum(CASE WHEN ts >= ? AND ts < ? THEN energy_j END), 0) "
-    "FROM requests WHERE tenant = ? AND ts >= ? AND ts < ?"
+    "FROM requests WHERE tenant = ? AND ts >= ? AND ts < ? AND id <= ?"
 )
 _CHUNK = 500  # request keys per IN (...) query: under SQLite's variable limit
 
 
 class SqliteSpend:
     """Reads the SQLite usage ledger (read-only, its own connection; WAL readers never block
-    the writers)."""
+    the writers). The watermark is the largest row id: SQLite commits one writer at a time and
+    never reuses a higher id, so the rows a read saw are exactly those up to it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -70,27 +77,57 @@ class SqliteSpend:
     def identity(self) -> str:
         return self._identity
 
-    def spend(self, tenant: str, day: Span, month: Span, exclude: Collection[str]) -> Spend:
+    def _connect(self) -> sqlite3.Connection | None:
         if not os.path.exists(self.path):
-            return Spend()
+            return None
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+        db.isolation_level = None
+        return db
+
+    def spend(
+        self, tenant: str, day: Span, month: Span, exclude: Collection[str]
+    ) -> tuple[Spend, str]:
+        db = self._connect()
+        if db is None:
+            return Spend(), "0"
         try:
-            lo, hi = min(day.start_s, month.start_s), max(day.end_s, month.end_s)
-            spans = (day.start_s, day.end_s, month.start_s, month.end_s, day.start_s, day.end_s)
+            db.execute("BEGIN")  # one snapshot for the watermark and the sums
             try:
-                total = Spend(*db.execute(_SUMS, (*spans, tenant, lo, hi)).fetchone())
+                watermark = db.execute("SELECT coalesce(max(id), 0) FROM requests").fetchone()[0]
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):  # the ledger has not been written yet
-                    return Spend()
+                    return Spend(), "0"
                 raise
+            lo, hi = min(day.start_s, month.start_s), max(day.end_s, month.end_s)
+            spans = (day.start_s, day.end_s, month.start_s, month.end_s, day.start_s, day.end_s)
+            where = (*spans, tenant, lo, hi, watermark)
+            total = Spend(*db.execute(_SUMS, where).fetchone())
             keys = list(exclude)
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i : i + _CHUNK]
                 marks = ", ".join("?" * len(chunk))
-                row = db.execute(
-                    _SUMS + f" AND request_id IN ({marks})", (*spans, tenant, lo, hi, *chunk)
-                ).fetchone()
-                total = total - Spend(*row)
-            return total
+                row = db.execute(_SUMS + f" AND request_id IN ({marks})", (*where, *chunk))
+                total = total - Spend(*row.fetchone())
+            return total, str(watermark)
+        finally:
+            db.close()
+
+    def counted(self, keys: Collection[str], watermark: str) -> set[str]:
+        db = self._connect()
+        if db is None:
+            return set()
+        try:
+            found: set[str] = set()
+            keys = list(keys)
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                query = f"SELECT request_id FROM requests WHERE id <= ? AND request_id IN ({marks})"
+                found.update(key for (key,) in db.execute(query, (int(watermark), *chunk)))
+            return found
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return set()
+            raise
         finally:
             db.close()

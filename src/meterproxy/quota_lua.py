@@ -8,7 +8,8 @@ Keys of one tenant share a hash tag (`prefix:{tenant}:...`), so a cluster keeps 
     reserved    STR   sum of `res` (tokens reserved and not yet settled)
     rpm         ZSET  request key -> admission time (µs): the requests of the last 60 s
     tpm         ZSET  entry -> time (µs); tpm:amt HASH entry -> tokens; tpm:sum STR their sum
-    ledgers     SET   ledgers whose spend this store holds (missing: lost, rebuild from it)
+    ledgers     HASH  ledger -> "read time|watermark" of the ledger read it was rebuilt from;
+                      a ledger missing here: its spend was lost (or never held), rebuild it
     pending:<l> HASH  request key -> spend settled while ledger <l>'s spend was missing
     d:<day>     HASH  t:<ledger> tokens, j:<ledger> joules of that day (tenant's time zone)
     m:<month>   HASH  u:<ledger> USD of that month
@@ -17,6 +18,10 @@ Keys of one tenant share a hash tag (`prefix:{tenant}:...`), so a cluster keeps 
 Redis has no time zones: the caller names the day before, of and after its own clock (and the
 same for months) with their boundaries in Unix seconds; the script picks the one that holds
 Redis's now. Integers travel as decimal strings (`n`), so microsecond times keep every digit.
+
+A settlement from around a rebuild (older than its ledger read, give or take clock skew) may
+already be in the rebuilt sum: the settle script answers `check` and the caller asks the ledger
+whether its row was within the read's watermark, then settles it again with the answer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ local function spent(hkey)
   return a, b
 end
 local KEEP_S = 3456000  -- period hashes outlive their period by weeks (40 days in all)
+local SKEW_S = 5  -- clock skew allowed between the processes that write one ledger
 """
 
 # KEYS: 1 live, 2 res, 3 reserved, 4 rpm, 5 tpm, 6 tpm:amt, 7 tpm:sum, 8 ledgers,
@@ -58,7 +64,7 @@ local KEEP_S = 3456000  -- period hashes outlive their period by weeks (40 days 
 ADMIT = (
     _PRELUDE
     + """
-if redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 0 then return {'rebuild'} end
+if redis.call('HEXISTS', KEYS[8], ARGV[1]) == 0 then return {'rebuild'} end
 local key, estimate, capped = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local rpm, tpm, maxc = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[10])
 local tpd, upm, jpd = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -157,12 +163,28 @@ return {'ok', n(d), n(now)}
 #       9 ledgers, 10 pending, 11 the admission day's hash, 12-14 day hashes, 15-17 month hashes
 # ARGV: 1 ledger, 2 request key, 3 tokens reserved, 4 tokens used, 5 usd, 6 joules,
 #       7 count tokens per minute (0/1), 8 marker TTL (s), 9-12 day bounds, 13-16 month bounds,
-#       17 admission day, 18-20 day names, 21-23 month names
-# -> {'dup'} | {'ok', requests, tokens/min, in flight, tokens today, usd this month, joules today}
+#       17 admission day, 18-20 day names, 21-23 month names, 24 settled at (Unix s, the
+#       ledger row's ts), 25 '' or 'charge' or 'counted' (the ledger's answer to a check),
+#       26 the watermark that answer is about
+# -> {'dup'} | {'check', watermark}
+#    | {'ok', requests, tokens/min, in flight, tokens today, usd this month, joules today}
 SETTLE = (
     _PRELUDE
     + """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[8]) then return {'dup'} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup'} end
+local L = ARGV[1]
+local marker = redis.call('HGET', KEYS[9], L)
+local counted = false
+if marker then
+  local sep = string.find(marker, '|', 1, true)
+  local watermark = string.sub(marker, sep + 1)
+  if ARGV[25] ~= '' and ARGV[26] == watermark then
+    counted = ARGV[25] == 'counted'
+  elseif tonumber(ARGV[24]) < tonumber(string.sub(marker, 1, sep - 1)) + SKEW_S then
+    return {'check', watermark}  -- settled around the rebuild: is it in the rebuilt sum?
+  end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[8])
 local key, reserved, tokens = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local r = redis.call('HGET', KEYS[3], key)
 if r then
@@ -185,8 +207,10 @@ elseif ARGV[7] == '1' and tokens > reserved then
   redis.call('INCRBY', KEYS[8], n(tokens - reserved))
 end
 local d, m = pick(8), pick(12)
-local L = ARGV[1]
-if redis.call('SISMEMBER', KEYS[9], L) == 1 then
+if not marker then  -- this ledger's spend was lost: kept aside until rebuilt from the ledger
+  redis.call('HSET', KEYS[10], key, table.concat(
+    {ARGV[4], ARGV[5], ARGV[6], ARGV[17], ARGV[17 + d], ARGV[20 + m]}, '|'))
+elseif not counted then
   for _, c in ipairs({{KEYS[11], 't:', ARGV[4]}, {KEYS[11 + d], 'j:', ARGV[6]},
                       {KEYS[14 + m], 'u:', ARGV[5]}}) do
     if tonumber(c[3]) ~= 0 then
@@ -194,9 +218,6 @@ if redis.call('SISMEMBER', KEYS[9], L) == 1 then
       redis.call('EXPIRE', c[1], KEEP_S)
     end
   end
-else  -- this ledger's spend was lost: kept aside until it is rebuilt from the ledger
-  redis.call('HSET', KEYS[10], key, table.concat(
-    {ARGV[4], ARGV[5], ARGV[6], ARGV[17], ARGV[17 + d], ARGV[20 + m]}, '|'))
 end
 local day_tokens, day_joules = spent(KEYS[11 + d])
 local month_usd = spent(KEYS[14 + m])
@@ -208,13 +229,14 @@ return {'ok', n(redis.call('ZCOUNT', KEYS[5], '(' .. n(horizon), '+inf')),
 
 # KEYS: 1 ledgers, 2 pending, 3 the day's hash, 4 the month's hash
 # ARGV: 1 ledger, 2 pending entries the ledger sums leave out, 3 tokens, 4 usd, 5 joules (the
-#       ledger's sums for the day and month), 6 the tenant's key base (`prefix:{tenant}:`)
+#       ledger's sums for the day and month), 6 the tenant's key base (`prefix:{tenant}:`),
+#       7 "read time|watermark" of the ledger read
 # -> 'ok' | 'already' (someone rebuilt it) | 'retry' (more settled meanwhile: read again)
 REBUILD = (
     _PRELUDE
     + """
 local L = ARGV[1]
-if redis.call('SISMEMBER', KEYS[1], L) == 1 then return 'already' end
+if redis.call('HEXISTS', KEYS[1], L) == 1 then return 'already' end
 if redis.call('HLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 'retry' end
 redis.call('HSET', KEYS[3], 't:' .. L, ARGV[3], 'j:' .. L, ARGV[5])
 redis.call('HSET', KEYS[4], 'u:' .. L, ARGV[4])
@@ -234,7 +256,7 @@ for i = 2, #flat, 2 do
   end
 end
 redis.call('DEL', KEYS[2])
-redis.call('SADD', KEYS[1], L)
+redis.call('HSET', KEYS[1], L, ARGV[7])
 return 'ok'
 """
 )
@@ -260,6 +282,6 @@ for i = 3, #ARGV, 2 do
     end
   end
 end
-return {redis.call('SISMEMBER', KEYS[4], ARGV[1]), restored}
+return {redis.call('HEXISTS', KEYS[4], ARGV[1]), restored}
 """
 )

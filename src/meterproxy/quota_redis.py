@@ -304,25 +304,50 @@ class RedisQuota:
 
     async def _apply_batch(self) -> bool:
         batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-        now_s = self._wall_clock()
-        days, months = self._periods(now_s)
+        days, months = self._periods(self._wall_clock())
+        answers: dict[str, tuple[str, str]] = {}  # request key -> (the ledger's answer, watermark)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for s in batch:
-                    await self._settle(*self._settle_call(s, days, months), client=pipe)
-                replies = await pipe.execute()
+            for _ in range(3):  # a check, then the settlement with the ledger's answer
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for s in batch:
+                        call = self._settle_call(s, days, months, answers.get(s.request_id))
+                        await self._settle(*call, client=pipe)
+                    replies = await pipe.execute()
+                checks: dict[str, list[str]] = collections.defaultdict(list)
+                later = []
+                for s, reply in zip(batch, replies, strict=True):
+                    if reply[0] == b"ok":
+                        self._ratios(s.tenant, reply)
+                    elif reply[0] == b"check":
+                        checks[reply[1].decode()].append(s.request_id)
+                        later.append(s)
+                if not later:
+                    break
+                await self._ask_ledger(checks, answers)
+                batch = later
+            else:  # rebuilt again meanwhile: their turn comes again
+                self._queue.extendleft(reversed(batch))
         except FAILURES as exc:
             self._queue.extendleft(reversed(batch))  # applied once all the same: keyed markers
             self._failed("settle", exc)
             return False
         self._ok()
-        for s, reply in zip(batch, replies, strict=True):
-            if reply[0] == b"ok":
-                self._ratios(s.tenant, reply)
         return True
 
+    async def _ask_ledger(
+        self, checks: dict[str, list[str]], answers: dict[str, tuple[str, str]]
+    ) -> None:
+        """Settlements from around a rebuild: was each one's row in the rebuilt sum?"""
+        loop = asyncio.get_running_loop()
+        for watermark, keys in checks.items():
+            seen: set[str] = set()
+            if self._ledger is not None:
+                seen = await loop.run_in_executor(None, self._ledger.counted, keys, watermark)
+            for key in keys:
+                answers[key] = ("counted" if key in seen else "charge", watermark)
+
     def _settle_call(
-        self, s: Settlement, days: Periods, months: Periods
+        self, s: Settlement, days: Periods, months: Periods, answer: tuple[str, str] | None
     ) -> tuple[list[str], list[str]]:
         ticket = s.ticket
         assert ticket is not None
@@ -359,6 +384,8 @@ class RedisQuota:
             ticket.day,
             *days.names,
             *months.names,
+            repr(s.ts),
+            *(answer or ("", "")),
         ]
         return keys, args
 
@@ -432,7 +459,7 @@ class RedisQuota:
         lock = self._rebuilding.setdefault(tenant, asyncio.Lock())
         async with lock:
             k = self._keys_of(tenant)
-            if await self._client.sismember(k.ledgers, self._ledger_id):
+            if await self._client.hexists(k.ledgers, self._ledger_id):
                 return  # rebuilt meanwhile, by this replica or another
             await asyncio.sleep(REBUILD_GRACE_S)
             pending_key = k.base + "pending:" + self._ledger_id
@@ -441,9 +468,10 @@ class RedisQuota:
             for _ in range(10):
                 raw = await self._client.hkeys(pending_key)
                 pending = [x if isinstance(x, str) else x.decode() for x in raw]
-                spend = Spend()
+                read_at = self._wall_clock()
+                spend, watermark = Spend(), "0"
                 if self._ledger is not None:
-                    spend = await loop.run_in_executor(
+                    spend, watermark = await loop.run_in_executor(
                         None, self._ledger.spend, tenant, days.span(), months.span(), pending
                     )
                 reply = await self._rebuild_script(
@@ -455,6 +483,7 @@ class RedisQuota:
                         repr(spend.usd),
                         repr(spend.joules),
                         k.base,
+                        f"{read_at!r}|{watermark}",
                     ],
                 )
                 if reply == b"ok":
@@ -500,14 +529,14 @@ class RedisQuota:
             day_key, month_key = k.days(days)[1], k.months(months)[1]
             L = self._ledger_id
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.sismember(k.ledgers, L)
+                pipe.hexists(k.ledgers, L)
                 pipe.hmget(day_key, ["t:" + L, "j:" + L])
                 pipe.hget(month_key, "u:" + L)
                 held, (tokens, joules), usd = await pipe.execute()
             if not held:
                 await self._rebuild(name)
                 continue
-            truth = await loop.run_in_executor(
+            truth, _ = await loop.run_in_executor(
                 None, self._ledger.spend, name, days.span(), months.span(), ()
             )
             cached = Spend(float(tokens or 0), float(usd or 0), float(joules or 0))
