@@ -52,7 +52,7 @@ class Replica:
             )
         )
         for _ in range(200):
-            if not self.backend._queue:
+            if not self.backend.unapplied:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("settlement not applied")

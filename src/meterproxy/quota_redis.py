@@ -138,6 +138,7 @@ class RedisQuota:
         self._calendar: tuple[float, float, Periods, Periods] | None = None
         self.inflight: dict[str, tuple[str, int]] = {}  # request key -> (tenant, reserved)
         self._queue: collections.deque[Settlement] = collections.deque()
+        self._applying = 0
         self._wake = asyncio.Event()
         self._rebuilding: dict[str, asyncio.Lock] = {}
         self.up = True
@@ -302,8 +303,20 @@ class RedisQuota:
                 if not await self._apply_batch():
                     await asyncio.sleep(RETRY_S)
 
+    @property
+    def unapplied(self) -> int:
+        """Settlements not yet applied to Redis (queued, or in a batch on its way)."""
+        return len(self._queue) + self._applying
+
     async def _apply_batch(self) -> bool:
         batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+        self._applying = len(batch)
+        try:
+            return await self._apply(batch)
+        finally:
+            self._applying = 0
+
+    async def _apply(self, batch: list[Settlement]) -> bool:
         days, months = self._periods(self._wall_clock())
         answers: dict[str, tuple[str, str]] = {}  # request key -> (the ledger's answer, watermark)
         try:
@@ -528,14 +541,15 @@ class RedisQuota:
             k = self._keys_of(name)
             day_key, month_key = k.days(days)[1], k.months(months)[1]
             L = self._ledger_id
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hexists(k.ledgers, L)
-                pipe.hmget(day_key, ["t:" + L, "j:" + L])
-                pipe.hget(month_key, "u:" + L)
-                held, (tokens, joules), usd = await pipe.execute()
-            if not held:
+            for _ in range(2):  # a store that lost this ledger's spend is rebuilt first
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hexists(k.ledgers, L)
+                    pipe.hmget(day_key, ["t:" + L, "j:" + L])
+                    pipe.hget(month_key, "u:" + L)
+                    held, (tokens, joules), usd = await pipe.execute()
+                if held:
+                    break
                 await self._rebuild(name)
-                continue
             truth, _ = await loop.run_in_executor(
                 None, self._ledger.spend, name, days.span(), months.span(), ()
             )
