@@ -23,13 +23,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from . import quota_lua
@@ -70,12 +70,14 @@ class Periods:
     names: tuple[str, str, str]
     bounds: tuple[datetime, datetime, datetime, datetime]
 
-    @property
-    def seconds(self) -> list[str]:
-        return [repr(b.timestamp()) for b in self.bounds]
-
     def span(self) -> Span:
         return Span(self.bounds[1].timestamp(), self.bounds[2].timestamp())
+
+
+def calendar_arg(days: Periods, months: Periods) -> str:
+    """The scripts' `calendar`: day bounds, month bounds, day names, month names."""
+    bounds = [repr(b.timestamp()) for b in (*days.bounds, *months.bounds)]
+    return ",".join([*bounds, *days.names, *months.names])
 
 
 def calendar(zone: ZoneInfo, now_s: float) -> tuple[Periods, Periods]:
@@ -100,20 +102,17 @@ def _add_months(first: date, months: int) -> date:
 class _Keys:
     """The Redis keys of one tenant (one hash tag, so one cluster slot)."""
 
-    __slots__ = ("base", "ledgers", "live", "res", "reserved", "rpm", "tpm", "tpm_amt", "tpm_sum")
+    __slots__ = ("base", "ledgers", "live")
 
     def __init__(self, prefix: str, tenant: str) -> None:
         self.base = base = f"{prefix}:{{{tenant}}}:"
-        self.live, self.res, self.reserved = base + "live", base + "res", base + "reserved"
-        self.rpm, self.tpm = base + "rpm", base + "tpm"
-        self.tpm_amt, self.tpm_sum = base + "tpm:amt", base + "tpm:sum"
-        self.ledgers = base + "ledgers"
+        self.live, self.ledgers = base + "live", base + "ledgers"
 
-    def days(self, p: Periods) -> list[str]:
-        return [self.base + "d:" + name for name in p.names]
+    def day(self, name: str) -> str:
+        return self.base + "d:" + name
 
-    def months(self, p: Periods) -> list[str]:
-        return [self.base + "m:" + name for name in p.names]
+    def month(self, name: str) -> str:
+        return self.base + "m:" + name
 
 
 class RedisQuota:
@@ -135,7 +134,8 @@ class RedisQuota:
         self._ttl_us = int(settings.reservation_ttl_s * 1e6)
         self._done_ttl_s = max(600, int(settings.reservation_ttl_s * 10))
         self._keys: dict[str, _Keys] = {}
-        self._calendar: tuple[float, float, Periods, Periods] | None = None
+        self._calendar: tuple[float, float, Periods, Periods, str] | None = None
+        self._limits: dict[Limits, str] = {}
         self.inflight: dict[str, tuple[str, int]] = {}  # request key -> (tenant, reserved)
         self._queue: collections.deque[Settlement] = collections.deque()
         self._applying = 0
@@ -164,31 +164,17 @@ class RedisQuota:
         self._calendar = None
 
     async def admit(self, tenant: Tenant, estimate: int, key: str, *, capped: bool) -> Ticket:
-        days, months = self._periods(self._wall_clock())
-        k = self._keys_of(tenant.name)
-        limits = tenant.limits
+        days, months, calendar_text = self._periods(self._wall_clock())
+        keys = [self._keys_of(tenant.name).live]
         args = [
             self._ledger_id,
             key,
             str(estimate),
             "1" if capped else "0",
-            *(
-                repr(value or 0)
-                for value in (
-                    limits.requests_per_minute,
-                    limits.tokens_per_minute,
-                    limits.tokens_per_day,
-                    limits.usd_per_month,
-                    limits.joules_per_day,
-                    limits.max_concurrent,
-                )
-            ),
+            self._limits_arg(tenant.limits),
             str(self._ttl_us),
-            *days.seconds,
-            *months.seconds,
+            calendar_text,
         ]
-        keys = [k.live, k.res, k.reserved, k.rpm, k.tpm, k.tpm_amt, k.tpm_sum, k.ledgers]
-        keys += k.days(days) + k.months(months)
         for attempt in (1, 2):
             try:
                 reply = await self._admit(keys=keys, args=args)
@@ -200,7 +186,8 @@ class RedisQuota:
                 return self._unavailable(tenant, exc, days.names[1])
             self._ok()
             if reply[0] == b"ok":
-                self.inflight[key] = (tenant.name, estimate)
+                if reply[3] == b"1":  # a reservation: kept alive while the request runs
+                    self.inflight[key] = (tenant.name, estimate)
                 return Ticket(tenant.name, estimate, None, None, days.names[int(reply[1]) - 1])
             if reply[0] == b"limited":
                 raise self._limited(tenant, estimate, reply)
@@ -210,6 +197,20 @@ class RedisQuota:
         error = RedisError(f"unexpected reply {reply[0]!r} from the admission script")
         self._failed("admit", error)
         return self._unavailable(tenant, error, days.names[1])
+
+    def _limits_arg(self, limits: Limits) -> str:
+        found = self._limits.get(limits)
+        if found is None:
+            values = (
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+                limits.tokens_per_day,
+                limits.usd_per_month,
+                limits.joules_per_day,
+                limits.max_concurrent,
+            )
+            found = self._limits[limits] = ",".join(repr(v or 0) for v in values)
+        return found
 
     def settle(self, settlement: Settlement) -> None:
         """Settlement sink: queued for the drain task; never blocks."""
@@ -224,13 +225,18 @@ class RedisQuota:
 
     async def open(self) -> None:
         try:
-            await self._client.ping()
+            await self._load_scripts()
         except FAILURES as exc:
             self._failed("connect", exc)
         else:
             log.info(
                 "quota: Redis at %s (ledger %s)", self.settings.redis_location, self._ledger_id
             )
+
+    async def _load_scripts(self) -> None:
+        """Pipelines run scripts by digest only: load them (again, after a Redis restart)."""
+        for script in (self._admit, self._settle, self._rebuild_script, self._keepalive):
+            script.sha = await self._client.script_load(script.script)
 
     async def run(self) -> None:
         await asyncio.gather(self._drain(), self._refresh(), self._check_drift())
@@ -317,15 +323,14 @@ class RedisQuota:
             self._applying = 0
 
     async def _apply(self, batch: list[Settlement]) -> bool:
-        days, months = self._periods(self._wall_clock())
+        _, _, calendar_text = self._periods(self._wall_clock())
         answers: dict[str, tuple[str, str]] = {}  # request key -> (the ledger's answer, watermark)
         try:
             for _ in range(3):  # a check, then the settlement with the ledger's answer
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for s in batch:
-                        call = self._settle_call(s, days, months, answers.get(s.request_id))
-                        await self._settle(*call, client=pipe)
-                    replies = await pipe.execute()
+                replies = await self._pipeline(
+                    self._settle.sha,
+                    [self._settle_call(s, calendar_text, answers.get(s.request_id)) for s in batch],
+                )
                 checks: dict[str, list[str]] = collections.defaultdict(list)
                 later = []
                 for s, reply in zip(batch, replies, strict=True):
@@ -347,6 +352,20 @@ class RedisQuota:
         self._ok()
         return True
 
+    async def _pipeline(self, sha: str, calls: list[tuple[str, list[str]]]) -> list[Any]:
+        """One round trip for many script calls (each still atomic on its own)."""
+        for attempt in (1, 2):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, args in calls:
+                        pipe.evalsha(sha, 1, key, *args)
+                    return list(await pipe.execute())
+            except NoScriptError:  # Redis restarted: load the scripts, once
+                if attempt == 2:
+                    raise
+                await self._load_scripts()  # (the same text: the same digest)
+        raise AssertionError("unreachable")
+
     async def _ask_ledger(
         self, checks: dict[str, list[str]], answers: dict[str, tuple[str, str]]
     ) -> None:
@@ -360,29 +379,13 @@ class RedisQuota:
                 answers[key] = ("counted" if key in seen else "charge", watermark)
 
     def _settle_call(
-        self, s: Settlement, days: Periods, months: Periods, answer: tuple[str, str] | None
-    ) -> tuple[list[str], list[str]]:
+        self, s: Settlement, calendar_text: str, answer: tuple[str, str] | None
+    ) -> tuple[str, list[str]]:
         ticket = s.ticket
         assert ticket is not None
-        k = self._keys_of(ticket.tenant)
         usage = s.usage
         tokens = (usage.prompt or 0) + (usage.completion or 0)
         tenant = self._tenancy.tenant(ticket.tenant)
-        keys = [
-            k.base + "done:" + s.request_id,
-            k.live,
-            k.res,
-            k.reserved,
-            k.rpm,
-            k.tpm,
-            k.tpm_amt,
-            k.tpm_sum,
-            k.ledgers,
-            k.base + "pending:" + self._ledger_id,
-            k.base + "d:" + ticket.day,
-            *k.days(days),
-            *k.months(months),
-        ]
         args = [
             self._ledger_id,
             s.request_id,
@@ -392,15 +395,12 @@ class RedisQuota:
             repr(float(s.energy_j or 0.0)),
             "1" if tenant.limits.tokens_per_minute is not None else "0",
             str(self._done_ttl_s),
-            *days.seconds,
-            *months.seconds,
+            calendar_text,
             ticket.day,
-            *days.names,
-            *months.names,
             repr(s.ts),
             *(answer or ("", "")),
         ]
-        return keys, args
+        return self._keys_of(ticket.tenant).live, args
 
     def _ratios(self, name: str, reply: list[bytes]) -> None:
         limits = self._tenancy.tenant(name).limits
@@ -435,17 +435,13 @@ class RedisQuota:
         tenants = sorted(set(mine) | set(self._limited_tenants()))
         if not tenants:
             return
+        calls = []
+        for name in tenants:
+            args = [self._ledger_id, str(self._ttl_us)]
+            args += [v for key, reserved in mine.get(name, []) for v in (key, str(reserved))]
+            calls.append((self._keys_of(name).live, args))
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name in tenants:
-                    k = self._keys_of(name)
-                    held = mine.get(name, [])
-                    keys = [k.live, k.res, k.reserved, k.ledgers]
-                    keys += [k.base + "done:" + key for key, _ in held]
-                    args = [self._ledger_id, str(self._ttl_us)]
-                    args += [v for key, reserved in held for v in (key, str(reserved))]
-                    await self._keepalive(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
+            replies = await self._pipeline(self._keepalive.sha, calls)
         except FAILURES as exc:
             self._failed("refresh", exc)
             return
@@ -476,7 +472,7 @@ class RedisQuota:
                 return  # rebuilt meanwhile, by this replica or another
             await asyncio.sleep(REBUILD_GRACE_S)
             pending_key = k.base + "pending:" + self._ledger_id
-            days, months = self._periods(self._wall_clock())
+            days, months, _ = self._periods(self._wall_clock())
             loop = asyncio.get_running_loop()
             for _ in range(10):
                 raw = await self._client.hkeys(pending_key)
@@ -488,14 +484,15 @@ class RedisQuota:
                         None, self._ledger.spend, tenant, days.span(), months.span(), pending
                     )
                 reply = await self._rebuild_script(
-                    keys=[k.ledgers, pending_key, k.days(days)[1], k.months(months)[1]],
+                    keys=[k.live],
                     args=[
                         self._ledger_id,
                         str(len(pending)),
                         repr(spend.tokens),
                         repr(spend.usd),
                         repr(spend.joules),
-                        k.base,
+                        days.names[1],
+                        months.names[1],
                         f"{read_at!r}|{watermark}",
                     ],
                 )
@@ -532,14 +529,14 @@ class RedisQuota:
     async def check_drift(self) -> None:
         """Export (Redis - ledger) / limit for every budget of every tenant, this ledger's part."""
         assert self._ledger is not None
-        days, months = self._periods(self._wall_clock())
+        days, months, _ = self._periods(self._wall_clock())
         loop = asyncio.get_running_loop()
         for name, tenant in self._tenancy.tenants.items():
             budgets = [b for b in BUDGETS if getattr(tenant.limits, b[0]) is not None]
             if not budgets:
                 continue
             k = self._keys_of(name)
-            day_key, month_key = k.days(days)[1], k.months(months)[1]
+            day_key, month_key = k.day(days.names[1]), k.month(months.names[1])
             L = self._ledger_id
             for _ in range(2):  # a store that lost this ledger's spend is rebuilt first
                 async with self._client.pipeline(transaction=False) as pipe:
@@ -568,14 +565,21 @@ class RedisQuota:
             found = self._keys[tenant] = _Keys(self.settings.redis_prefix, tenant)
         return found
 
-    def _periods(self, now_s: float) -> tuple[Periods, Periods]:
+    def _periods(self, now_s: float) -> tuple[Periods, Periods, str]:
         """The caller's calendar, recomputed only when its day changes."""
         cached = self._calendar
         if cached is not None and cached[0] <= now_s < cached[1]:
-            return cached[2], cached[3]
+            return cached[2], cached[3], cached[4]
         days, months = calendar(self._zone, now_s)
-        self._calendar = (days.bounds[1].timestamp(), days.bounds[2].timestamp(), days, months)
-        return days, months
+        text = calendar_arg(days, months)
+        self._calendar = (
+            days.bounds[1].timestamp(),
+            days.bounds[2].timestamp(),
+            days,
+            months,
+            text,
+        )
+        return days, months, text
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self._metrics.quota_backend_errors.labels("redis", op).inc()
