@@ -309,6 +309,61 @@ class Proxy:
             self.proc.kill()
 
 
+# A vLLM chat completion, as nginx serves it for the `--upstream nginx` runs: an upstream that
+# costs a few percent of a core, so that on two cores the proxy's workers get nearly all of it.
+COMPLETION = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1764460800,
+    "model": "bench-small",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": " the quick brown fox" * 4},
+            "logprobs": None,
+            "finish_reason": "stop",
+            "stop_reason": None,
+        }
+    ],
+    "usage": {"prompt_tokens": 9, "total_tokens": 25, "completion_tokens": 16},
+}
+MODELS = {"object": "list", "data": [{"id": "bench-small", "object": "model", "owned_by": "vllm"}]}
+NGINX = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 64k;
+  default_type application/json;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /v1/models {{ return 200 '{models}'; }}
+    location / {{ return 200 '{completion}'; }}
+  }}
+}}
+"""
+
+
+def start_nginx(workdir: Path, cpus: str | None) -> tuple[list[subprocess.Popen[bytes]], int]:
+    if shutil.which("nginx") is None:
+        raise SystemExit("--upstream nginx needs nginx: apt-get install -y nginx-light")
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        NGINX.format(
+            dir=workdir,
+            port=port,
+            models=orjson.dumps(MODELS).decode(),
+            completion=orjson.dumps(COMPLETION).decode(),
+        )
+    )
+    argv = ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+    return [subprocess.Popen(pinned(cpus, argv))], port
+
+
 def start_upstreams(count: int, cpus: str | None) -> tuple[list[subprocess.Popen[bytes]], int]:
     port = free_port()
     procs = [
@@ -366,6 +421,7 @@ def proxy_latency(
 def workers_throughput(
     workdir: Path, upstream_port: int, redis_url: str, args: argparse.Namespace
 ) -> list[str]:
+    upstream = "nginx" if args.upstream == "nginx" else f"{args.upstreams} simulated vLLM"
     rows = []
     for quota in args.quota:
         config = write_config(workdir, upstream_port, quota, redis_url)
@@ -392,8 +448,9 @@ def workers_throughput(
                 f"{int(sum(r['errors'] for r in results))} |"
             )
     return [
-        f"c32, non-streamed chat, proxy on CPUs {args.proxy_cpus}, upstreams ({args.upstreams}) and "
-        f"wrk (-t{args.wrk_threads}) on CPUs {args.load_cpus}; {args.duration:g} s x {args.rounds} rounds",
+        f"c32, non-streamed chat, proxy on CPUs {args.proxy_cpus}; upstream ({upstream}) and "
+        f"wrk (-t{args.wrk_threads}) on CPUs {args.load_cpus}; "
+        f"{args.duration:g} s x {args.rounds} rounds",
         "",
         "| quota.backend | workers | req/s | p50 ms | p99 ms | vs 1 worker | non-2xx |",
         "|---|---|---|---|---|---|---|",
@@ -414,6 +471,12 @@ def main() -> None:
     parser.add_argument("--load-cpus", default="0,1" if cpus <= 2 else f"4-{cpus - 1}")
     parser.add_argument("--upstreams", type=int, default=1 if cpus <= 2 else 4)
     parser.add_argument("--wrk-threads", type=int, default=1 if cpus <= 2 else 4)
+    parser.add_argument(
+        "--upstream",
+        choices=("sim", "nginx"),
+        default="sim",
+        help="sim: the simulated vLLM (Python, --upstreams processes); nginx: a static answer",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.admissions = 3.0, 1, 4000
@@ -421,7 +484,10 @@ def main() -> None:
         raise SystemExit("wrk is needed for the load: apt-get install -y wrk")
     workdir = Path(tempfile.mkdtemp(prefix="meterproxy-scale-"))
     redis, redis_url = start_redis(str(workdir))
-    upstreams, upstream_port = start_upstreams(args.upstreams, args.load_cpus)
+    if args.upstream == "nginx":
+        upstreams, upstream_port = start_nginx(workdir, args.load_cpus)
+    else:
+        upstreams, upstream_port = start_upstreams(args.upstreams, args.load_cpus)
     out = [
         f"machine: {cpus} CPUs, {_cpu_model()}; Python {sys.version.split()[0]}; "
         f"redis-server {_redis_version()}"

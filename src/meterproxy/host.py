@@ -28,6 +28,7 @@ import orjson
 from .backends import EnergyBackend
 from .energy.local import LocalEnergy
 from .errors import QuotaExhausted, RateLimited
+from .host_link import messages
 from .metrics import Metrics
 from .policy import Limits, Tenancy, Tenant
 from .quota import Ticket
@@ -90,8 +91,8 @@ class Host:
         self.workers.add(worker)
         worker.send(["h", self.energy_on])
         try:
-            while line := await reader.readline():
-                self._handle(worker, orjson.loads(line))
+            async for message in messages(reader):
+                self._handle(worker, message)
         except (OSError, orjson.JSONDecodeError, ValueError) as exc:
             log.error("a worker's link broke: %s", exc)
         finally:

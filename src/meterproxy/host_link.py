@@ -21,7 +21,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,12 +117,15 @@ class HostLink:
         if self._writer is None:
             raise ConnectionError("the host process is not connected")
         call_id = next(self._ids)
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._calls[call_id] = future
         self.send([message[0], call_id, *message[1:]])
+        timer = loop.call_later(timeout_s, _expire, future)  # (wait_for would start a task)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            return await future
         finally:
+            timer.cancel()
             self._calls.pop(call_id, None)
 
     # -- receiving ------------------------------------------------------------------------
@@ -141,8 +144,8 @@ class HostLink:
             while self._outbox:  # quota settlements held while it was away
                 writer.write(self._outbox.popleft())
             try:
-                while line := await reader.readline():
-                    self._receive(orjson.loads(line))
+                async for message in messages(reader):
+                    self._receive(message)
             except (OSError, orjson.JSONDecodeError, ValueError) as exc:
                 log.error("link to the host process broke: %s", exc)
             finally:
@@ -174,6 +177,20 @@ class HostLink:
                 future.set_exception(ConnectionError("the host process went away"))
         if self.energy is not None:
             self.energy.lost()
+
+
+async def messages(reader: asyncio.StreamReader) -> AsyncIterator[list[Any]]:
+    """The JSON arrays on a link, one per line, read as many at a time as have arrived."""
+    rest = b""
+    while chunk := await reader.read(1 << 16):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield orjson.loads(line)
+
+
+def _expire(future: asyncio.Future[list[Any]]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 class RemoteEnergy:
