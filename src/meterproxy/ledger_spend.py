@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class LedgerReadError(Exception):
+    """The ledger could not be read (locked too long, missing, corrupt)."""
+
+
 @dataclass(frozen=True)
 class Spend:
     tokens: float = 0.0
@@ -46,7 +50,8 @@ class LedgerSpend(Protocol):
         self, tenant: str, day: Span, month: Span, exclude: Collection[str]
     ) -> tuple[Spend, str]:
         """Blocking (run it in a thread): tokens and joules in `day`, USD in `month`, leaving
-        out the rows of the request keys in `exclude`; and a watermark: what this read saw."""
+        out the rows of the request keys in `exclude`; and a watermark: what this read saw.
+        Raises LedgerReadError."""
         ...
 
     def counted(self, keys: Collection[str], watermark: str) -> set[str]:
@@ -87,6 +92,20 @@ class SqliteSpend:
     def spend(
         self, tenant: str, day: Span, month: Span, exclude: Collection[str]
     ) -> tuple[Spend, str]:
+        try:
+            return self._spend(tenant, day, month, exclude)
+        except sqlite3.Error as exc:
+            raise LedgerReadError(f"reading {self.path}: {exc}") from exc
+
+    def counted(self, keys: Collection[str], watermark: str) -> set[str]:
+        try:
+            return self._counted(keys, watermark)
+        except sqlite3.Error as exc:
+            raise LedgerReadError(f"reading {self.path}: {exc}") from exc
+
+    def _spend(
+        self, tenant: str, day: Span, month: Span, exclude: Collection[str]
+    ) -> tuple[Spend, str]:
         db = self._connect()
         if db is None:
             return Spend(), "0"
@@ -112,7 +131,7 @@ class SqliteSpend:
         finally:
             db.close()
 
-    def counted(self, keys: Collection[str], watermark: str) -> set[str]:
+    def _counted(self, keys: Collection[str], watermark: str) -> set[str]:
         db = self._connect()
         if db is None:
             return set()

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from . import quota_lua
 from .errors import QuotaUnavailable
-from .ledger_spend import LedgerSpend, Span, Spend
+from .ledger_spend import LedgerReadError, LedgerSpend, Span, Spend
 from .policy import Limits, Tenancy, Tenant
 from .quota import (
     BUDGETS,
@@ -54,8 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What counts as the store failing (a script error is a RedisError too: logged in full).
-FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# What counts as the store failing (a script error is a RedisError too: logged in full); a
+# ledger that cannot be read fails a rebuild or a check the same way: retried, never lost.
+FAILURES = (RedisError, OSError, asyncio.TimeoutError, LedgerReadError)
 BATCH = 256  # settlements per pipeline
 MAX_QUEUE = 200_000  # settlements waiting while Redis is down; older ones are dropped
 REBUILD_GRACE_S = 0.3  # lets ledger writers commit rows settled just before the loss
