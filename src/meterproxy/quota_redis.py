@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -140,6 +141,8 @@ class RedisQuota:
         self.inflight: dict[str, tuple[str, int]] = {}  # request key -> (tenant, reserved)
         self._queue: collections.deque[Settlement] = collections.deque()
         self._applying = 0
+        self._batch: list[tuple[str, list[str], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._rebuilding: dict[str, asyncio.Lock] = {}
         self.up = True
@@ -178,7 +181,7 @@ class RedisQuota:
         ]
         for attempt in (1, 2):
             try:
-                reply = await self._admit(keys=keys, args=args)
+                reply = await self._admit_one(keys[0], args)
                 if reply[0] == b"rebuild" and attempt == 1:
                     await self._rebuild(tenant.name)
                     continue
@@ -198,6 +201,45 @@ class RedisQuota:
         error = RedisError(f"unexpected reply {reply[0]!r} from the admission script")
         self._failed("admit", error)
         return self._unavailable(tenant, error, days.names[1])
+
+    async def _admit_one(self, key: str, args: list[str]) -> list[bytes]:
+        """Admissions that arrive in the same loop iteration share one round trip (each
+        script still runs atomically on its own)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[bytes]] = loop.create_future()
+        self._batch.append((key, args, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._send_admissions)
+        return await future
+
+    def _send_admissions(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._admissions(batch))
+        self._sending.add(task)  # kept until done: a task must never be lost
+        task.add_done_callback(self._sending.discard)
+
+    async def _admissions(self, batch: list[tuple[str, list[str], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                key, args, _ = batch[0]
+                replies = [await self._evalsha(self._admit, key, args)]
+            else:
+                replies = await self._pipeline(self._admit.sha, [(k, a) for k, a, _ in batch])
+        except FAILURES as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():  # (its request may have been cancelled meanwhile)
+                future.set_result(reply)
+
+    async def _evalsha(self, script: AsyncScript, key: str, args: list[str]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, 1, key, *args)
+        except NoScriptError:  # Redis restarted: load the scripts, once
+            await self._load_scripts()
+            return await self._client.evalsha(script.sha, 1, key, *args)
 
     def _limits_arg(self, limits: Limits) -> str:
         found = self._limits.get(limits)
@@ -252,6 +294,7 @@ class RedisQuota:
                 "quota: %d settlements not applied to Redis at shutdown (the ledger has them)",
                 len(self._queue),
             )
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self._client.aclose()
 
     # -- admission replies ----------------------------------------------------------------
