@@ -244,6 +244,12 @@ def write_config(workdir: Path, upstream_port: int, quota: str, redis_url: str |
         f"upstreams: [{{name: bench, url: 'http://127.0.0.1:{upstream_port}/v1', kind: vllm}}]",
         "server: {unready_delay_s: 0, drain_timeout_s: 5}",
         f"ledger: {{path: '{workdir / 'usage.db'}'}}",
+    ]
+    if quota == "none":  # no tenants, no limits: no admission at all
+        path = workdir / "meterproxy-none.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    lines += [
         "tenants:",
         "  bench:",
         "    keys: ['env:BENCH_KEY']",
@@ -273,6 +279,28 @@ async def wait_up(url: str, timeout_s: float = 60.0) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants, from /proc."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total, grew = {root}, 0.0, True
+    while grew:
+        before = len(tree)
+        tree |= {pid for pid, (parent, _) in stats.items() if parent in tree}
+        grew = len(tree) > before
+    for pid in tree:
+        total += stats.get(pid, (0, 0.0))[1]
+    return total
 
 
 class Proxy:
@@ -433,27 +461,35 @@ def workers_throughput(
                     asyncio.run(wait_up(proxy.url))
                     time.sleep(1.0 if workers > 1 else 0.2)  # every worker listening
                     wrk(proxy.url, 32, 1, args.load_cpus, args.wrk_threads)  # warm up
-                    runs[workers].append(
-                        wrk(proxy.url, 32, args.duration, args.load_cpus, args.wrk_threads)
-                    )
+                    cpu0 = tree_cpu_s(proxy.proc.pid)
+                    result = wrk(proxy.url, 32, args.duration, args.load_cpus, args.wrk_threads)
+                    served = result["rps"] * args.duration
+                    result["cpu_us"] = (tree_cpu_s(proxy.proc.pid) - cpu0) / served * 1e6
+                    runs[workers].append(result)
                 finally:
                     proxy.stop()
         one = statistics.mean(r["rps"] for r in runs[1])
+        cpu_one = statistics.mean(r["cpu_us"] for r in runs[1])
         for workers, results in runs.items():
             rps = statistics.mean(r["rps"] for r in results)
+            cpu = statistics.mean(r["cpu_us"] for r in results)
+            # Where the two cores are the proxy's alone, N workers can serve N cores' worth
+            # of its CPU per request: the projection removes the cores the load took.
+            projected = workers * cpu_one / cpu
             rows.append(
                 f"| {quota} | {workers} | {rps:,.0f} | "
                 f"{statistics.mean(r['p50_ms'] for r in results):.2f} | "
                 f"{statistics.mean(r['p99_ms'] for r in results):.2f} | {rps / one:.2f}x | "
-                f"{int(sum(r['errors'] for r in results))} |"
+                f"{cpu:,.0f} | {projected:.2f}x | {int(sum(r['errors'] for r in results))} |"
             )
     return [
         f"c32, non-streamed chat, proxy on CPUs {args.proxy_cpus}; upstream ({upstream}) and "
         f"wrk (-t{args.wrk_threads}) on CPUs {args.load_cpus}; "
         f"{args.duration:g} s x {args.rounds} rounds",
         "",
-        "| quota.backend | workers | req/s | p50 ms | p99 ms | vs 1 worker | non-2xx |",
-        "|---|---|---|---|---|---|---|",
+        "| quota.backend | workers | req/s | p50 ms | p99 ms | vs 1 worker | "
+        "proxy CPU µs/req (all its processes) | on dedicated cores, vs 1 worker | non-2xx |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -466,7 +502,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--admissions", type=int, default=20_000)
-    parser.add_argument("--quota", nargs="+", default=["local", "redis"])
+    parser.add_argument(
+        "--quota",
+        nargs="+",
+        choices=("none", "local", "redis"),
+        default=["local", "redis"],
+        help="none: no tenant limits (no admission); local: in process, or the host process",
+    )
     parser.add_argument("--proxy-cpus", default="0,1" if cpus <= 2 else "2,3")
     parser.add_argument("--load-cpus", default="0,1" if cpus <= 2 else f"4-{cpus - 1}")
     parser.add_argument("--upstreams", type=int, default=1 if cpus <= 2 else 4)

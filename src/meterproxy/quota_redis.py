@@ -29,7 +29,6 @@ from zoneinfo import ZoneInfo
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -220,11 +219,7 @@ class RedisQuota:
 
     async def _admissions(self, batch: list[tuple[str, list[str], asyncio.Future[Any]]]) -> None:
         try:
-            if len(batch) == 1:
-                key, args, _ = batch[0]
-                replies = [await self._evalsha(self._admit, key, args)]
-            else:
-                replies = await self._pipeline(self._admit.sha, [(k, a) for k, a, _ in batch])
+            replies = await self._pipeline(self._admit.sha, [(k, a) for k, a, _ in batch])
         except FAILURES as exc:
             for *_, future in batch:
                 if not future.done():
@@ -233,13 +228,6 @@ class RedisQuota:
         for (*_, future), reply in zip(batch, replies, strict=True):
             if not future.done():  # (its request may have been cancelled meanwhile)
                 future.set_result(reply)
-
-    async def _evalsha(self, script: AsyncScript, key: str, args: list[str]) -> Any:
-        try:
-            return await self._client.evalsha(script.sha, 1, key, *args)
-        except NoScriptError:  # Redis restarted: load the scripts, once
-            await self._load_scripts()
-            return await self._client.evalsha(script.sha, 1, key, *args)
 
     def _limits_arg(self, limits: Limits) -> str:
         found = self._limits.get(limits)
@@ -398,6 +386,13 @@ class RedisQuota:
 
     async def _pipeline(self, sha: str, calls: list[tuple[str, list[str]]]) -> list[Any]:
         """One round trip for many script calls (each still atomic on its own)."""
+        if len(calls) == 1:  # (a pipeline object costs more than the call itself)
+            key, args = calls[0]
+            try:
+                return [await self._client.evalsha(sha, 1, key, *args)]
+            except NoScriptError:
+                await self._load_scripts()
+                return [await self._client.evalsha(sha, 1, key, *args)]
         for attempt in (1, 2):
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
