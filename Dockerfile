@@ -16,8 +16,10 @@ RUN pip install '.[gpu,redis]' \
 
 USER meterproxy
 WORKDIR /var/lib/meterproxy
+# The ledger and quota state: mount a volume here to keep them across containers.
+VOLUME ["/var/lib/meterproxy"]
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"
 ENTRYPOINT ["meterproxy", "serve"]
-CMD ["--config", "/etc/meterproxy/meterproxy.yaml", "--host", "0.0.0.0"]
+CMD ["--config", "/etc/meterproxy/meterproxy.yaml", "--host", "0.0.0.0", "--data-dir", "/var/lib/meterproxy"]

@@ -77,15 +77,17 @@ def variable(name: str, metric: str) -> dict[str, Any]:
 def dashboard(
     uid: str, title: str, description: str, panels: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    # Two columns of half-width panels; a table takes a row of its own.
+    x = y = 0
     for i, p in enumerate(panels):
         p["id"] = i + 1
         width = 24 if p["type"] == "table" else 12
-        p["gridPos"] = {
-            "h": 8,
-            "w": width,
-            "x": 0 if width == 24 else (i % 2) * 12,
-            "y": (i // 2) * 8,
-        }
+        if x + width > 24:
+            x, y = 0, y + 8
+        p["gridPos"] = {"h": 8, "w": width, "x": x, "y": y}
+        x += width
+        if x >= 24:
+            x, y = 0, y + 8
     return {
         "uid": uid,
         "title": title,
@@ -160,6 +162,18 @@ def overview() -> dict[str, Any]:
             panel("Time to first token", quantiles("meterproxy_time_to_first_token_seconds"), "s"),
             panel(
                 "Time per output token", quantiles("meterproxy_time_per_output_token_seconds"), "s"
+            ),
+            panel(
+                "Engine vs proxy: token drift",
+                [
+                    (
+                        'meterproxy_engine_token_drift_ratio{upstream=~"$upstream"}',
+                        "{{upstream}} {{type}}",
+                    )
+                ],
+                "percentunit",
+                description="(engine - proxy) / engine from the engine's own counters (vLLM): "
+                "above 0, traffic reaches the engine without being metered.",
             ),
         ],
     )
@@ -323,9 +337,134 @@ def tenants() -> dict[str, Any]:
     )
 
 
+# Task counters carry tenant, model and result (no upstream: a task may span several).
+TASKS = '{tenant=~"$tenant",model=~"$model"}'
+SUCCESSES = 'meterproxy_task_outcomes_total{tenant=~"$tenant",model=~"$model",result="success"}'
+
+
+def per_success(counter: str, by: str, window: str) -> str:
+    """Every attempt of every task (all results) over the successful tasks, in one window."""
+    return (
+        f"sum by ({by}) (increase({counter}{TASKS}[{window}])) / "
+        f"(sum by ({by}) (increase({SUCCESSES}[{window}])) > 0)"
+    )
+
+
+PER_SUCCESS = (
+    "Cost of every attempt of every task - successful, failed, unrated, retried, duplicate - "
+    "divided by the successful tasks, over the past hour (deploy/rules.yml records the same)."
+)
+
+
+def value() -> dict[str, Any]:
+    return dashboard(
+        "meterproxy-value",
+        "meterproxy / Value",
+        "Value, not volume: successful tasks, and what each one cost in dollars and joules.",
+        [
+            panel(
+                "Successful tasks per hour",
+                [(f"sum by (tenant) (rate({SUCCESSES}{R})) * 3600", "{{tenant}}")],
+                "short",
+                description="Tasks whose last reported outcome was a success, as they close.",
+            ),
+            panel(
+                "Task outcomes per hour",
+                [
+                    (
+                        f"sum by (result) (rate(meterproxy_task_outcomes_total{TASKS}{R})) * 3600",
+                        "{{result}}",
+                    )
+                ],
+                "short",
+                description="unknown: no outcome was reported before the task went idle.",
+            ),
+            panel(
+                "USD per successful task, by tenant",
+                [(per_success("meterproxy_task_cost_usd_total", "tenant", "1h"), "{{tenant}}")],
+                "currencyUSD",
+                description=PER_SUCCESS,
+            ),
+            panel(
+                "USD per successful task, by model",
+                [(per_success("meterproxy_task_cost_usd_total", "model", "1h"), "{{model}}")],
+                "currencyUSD",
+                description=PER_SUCCESS + " A task belongs to the model that served most of it.",
+            ),
+            panel(
+                "Joules per successful task, by tenant",
+                [
+                    (
+                        per_success("meterproxy_task_energy_joules_total", "tenant", "1h"),
+                        "{{tenant}}",
+                    )
+                ],
+                "J",
+                description=PER_SUCCESS.replace("Cost", "GPU energy"),
+            ),
+            panel(
+                "Joules per successful task, by model",
+                [(per_success("meterproxy_task_energy_joules_total", "model", "1h"), "{{model}}")],
+                "J",
+                description=PER_SUCCESS.replace("Cost", "GPU energy"),
+            ),
+            panel(
+                "Wasted tokens by reason",
+                [(f"sum by (reason) (rate({WASTED}{R}))", "{{reason}}")],
+                "short",
+                description="Completion tokens of no use: duplicate, truncated, client_disconnect, "
+                "upstream_error (a duplicate that also failed counts under its failure).",
+            ),
+            panel(
+                "Duplicate share of requests",
+                [
+                    (
+                        "sum by (tenant) (rate(meterproxy_duplicate_requests_total"
+                        f"{TASKS}[5m])) / (sum by (tenant) "
+                        f"(rate(meterproxy_requests_total{ALL}[5m])) > 0)",
+                        "{{tenant}}",
+                    )
+                ],
+                "percentunit",
+                description="Requests repeating one the same tenant already got an answer to.",
+            ),
+            panel(
+                "Efficiency ranking: USD per successful task (range)",
+                [
+                    (
+                        "sort("
+                        + per_success("meterproxy_task_cost_usd_total", "tenant", "$__range")
+                        + ")",
+                        "{{tenant}}",
+                    )
+                ],
+                "currencyUSD",
+                kind="table",
+                description="Cheapest success first. Tokens never rank: a tenant that burns "
+                "tokens without results sinks.",
+            ),
+            panel(
+                "Success rate (range)",
+                [
+                    (
+                        f"sum by (tenant) (increase({SUCCESSES}[$__range])) / (sum by (tenant) "
+                        '(increase(meterproxy_task_outcomes_total{tenant=~"$tenant",'
+                        'model=~"$model",result=~"success|failure"}[$__range])) > 0)',
+                        "{{tenant}}",
+                    )
+                ],
+                "percentunit",
+                kind="stat",
+                description="Successful tasks / rated tasks (unknown outcomes left out).",
+            ),
+        ],
+    )
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for name, build in (("overview", overview), ("efficiency", efficiency), ("tenants", tenants)):
+    boards = (("overview", overview), ("efficiency", efficiency), ("tenants", tenants))
+    for name, build in (*boards, ("value", value)):
         (OUT / f"{name}.json").write_text(json.dumps(build(), indent=2) + "\n")
 
 

@@ -98,6 +98,9 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
             "server": {"unready_delay_s": 0, "drain_timeout_s": 5},
             "ledger": {"path": str(tmp_path / f"ledger-{len(servers)}.db")},
             "quota": {"state_path": str(tmp_path / f"quota-{len(servers)}.db")},
+            # Tests repeat their prompts: duplicate detection (tested in test_e2e_value and
+            # test_value_*) is off unless a test's own `value` section turns it on.
+            "value": {"duplicate_window_s": 0},
             **tree,
         }
         settings = config.parse(tree, environ or {})

@@ -43,7 +43,7 @@ async def launch(*args: str, cwd: Path) -> Process:
         str(port),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(cwd / "state")},
         cwd=cwd,
     )
     process = Process(proc, port)
@@ -88,6 +88,12 @@ async def test_quick_start_with_one_upstream(
         'meterproxy_tokens_total{model="llama-3.1-8b",tenant="anonymous",type="completion",'
         'upstream="default"} 8.0'
     ) in metrics
+    assert "_created" not in metrics  # no *_created series: half the exposition, never read
+    # The databases live in the state directory, not wherever the proxy was started.
+    await asyncio.sleep(0.3)
+    assert (tmp_path / "state" / "meterproxy" / "meterproxy-usage.db").exists()
+    assert (tmp_path / "state" / "meterproxy" / "meterproxy-quota.db").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".db")]
 
 
 async def test_sigterm_turns_unready_then_drains_streams_and_exits_zero(

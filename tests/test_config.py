@@ -68,7 +68,7 @@ def test_every_problem_is_reported_by_key_path() -> None:
     )
     assert found == [
         "extra: unknown key (expected one of: listen, server, upstreams, aliases, pricing, "
-        "ledger, auth, tenants, quota, energy, ui, telemetry)",
+        "ledger, auth, tenants, quota, energy, ui, telemetry, export, reconcile, value)",
         "listen.hots: unknown key (expected one of: host, port)",
         "listen.port: expected an integer from 0 to 65535, got 70000",
         "upstreams[0].url: expected an http:// or https:// URL, got 'ftp://x'",
@@ -165,4 +165,54 @@ def test_admin_keys_status_page_and_telemetry_sections() -> None:
         "telemetry.otlp_endpoint: expected the collector's OTLP/HTTP URL (http://host:4318), "
         "got 'collector:4317'",
         "telemetry.export_interval_s: expected a positive number, got 0",
+    ]
+
+
+def test_ledger_url_picks_the_backend_and_export_is_validated() -> None:
+    up = [{"name": "a", "url": "http://x/v1"}]
+    default = config.parse({"upstreams": up}, {}).ledger
+    assert default.store_url == "sqlite:///meterproxy-usage.db"
+    assert default.spill_file == "meterproxy-usage-spill.db"
+    sqlite = config.parse({"upstreams": up, "ledger": {"url": "sqlite:////var/l.db"}}, {}).ledger
+    assert (sqlite.path, sqlite.url, sqlite.spill_file) == ("/var/l.db", None, "/var/l-spill.db")
+    pg = config.parse(
+        {"upstreams": up, "ledger": {"url": "postgresql://meter@db/meter", "max_queue_rows": 10}},
+        {},
+    ).ledger
+    assert pg.store_url == "postgresql://meter@db/meter" and pg.max_queue_rows == 10
+    assert pg.spill_file == "meterproxy-ledger-spill.db"
+    placed = config.in_data_dir(
+        config.parse({"upstreams": up, "ledger": {"url": "postgresql://meter@db/meter"}}, {}),
+        "/state",
+    )
+    assert placed.ledger.spill_file == "/state/meterproxy-ledger-spill.db"
+    assert placed.export.cloudevents.spill_path == "/state/meterproxy-export-spill.db"
+    export = config.parse(
+        {
+            "upstreams": up,
+            "export": {"cloudevents": {"url": "http://om:8888/api/v1/events", "api_key_env": "T"}},
+        },
+        {"T": "om-secret"},
+    ).export.cloudevents
+    assert export.api_key == "om-secret" and "om-secret" not in repr(export)
+    assert problems(
+        {
+            "upstreams": up,
+            "ledger": {"url": "mysql://root:pw@db/x", "max_queue_rows": 0},
+            "export": {"cloudevents": {"url": "om:8888", "api_key_env": "NOPE", "batch": 5}},
+        }
+    ) == [
+        "ledger.url: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE, got a URL "
+        "starting 'mysql'",
+        "ledger.max_queue_rows: expected an integer from 1 to 100000000, got 0",
+        "export.cloudevents.batch: unknown key (expected one of: url, source, type, api_key_env, "
+        "batch_events, interval_s, max_queue_events, timeout_s, retry_max_s, spill_path)",
+        "export.cloudevents.url: expected the ingest endpoint's http:// or https:// URL "
+        "(OpenMeter: http://openmeter:8888/api/v1/events), got 'om:8888'",
+        "export.cloudevents.api_key_env: environment variable NOPE is not set; export it with "
+        "the ingest token",
+    ]
+    both = {"url": "sqlite:///a.db", "path": "b.db"}
+    assert problems({"upstreams": up, "ledger": both}) == [
+        "ledger.url: give ledger.url or ledger.path, not both"
     ]

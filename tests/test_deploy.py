@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -45,7 +46,16 @@ def promtool(*args: str) -> str:
 
 def test_promtool_accepts_the_config_and_rules() -> None:
     assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 7 rules found" in promtool("check", "rules", "alerts.yml")
+    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    alerts = [rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule]
+    rules = sum(len(group["rules"]) for group in groups)
+    assert f"SUCCESS: {rules} rules found" in promtool("check", "rules", "alerts.yml")
+    tested = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
+    cases = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
+    assert set(alerts) <= cases, f"alerts without a promtool test case: {set(alerts) - cases}"
+    recorded = yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"]
+    count = sum(len(group["rules"]) for group in recorded)
+    assert f"SUCCESS: {count} rules found" in promtool("check", "rules", "rules.yml")
 
 
 def test_every_alert_has_a_passing_unit_test() -> None:
@@ -80,7 +90,7 @@ def test_compose_and_kubernetes_manifests_parse_and_reference_real_files() -> No
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert (DEPLOY / source).exists(), source
+            assert source in compose.get("volumes", {}) or (DEPLOY / source).exists(), source
         if "build" in service:
             assert (DEPLOY / service["build"] / "Dockerfile").exists()
     # Two replicas of one configuration, sharing the compose file's Redis, both scraped.
@@ -92,6 +102,13 @@ def test_compose_and_kubernetes_manifests_parse_and_reference_real_files() -> No
     assert "noeviction" in services["redis"]["command"]
     scraped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scraped["static_configs"][0]["targets"] == ["meterproxy-1:8080", "meterproxy-2:8080"]
+    # The replicas' command is one `meterproxy serve` (the image's entrypoint) accepts.
+    from meterproxy import cli
+
+    args = cli._parser().parse_args(["serve", *replicas[0]["command"]])
+    assert args.config == "/etc/meterproxy/replicas.yaml"
+    assert args.data_dir == "/var/lib/meterproxy"
+    assert {v.split(":")[1] for r in replicas for v in r["volumes"]} >= {args.data_dir}
 
     kinds: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
@@ -148,8 +165,22 @@ def test_dashboards_are_current_and_well_formed() -> None:
         for panel in board["panels"]:
             assert panel["datasource"]["uid"] == "${datasource}"
             assert panel["fieldConfig"]["defaults"]["unit"]
+        cells: dict[tuple[int, int], str] = {}  # no two panels share a grid cell
+        for panel in board["panels"]:
+            g = panel["gridPos"]
+            assert g["x"] + g["w"] <= 24
+            for cx in range(g["x"], g["x"] + g["w"]):
+                for cy in range(g["y"], g["y"] + g["h"]):
+                    assert (cx, cy) not in cells, (panel["title"], cells[(cx, cy)])
+                    cells[(cx, cy)] = panel["title"]
     for path in (GRAFANA / "provisioning").rglob("*.yaml"):
         assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+
+
+def readme_queries() -> list[str]:
+    """Every PromQL expression the README shows in a code span."""
+    text = (DEPLOY.parent / "README.md").read_text()
+    return re.findall(r"`([^`\n]*rate\(meterproxy_[^`\n]*)`", text)
 
 
 def substitute(expr: str) -> str:
@@ -185,7 +216,9 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
     prometheus = binary("prometheus")
     proxy_port, prom_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: meterproxy\n"
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{DEPLOY / 'rules.yml'}']\n"
+        "scrape_configs:\n  - job_name: meterproxy\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{proxy_port}']}}]\n"
     )
     prom = await asyncio.create_subprocess_exec(
@@ -226,6 +259,9 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                             expr = substitute(target["expr"])
                             if not await query(http, prom_url, expr):
                                 empty.append(f"{board['title']} / {panel['title']}: {expr}")
+                for expr in readme_queries():  # the README's own PromQL returns data too
+                    if not await query(http, prom_url, expr.replace("[5m]", "[20s]")):
+                        empty.append(f"README: {expr}")
                 assert empty == []
                 # The efficiency figures against what the test knows independently: the
                 # tokens-per-joule panel's query summed over models and upstreams, over the
@@ -263,6 +299,41 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: P
                 assert energy_j / elapsed == pytest.approx(watts, rel=0.2)
                 # 8B-class models on modern GPUs: about 1 to 20 tokens per joule
                 assert 0.5 <= tokens / energy_j <= 20
+                await value_figures(http, prom_url, t_b + 2)
     finally:
         prom.terminate()
         await asyncio.wait_for(prom.wait(), 10)
+
+
+async def value_figures(http: aiohttp.ClientSession, url: str, at: float) -> None:
+    """The Value dashboard's story and deploy/rules.yml's recording rules on the demo's traffic:
+    every tenant's cost per success counts all its tasks' attempts, and the recorded series
+    equal the dashboard's own query over the same hour."""
+    value = dashboards()["value"]["panels"]
+    per_tenant = substitute(
+        next(p for p in value if p["title"] == "USD per successful task, by tenant")["targets"][0][
+            "expr"
+        ]
+    )
+    figures = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, per_tenant, at=at)
+    }
+    assert "research" in figures  # most of its tasks succeed
+    # The token-maxing loop rarely reports a success; when it has one, each cost many times
+    # what research pays.
+    if "tokenmaxx" in figures:
+        assert figures["tokenmaxx"] > 5 * figures["research"]
+    recorded = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, "tenant:meterproxy_task_cost_usd_per_success:ratio_1h")
+    }
+    live = {r["metric"]["tenant"]: float(r["value"][1]) for r in await query(http, url, per_tenant)}
+    assert recorded.keys() == live.keys()
+    for tenant, figure in recorded.items():
+        assert figure == pytest.approx(live[tenant], rel=0.1)
+    shares = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await query(http, url, "tenant:meterproxy_duplicate_share:ratio_1h")
+    }
+    assert shares["tokenmaxx"] > 0.5 and shares.get("research", 0.0) == 0.0

@@ -17,8 +17,9 @@ import pytest
 
 from meterproxy import cli
 from meterproxy.keys import LEDGER
-from meterproxy.ledger import INSERT, connect
+from meterproxy.ledger import LEDGER_SCHEMA, REQUESTS
 from meterproxy.sim.upstream import Behavior, with_failure
+from meterproxy.store.sqlite import connect, insert_sql
 
 from .conftest import Proxy, StartProxy, StartUpstream
 from .test_cli_serve import Process, launch
@@ -291,7 +292,7 @@ def test_usage_report_in_all_three_formats(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = str(tmp_path / "usage.db")
-    db = connect(path)
+    db = connect(path, LEDGER_SCHEMA)
     now = time.time()
     rows = [  # tenant, model, completion, energy_j, cost, waste, age (days)
         ("research", "llama", 100, 360.0, 0.01, None, 0.1),
@@ -303,7 +304,7 @@ def test_usage_report_in_all_three_formats(
         db.execute("BEGIN")
         for i, (tenant, model, out, joules, usd, waste, age) in enumerate(rows):
             db.execute(
-                INSERT,
+                insert_sql(REQUESTS),
                 (
                     f"r{i}",
                     now - age * 86400,
@@ -394,7 +395,7 @@ def test_usage_report_in_all_three_formats(
 def test_usage_reads_the_ledger_path_from_the_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    connect(str(tmp_path / "x.db")).close()
+    connect(str(tmp_path / "x.db"), LEDGER_SCHEMA).close()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"upstreams: [{{name: a, url: 'http://x/v1'}}]\nledger: {{path: '{tmp_path / 'x.db'}'}}\n"

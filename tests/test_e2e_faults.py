@@ -27,12 +27,13 @@ async def start_one(
     behavior: Behavior,
     *,
     flavor: str = "vllm",
+    kind: str | None = None,
     timeouts: dict[str, float] | None = None,
     environ: dict[str, str] | None = None,
     key_env: str | None = None,
 ) -> tuple[Upstream, Proxy]:
     up: Upstream = await start_upstream({"sim-llama": behavior}, flavor=flavor)
-    spec: dict[str, object] = {"name": "local", "url": up.url, "kind": flavor}
+    spec: dict[str, object] = {"name": "local", "url": up.url, "kind": kind or flavor}
     if timeouts:
         spec["timeouts"] = timeouts
     if key_env:
@@ -151,6 +152,30 @@ async def test_html_error_page_becomes_a_clear_502(
     error = assert_openai_error(body, "upstream_bad_response")
     assert "HTTP 500" in str(error["message"]) and "<html>" not in str(error["message"])
     assert proxy.sample("meterproxy_upstream_errors_total", upstream="local", kind="http_5xx") == 1
+
+
+async def test_an_upstream_error_event_passes_through_with_its_status(
+    start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # LiteLLM answers a stream whose engine failed before the first token with HTTP 503 and an
+    # error event, no [DONE] (tests/data/litellm/chat_stream_usage_inband0.sse).
+    up, proxy = await start_one(
+        start_upstream,
+        start_proxy,
+        with_failure(Behavior(), "in_band_error", after=0),
+        flavor="litellm",
+        kind="openai",
+    )
+    body = b'{"model": "sim-llama", "messages": [], "stream": true}'
+    headers = {"content-type": "application/json"}
+    async with http.post(up.url + "/chat/completions", data=body, headers=headers) as r:
+        direct = (r.status, r.content_type, await r.read())
+    async with http.post(proxy.base_url + "/chat/completions", data=body, headers=headers) as r:
+        proxied = (r.status, r.content_type, await r.read())
+    assert direct[0] == 503 and direct[2].startswith(b'data: {"error"')
+    assert proxied == direct
+    [record] = proxy.settled
+    assert (record.status, record.upstream_error) == ("503", "http_5xx")
 
 
 async def test_upstream_json_errors_pass_through_with_their_status(

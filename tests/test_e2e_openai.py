@@ -75,25 +75,33 @@ async def raw_stream(http: aiohttp.ClientSession, base: str, body: dict[str, obj
         return await response.read()
 
 
-@pytest.mark.parametrize("flavor", ["vllm", "trtllm"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize(
+    ("flavor", "kind"),
+    [("vllm", "vllm"), ("trtllm", "trtllm"), ("openai", "openai"), ("litellm", "openai")],
+)
 async def test_stream_bytes_equal_a_direct_connection_without_include_usage(
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     flavor: str,
+    kind: str,
+    n: int,
 ) -> None:
     up: Upstream = await start_upstream(flavor=flavor)
     proxy: Proxy = await start_proxy(
-        {"upstreams": [{"name": "local", "url": up.url, "kind": flavor}]}
+        {"upstreams": [{"name": "local", "url": up.url, "kind": kind}]}
     )
-    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True}
+    body = {"model": "sim-llama", "messages": MESSAGES, "stream": True, "n": n}
     direct = await raw_stream(http, up.url, body)
     proxied = await raw_stream(http, proxy.base_url, body)
-    assert b'"choices":[]' not in proxied
-    # The proxy asked the upstream for usage; the extra chunk was removed, all else untouched.
+    assert b'"choices":[]' not in proxied and b'"usage"' not in proxied
+    # The proxy asked the upstream for usage; whatever the upstream added for it (a usage-only
+    # chunk, `"usage":null` on every chunk, a chunk carrying only usage) was removed, the rest
+    # is byte for byte what a direct client gets.
     assert up.fake.seen[-1].body["stream_options"] == {"include_usage": True}
     assert proxied == direct
-    assert tokens(proxy, "completion") == 8
+    assert tokens(proxy, "completion") == 8 * n
     assert proxy.settled[0].usage.source.value == "upstream"
 
 

@@ -68,3 +68,20 @@ def test_request_keys_are_unique_across_generators() -> None:
     a, b = RequestKeys(), RequestKeys()
     keys = {a.new() for _ in range(1000)} | {b.new() for _ in range(1000)}
     assert len(keys) == 2000 and all(k.startswith("mp-") for k in keys)
+
+
+def test_a_repeat_is_flagged_and_is_waste_only_when_nothing_else_explains_it() -> None:
+    plain = exchange()
+    plain.answered(200)
+    plain.repeated()
+    assert (plain.duplicate, plain.waste, plain.outcome) == (True, Waste.DUPLICATE, Outcome.SUCCESS)
+    for cause in ("truncated", "client_left", "broke"):
+        ex = exchange()
+        ex.answered(200)
+        if cause == "broke":
+            ex.broke("reset")
+        else:
+            getattr(ex, cause)()
+        before = ex.waste
+        ex.repeated()
+        assert ex.duplicate and ex.waste is before and before is not None

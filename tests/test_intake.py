@@ -105,3 +105,10 @@ def test_undecodable_header_bytes_become_replacement_characters() -> None:
     header = b"id-\xff\xfe".decode("utf-8", "surrogateescape")  # how aiohttp hands them over
     assert intake.client_request_id(header) == "id-??"
     assert intake.client_request_id("") is None
+
+
+def test_task_ids_are_bounded_and_blank_means_a_task_of_its_own() -> None:
+    assert intake.task_id(None) is None and intake.task_id("  ") is None
+    assert intake.task_id(" ticket-42 ") == "ticket-42"
+    assert intake.task_id("t" * 1000) == "t" * intake.MAX_TASK_ID_CHARS
+    assert intake.task_id("a\x1bb") == "a\ufffdb"

@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
-from meterproxy.ledger import Ledger
+from meterproxy.ledger import LEDGER_SCHEMA, Ledger
 from meterproxy.settlement import Settlement
+from meterproxy.store.sqlite import SqliteStore
 from meterproxy.usage import Source, Usage
 
 from .factories import settlement
+
+
+def sqlite_ledger(path: Path | str, **options: Any) -> Ledger:
+    return Ledger(SqliteStore(str(path), LEDGER_SCHEMA), **options)
 
 
 def record(i: int) -> Settlement:
@@ -27,7 +33,7 @@ def rows(path: Path) -> list[tuple[object, ...]]:
 
 async def test_rows_are_durable_within_200_ms(tmp_path: Path) -> None:
     errors: list[str] = []
-    ledger = Ledger(str(tmp_path / "l.db"), on_error=errors.append)
+    ledger = sqlite_ledger(tmp_path / "l.db", on_error=errors.append)
     await ledger.open()
     writer = asyncio.create_task(ledger.run())
     for i in range(50):
@@ -43,7 +49,7 @@ async def test_rows_are_durable_within_200_ms(tmp_path: Path) -> None:
 async def test_a_locked_database_is_counted_and_rows_wait(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     errors: list[str] = []
-    ledger = Ledger(str(path), on_error=errors.append)
+    ledger = sqlite_ledger(path, on_error=errors.append)
     await ledger.open()
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
@@ -60,7 +66,7 @@ async def test_a_locked_database_is_counted_and_rows_wait(tmp_path: Path) -> Non
 
 async def test_the_queue_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     errors: list[str] = []
-    ledger = Ledger(str(tmp_path / "l.db"), on_error=errors.append, max_queue=3)
+    ledger = sqlite_ledger(tmp_path / "l.db", on_error=errors.append, max_queue=3)
     for i in range(5):
         ledger.add(record(i))
     assert ledger.queued == 3 and errors == ["dropped", "dropped"]
@@ -74,7 +80,7 @@ async def test_unstorable_values_are_made_storable_and_a_bad_row_never_stops_the
 ) -> None:
     path = tmp_path / "l.db"
     errors: list[str] = []
-    ledger = Ledger(str(path), on_error=errors.append)
+    ledger = sqlite_ledger(path, on_error=errors.append)
     await ledger.open()
     writer = asyncio.create_task(ledger.run())
     ledger.add(settlement(request_id="r1", client_request_id="id-\udcff-bad"))  # lone surrogate
@@ -101,7 +107,7 @@ async def test_unstorable_values_are_made_storable_and_a_bad_row_never_stops_the
 
 
 async def test_a_retried_batch_never_doubles_a_row(tmp_path: Path) -> None:
-    ledger = Ledger(str(tmp_path / "l.db"), on_error=lambda kind: None)
+    ledger = sqlite_ledger(tmp_path / "l.db", on_error=lambda kind: None)
     await ledger.open()
     ledger.add(record(1))
     ledger.add(record(1))  # the same request key again, e.g. a batch retried after a timeout
@@ -124,7 +130,7 @@ async def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         db.execute(old)
         db.execute(old)  # version 1 keyed rows by the client's id, which may repeat
     db.close()
-    ledger = Ledger(str(path), on_error=lambda kind: None)
+    ledger = sqlite_ledger(path, on_error=lambda kind: None)
     await ledger.open()
     ledger.add(record(1))
     await ledger.close()

@@ -16,13 +16,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meterproxy.errors import QuotaExhausted, QuotaUnavailable, RateLimited
-from meterproxy.ledger import Ledger
+from meterproxy.ledger import LEDGER_SCHEMA, Ledger
 from meterproxy.ledger_spend import SqliteSpend
 from meterproxy.metrics import Metrics
 from meterproxy.policy import Limits, Tenancy, Tenant
 from meterproxy.quota import Quota, Ticket
 from meterproxy.quota_redis import RedisQuota
 from meterproxy.quota_settings import QuotaBackendSettings
+from meterproxy.store.base import open_store
 from meterproxy.usage import Source, Usage
 
 from .factories import settlement
@@ -267,7 +268,7 @@ async def test_budgets_are_rebuilt_from_the_ledger_after_a_flush(
     """Spend settled before the flush is read back from the ledger; spend settled while it
     was lost is added once, though its row reached the ledger too."""
     path = str(tmp_path / "usage.db")
-    ledger = Ledger(path, on_error=lambda kind: None)
+    ledger = Ledger(open_store(f"sqlite:///{path}", LEDGER_SCHEMA), on_error=lambda kind: None)
     await ledger.open()
     tenant = research(tokens_per_day=1000, usd_per_month=5.0)
     now = time.time()
@@ -344,7 +345,7 @@ async def test_a_settlement_held_through_an_outage_is_not_counted_twice(
     """Its row reached the ledger while Redis was down and Redis came back empty: the rebuild
     counts the row, and the settlement, applied after, is checked against the ledger."""
     path = str(tmp_path / "usage.db")
-    ledger = Ledger(path, on_error=lambda kind: None)
+    ledger = Ledger(open_store(f"sqlite:///{path}", LEDGER_SCHEMA), on_error=lambda kind: None)
     await ledger.open()
     tenant = research(tokens_per_day=1000)
     replica = await replicas(tenant, ledger=SqliteSpend(path), run=False)

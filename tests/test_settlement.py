@@ -151,3 +151,29 @@ def test_embeddings_estimates_have_no_completion() -> None:
     )
     s.settle(exchange(endpoint=EMBEDDINGS, reached_upstream=True, pending_text=""))
     assert seen[0].usage.prompt == 3 and seen[0].usage.completion is None
+
+
+def test_openers_hear_of_an_exchange_before_it_settles_and_are_guarded() -> None:
+    errors: list[int] = []
+    heard: list[str] = []
+
+    def broken(ex: Exchange) -> None:
+        raise ValueError("bug in an opener")
+
+    s = settler(errors)
+    s.add_opener(broken)
+    s.add_opener(lambda ex: heard.append(ex.key))
+    settled: list[Settlement] = []
+    s.add_sinks([settled.append])
+    ex = exchange(task_id="ticket-1", reached_upstream=True)
+    s.opened(ex)
+    assert heard == ["mp-test-1"] and errors == [1] and not settled
+    ex.answered(200)
+    ex.repeated()
+    s.settle(ex)
+    [frozen] = settled
+    assert (frozen.task_id, frozen.duplicate, frozen.waste_reason) == (
+        "ticket-1",
+        True,
+        "duplicate",
+    )

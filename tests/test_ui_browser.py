@@ -169,6 +169,11 @@ async def test_status_page_renders_updates_and_agrees_with_metrics(tmp_path: Pat
             models = await cells(page, "#models tbody tr", row_key)
             tenants = await cells(page, ".tenant", "row.dataset.tenant")
             upstreams = await cells(page, "#upstreams tbody tr", "row.dataset.upstream")
+            # The demo's tasks have closed into the task counters: the page lists them.
+            task_rows = await page.evaluate(
+                "[...document.querySelectorAll('#tasks tr[data-task]')].map((r) => "
+                "[r.dataset.task, r.children[1].textContent])"
+            )
             quotas = await page.evaluate(
                 """[...document.querySelectorAll(".tenant [data-limit]")].map((m) => [
                     m.closest(".tenant").dataset.tenant, m.dataset.limit,
@@ -215,6 +220,15 @@ async def test_status_page_renders_updates_and_agrees_with_metrics(tmp_path: Pat
         wasted = metrics.sum("meterproxy_wasted_tokens_total", **at)
         assert agrees(row["waste_share"], wasted / completion), (tenant, row)
     assert quotas, "the demo's tenants have limits: their usage bars are shown"
+    assert {metric for metric, _ in task_rows} == {
+        "meterproxy_task_outcomes_total",
+        "meterproxy_task_cost_usd_total",
+        "meterproxy_task_energy_joules_total",
+        "meterproxy_task_tokens_total",
+    }
+    assert any(
+        "result=success" in labels and "tenant=research" in labels for _, labels in task_rows
+    )
     for tenant, limit, text in quotas:
         ratio = metrics.sum("meterproxy_quota_usage_ratio", tenant=tenant, limit=limit)
         assert agrees(text, ratio), (tenant, limit, text, ratio)

@@ -4,7 +4,7 @@ them, quota ratios as settlement sets them."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from meterproxy import config
 from meterproxy.metrics import Metrics
@@ -144,20 +144,17 @@ def test_the_terminal_summary_reads_the_same_view() -> None:
 
 def test_outcome_metrics_fill_the_task_area_once_they_exist() -> None:
     registry = CollectorRegistry()
-    Metrics(registry)
+    metrics = Metrics(registry)
     ring = History(history_s=60, interval_s=2)
     ring.add(take(samples(registry), 0.0))
     assert build(ring, take(samples(registry), 2.0), TENANTS, {})["tasks"] is None
-    # Another module registers the outcome metrics on the same registry.
-    outcomes = Counter(
-        "meterproxy_task_outcomes", "Tasks by outcome.", ["tenant", "outcome"], registry=registry
-    )
-    outcomes.labels("research", "success").inc(3)
+    # The first task closes (value/meter.py): its counters get their first series.
+    metrics.task_outcomes.labels("research", "llama", "success").inc(3)
     view = build(ring, take(samples(registry), 4.0), TENANTS, {})
     assert view["tasks"] == [
         {
             "metric": "meterproxy_task_outcomes_total",
-            "labels": "outcome=success,tenant=research",
+            "labels": "model=llama,result=success,tenant=research",
             "value": 3.0,
         }
     ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from meterproxy.endpoints import CHAT, RESPONSES
 from meterproxy.sse import Event, SSEScanner
-from meterproxy.watch import StreamWatch
+from meterproxy.watch import StreamWatch, UsageCut
 
 
 def events(stream: bytes) -> list[Event]:
@@ -32,19 +34,82 @@ def test_first_token_is_the_first_chunk_with_content_not_the_role_chunk() -> Non
     assert watch.text() == " hi!"
 
 
+def client_view(stream: bytes) -> bytes:
+    cut = UsageCut()
+    return b"".join([b for e in events(stream) for b in cut.feed(e)] + cut.flush())
+
+
 def test_only_the_usage_only_chunk_is_stripped() -> None:
-    watch = StreamWatch(lambda: 0, CHAT, strip_usage=True)
-    kept = [e.raw for e in events(ROLE + TOKEN + USAGE + DONE) if not watch.is_proxy_usage_chunk(e)]
-    assert kept == [ROLE, TOKEN, DONE]
-    assert not StreamWatch(lambda: 0, CHAT, strip_usage=False).is_proxy_usage_chunk(
-        events(USAGE)[0]
-    )
-    # A content chunk that also carries usage (continuous stats) is never dropped.
+    assert client_view(ROLE + TOKEN + LAST + USAGE + DONE) == ROLE + TOKEN + LAST + DONE
+
+
+def test_usage_the_proxy_asked_for_is_cut_from_any_chunk_byte_for_byte() -> None:
+    # vLLM's continuous usage on a content chunk: the chunk stays, its usage goes.
     both = (
         b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
-        b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"prompt_tokens_details":{"a":1}}}\n\n'
     )
-    assert not StreamWatch(lambda: 0, CHAT, strip_usage=True).is_proxy_usage_chunk(events(both)[0])
+    assert client_view(both) == b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    # OpenAI adds "usage":null to every chunk once usage is asked for.
+    hosted = (
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"usage"}}],"usage":null}\n\n'
+    )
+    assert client_view(hosted) == (
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"usage"}}]}\n\n'
+    )
+    # LiteLLM sends the usage on a chunk of its own with an empty delta: it goes whole.
+    carrier = b'data: {"id":"c","choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":9}}\n\n'
+    assert client_view(carrier) == b""
+    # A first member, and text that merely mentions "usage", are handled too.
+    first = b'data: {"usage":null,"choices":[{"delta":{"content":"\\"usage\\": 1"}}]}\n\n'
+    assert client_view(first) == b'data: {"choices":[{"delta":{"content":"\\"usage\\": 1"}}]}\n\n'
+
+
+def test_members_an_engine_moves_onto_the_usage_chunk_go_back_to_the_finishing_chunk() -> None:
+    data = Path(__file__).parent / "data" / "llama_cpp"
+    for asked, plain in (
+        ("chat_stream_usage.sse", "chat_stream.sse"),
+        ("chat_stream_n2_usage.sse", "chat_stream_n2.sse"),
+    ):
+        # llama.cpp writes `timings` on the finishing chunk, or on the usage chunk when asked
+        # for usage; per-request values (ids, clocks) differ between the two recordings.
+        got, want = client_view((data / asked).read_bytes()), (data / plain).read_bytes()
+        assert b'"usage"' not in got
+        assert [shape(line) for line in got.split(b"\n\n")] == [
+            shape(line) for line in want.split(b"\n\n")
+        ]
+
+
+def shape(line: bytes) -> object:
+    """A chunk's structure: member names in order, recursively; values other than objects and
+    lists dropped."""
+    if not line.startswith(b"data: {"):
+        return line
+    import orjson
+
+    def walk(value: object) -> object:
+        if isinstance(value, dict):
+            return [(k, walk(v)) for k, v in value.items()]
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return None
+
+    return walk(orjson.loads(line[6:]))
+
+
+def test_one_usage_chunk_per_choice_counts_the_prompt_once_and_sums_the_choices() -> None:
+    from meterproxy.usage import Source, Usage
+
+    recorded = Path(__file__).parent / "data" / "llama_cpp" / "chat_stream_n2_usage.sse"
+    watch = StreamWatch(lambda: 0, CHAT, strip_usage=True)
+    for event in events(recorded.read_bytes()):
+        watch.on_event(event)
+    assert len(watch.usage_only) == 2  # llama.cpp: one per choice, each 27 prompt + 8
+    assert watch.usage(Source.UPSTREAM) == Usage(27, 16, 22, None, Source.UPSTREAM)
+    single = StreamWatch(lambda: 0, CHAT, strip_usage=True)
+    for event in events(ROLE + TOKEN + USAGE + DONE):
+        single.on_event(event)
+    assert single.usage(Source.UPSTREAM) == Usage(3, 2, None, None, Source.UPSTREAM)
 
 
 def test_usage_null_is_not_usage_and_in_band_errors_are_seen() -> None:

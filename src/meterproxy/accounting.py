@@ -3,7 +3,6 @@ text to count (a labelled tiktoken estimate, counted at settlement off the loop)
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from . import usage
@@ -27,7 +26,7 @@ def stream_end(ex: Exchange, watch: StreamWatch) -> None:
     """A stream that ended (well or broken): the last usage it carried, else its text."""
     ex.first_token_ns = watch.first_token_ns
     complete = ex.outcome is Outcome.SUCCESS
-    found = _watched_usage(watch, usage.Source.UPSTREAM if complete else usage.Source.PARTIAL)
+    found = watch.usage(usage.Source.UPSTREAM if complete else usage.Source.PARTIAL)
     if found is not None:
         ex.account(found)
     elif ex.endpoint.metered:
@@ -43,13 +42,5 @@ def client_left(ex: Exchange, watch: StreamWatch | None) -> None:
         return
     if watch is not None:
         stream_end(ex, watch)
-    elif ex.endpoint.metered and not ex.usage.known:
+    elif ex.endpoint.metered and not ex.usage.known and ex.pending_text is None:
         ex.pending_text = ""  # the prompt was processed; nothing was seen of the answer
-
-
-def _watched_usage(watch: StreamWatch, source: usage.Source) -> usage.Usage | None:
-    """The last usage the stream carried (cumulative: never a sum), with its provenance."""
-    if watch.last_usage is None:
-        return None
-    found = usage.from_body(usage.loads(watch.last_usage))
-    return None if found is None else dataclasses.replace(found, source=source)

@@ -5,6 +5,7 @@ app; start/stop run it with the same server options in production and in tests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,23 +18,30 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery, pricing, reload, routes
 from .backends import EnergyBackend, NoEnergy, QuotaBackend
+from .config import Ledger as LedgerSettings
 from .config import Settings, Upstream
 from .energy.factory import open_source
 from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
+from .export.exporter import exporter as cloudevents_exporter
 from .host_link import HostLink, RemoteEnergy, RemoteQuota, WorkerContext
-from .keys import LEDGER, RELOAD, RUNTIME, STATUS
-from .ledger import Ledger
-from .ledger_spend import SqliteSpend
+from .keys import EXPORT, LEDGER, RECONCILER, RELOAD, RUNTIME, STATUS
+from .ledger import LEDGER_SCHEMA, Ledger
+from .ledger_spend import ledger_reader
 from .metrics import Metrics
+from .proxy import upstream_trace
 from .quota_local import LocalQuota
+from .reconcile import Reconciler
 from .routing import Router
 from .runtime import Current, Live, Runtime, UpstreamState
 from .server import GuardedSite
 from .settlement import EstimateCompleter, Settler, Sink
+from .store.base import open_store
+from .store.sqlite import SqliteStore
 from .tokens import EXECUTOR_THRESHOLD_CHARS, TokenCounter
 from .ui import web as ui_web
+from .value import web as value_web
 from .watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ def create_app(
     host process's, metrics the host's shared files)."""
     metrics = Metrics(registry, worker.metrics_dir if worker else None)
     link = HostLink(worker.link_path, metrics) if worker else None
+    if worker is not None:  # one spill file per worker: a restarted worker takes up its own
+        settings = worker.own_spill_files(settings)
     current = Current(Live(settings, Router(settings, {})))
     counter = tokens or TokenCounter(None)
     settler = Settler(
@@ -97,21 +107,36 @@ def create_app(
         )
     )
     settler.add_completer(_energy_completer(runtime.energy))
-    ledger = None
-    if settings.ledger.enabled:
-        ledger = Ledger(
-            settings.ledger.path, on_error=lambda kind: metrics.ledger_errors.labels(kind).inc()
+    ledger = _ledger_for(settings.ledger, metrics, wall_clock) if settings.ledger.enabled else None
+    exporter = None
+    if settings.export.cloudevents.url:
+        exporter = cloudevents_exporter(
+            settings.export.cloudevents,
+            on_events=lambda result, n: metrics.export_events.labels(result).inc(n),
+            spill_path=settings.export.cloudevents.spill_path,
+        )
+        metrics.track(
+            metrics.export_queued, lambda: exporter.queued + exporter.spilled if exporter else 0
         )
     telemetry = None
     if settings.telemetry.otlp_endpoint:
         from .telemetry import OtlpMetrics  # the optional `otel` extra, imported when asked for
 
         telemetry = OtlpMetrics(settings.telemetry, lambda: runtime.settings.upstreams)
+    reconciler = Reconciler(
+        lambda: current.live.settings.upstreams,
+        metrics,
+        time.monotonic,
+        interval_s=settings.reconcile.interval_s,
+        window_s=settings.reconcile.window_s,
+    )
     settler.add_sinks(
         [
             metrics.observe,
+            reconciler.observe,
             quota.settle,
             *([ledger.add] if ledger else []),
+            *([exporter.add] if exporter else []),
             *([telemetry.observe] if telemetry else []),
             *sinks,
         ]
@@ -122,6 +147,13 @@ def create_app(
     app[RUNTIME] = runtime
     if link is not None:  # first in, last out: settlements still wait for the host's energy
         app.cleanup_ctx.append(_linked(link))
+    if exporter is not None:  # before the ledger: cleanup runs in reverse, so it closes last
+        app[EXPORT] = exporter
+        app.cleanup_ctx.append(_export)
+    if worker is None:
+        app[RECONCILER] = reconciler
+    else:  # its proxy side would be this worker's share of the engine's traffic
+        log.info("engine reconciliation is off with --workers (it compares one process's view)")
     app.cleanup_ctx.append(_quota)  # after the ledger's wait at shutdown: late settlements count
     if ledger is not None:
         app[LEDGER] = ledger
@@ -129,6 +161,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
     app.cleanup_ctx.append(_background_tasks)
+    value_web.install(app, runtime)  # tasks, outcomes, duplicates: after the ledger
     app[STATUS] = ui_web.new_history(runtime)
     app.cleanup_ctx.append(ui_web.keep_history)
     if telemetry is not None:
@@ -138,6 +171,25 @@ def create_app(
         app.cleanup_ctx.append(_watch_config)
     routes.add_routes(app)
     return app
+
+
+def _ledger_for(
+    settings: LedgerSettings, metrics: Metrics, wall_clock: Callable[[], float]
+) -> Ledger:
+    """The configured store (SQLite file or PostgreSQL), a local spill file for overflow, and
+    the gauges that show rows waiting."""
+    ledger = Ledger(
+        open_store(settings.store_url, LEDGER_SCHEMA),
+        spill=SqliteStore(settings.spill_file, LEDGER_SCHEMA),
+        on_error=lambda kind: metrics.ledger_errors.labels(kind).inc(),
+        on_spilled=metrics.ledger_spilled.inc,
+        max_queue=settings.max_queue_rows,
+        clock=wall_clock,
+    )
+    metrics.track(metrics.ledger_queued.labels("memory"), lambda: ledger.queued)
+    metrics.track(metrics.ledger_queued.labels("spill"), lambda: ledger.spilled)
+    metrics.track(metrics.ledger_backlog_age, ledger.backlog_age_s)
+    return ledger
 
 
 def quota_backend(
@@ -151,7 +203,7 @@ def quota_backend(
     if settings.quota.backend == "redis":
         from .quota_redis import RedisQuota  # the optional `redis` extra, imported when asked for
 
-        spend = SqliteSpend(settings.ledger.path) if settings.ledger.enabled else None
+        spend = ledger_reader(settings.ledger.store_url) if settings.ledger.enabled else None
         return RedisQuota(settings.quota, settings.tenancy, metrics, spend, wall_clock)
     if link is not None:
         return RemoteQuota(link, settings.quota, settings.tenancy, metrics)
@@ -217,6 +269,19 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     await ledger.close()
 
 
+async def _export(app: web.Application) -> AsyncIterator[None]:
+    exporter, runtime = app[EXPORT], app[RUNTIME]
+    await exporter.open()
+    crashes = runtime.metrics.background_crashes.labels("export")
+    task = runtime.tasks.supervise("export", exporter.run, crashes.inc)
+    yield
+    # After the ledger's cleanup, which waited for late settlements: they are queued by now.
+    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
+        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
+    await runtime.tasks.cancel(task)
+    await exporter.close()
+
+
 async def _quota(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await runtime.quota.open()
@@ -232,11 +297,20 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
 def _linked(link: HostLink) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await link.open()
+        refresh = app[RUNTIME].tasks.spawn("tracked-gauges", _tracked(app[RUNTIME].metrics))
         yield
+        await app[RUNTIME].tasks.cancel(refresh)
         await app[RUNTIME].settler.wait_idle(_SETTLE_WAIT_S)
         await link.close()
 
     return lifetime
+
+
+async def _tracked(metrics: Metrics) -> None:
+    """A worker's gauges read from functions: written to the shared files once a second."""
+    while True:
+        metrics.refresh_tracked()
+        await asyncio.sleep(1.0)
 
 
 def new_session(upstream: Upstream) -> aiohttp.ClientSession:
@@ -252,6 +326,7 @@ def new_session(upstream: Upstream) -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[upstream_trace()],
     )
 
 
@@ -292,10 +367,14 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await discovery.refresh_all(runtime)
     runtime.tasks.spawn("stream-watchdog", runtime.watchdog.run())
+    engines = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    if RECONCILER in app:
+        runtime.tasks.spawn("reconcile", app[RECONCILER].run(engines))
     for upstream in runtime.settings.upstreams:
         runtime.tasks.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
     yield
     await runtime.tasks.stop("background")  # with the pollers a reload started
+    await engines.close()
 
 
 @dataclass
@@ -336,8 +415,21 @@ async def start(
         on_head_timeout=closed.labels("head_timeout").inc,
         reuse_port=reuse_port,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; pick another with --port "
+                "(or listen.port in the config)"
+            ) from None
+        raise
     return RunningServer(runner, host, site.port)
+
+
+class PortInUse(Exception):
+    """The listen address is taken: one line for the user, never a traceback."""
 
 
 async def stop(server: RunningServer) -> None:

@@ -11,17 +11,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from . import __version__, config, demo, host, reload, report, workers
-from .app import create_app, new_session, start, stop
+from .app import PortInUse, create_app, new_session, start, stop
 from .errors import ConfigError
 from .host_link import WorkerContext
 from .keys import RUNTIME
 from .policy import hash_key
 from .runtime import Runtime
 from .tokens import TokenCounter
+from .value import leaderboard
 
 log = logging.getLogger("meterproxy")
 
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="processes serving the port (default: server.workers, 1)"
     )
+    _data_dir_argument(serve)
     serve.add_argument("--benchmark-no-metering", action="store_true", help=argparse.SUPPRESS)
     # Set by the supervisor of `--workers` for the processes it starts.
     serve.add_argument("--role", choices=("worker", "host"), help=argparse.SUPPRESS)
@@ -64,14 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the proxy, a simulated vLLM and GPU, and a load")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
+    _data_dir_argument(demo, "demo")
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
 
     usage = commands.add_parser("usage", help="report usage and cost from the ledger")
     where = usage.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", metavar="FILE", help="read the ledger path from this config")
-    where.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    where.add_argument("--config", metavar="FILE", help="read the ledger this config names")
+    where.add_argument(
+        "--ledger",
+        metavar="PATH",
+        action="append",
+        help="a SQLite ledger file (repeatable: the files are merged) or a postgresql:// URL",
+    )
+    _data_dir_argument(usage)
     usage.add_argument(
         "--by",
         action="append",
@@ -81,7 +91,44 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", help="e.g. 7d, 24h, 2026-11-01 (default: everything)")
     usage.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
+
+    board = commands.add_parser(
+        "leaderboard", help="rank tenants, users or models by value (cost per successful task)"
+    )
+    source = board.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="the config: ledger path, salt, aliases")
+    source.add_argument("--ledger", metavar="PATH", help="the ledger's SQLite file")
+    board.add_argument("--by", default="tenant", choices=leaderboard.BY)
+    board.add_argument("--since", default="7d", help="e.g. 7d, 24h, 2026-11-01 (default: 7d)")
+    board.add_argument("--until", help="e.g. 1d, 2026-11-08 (default: now)")
+    board.add_argument(
+        "--rank",
+        default="usd",
+        choices=leaderboard.RANKS,
+        help="usd or joules per successful task (ascending), successes or success_rate",
+    )
+    board.add_argument("--format", default="table", choices=("table", "csv", "json"))
     return parser
+
+
+def _data_dir_argument(parser: argparse.ArgumentParser, below: str = "") -> None:
+    where = "$XDG_STATE_HOME/meterproxy" + (f"/{below}" if below else "")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"where relative ledger and quota paths live (default {where}, "
+        "else ~/.local/state/meterproxy" + (f"/{below}" if below else "") + ")",
+    )
+
+
+def data_dir(arg: str | None, environ: Mapping[str, str], below: str = "") -> Path:
+    """The state directory: --data-dir, else XDG's state home (~/.local/state) /meterproxy."""
+    if arg:
+        return Path(arg).expanduser()
+    state = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(state) / "meterproxy" / below if below else Path(state) / "meterproxy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,13 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.file, environ)
     if args.command == "usage":
         return _usage(args, environ)
+    if args.command == "leaderboard":
+        return _leaderboard(args, environ)
     if args.command == "demo":
         logging.basicConfig(
             level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _use_uvloop()
-        code = asyncio.run(demo.main(args.port, args.host))
-        print("demo stopped")
+        code = asyncio.run(
+            demo.main(args.port, args.host, data_dir(args.data_dir, environ, "demo"))
+        )
+        if code == 0:
+            print("demo stopped")
         return code
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
@@ -123,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    settings = config.with_listen(settings, args.host, args.port)
+    state = data_dir(args.data_dir, environ)
+    settings = config.in_data_dir(config.with_listen(settings, args.host, args.port), state)
     if args.workers is not None:
         settings = config.with_workers(settings, args.workers)
     _use_uvloop()
@@ -135,7 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker = WorkerContext(args.link, metrics_dir, args.worker_index)
     elif settings.server.workers > 1:
         return asyncio.run(workers.supervise(settings, argv, environ))
-    return asyncio.run(_serve(settings, environ, args.config, args.benchmark_no_metering, worker))
+    try:
+        return asyncio.run(
+            _serve(settings, environ, args.config, args.benchmark_no_metering, state, worker)
+        )
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check_config(path: str, environ: Mapping[str, str]) -> int:
@@ -150,27 +209,62 @@ def _check_config(path: str, environ: Mapping[str, str]) -> int:
 
 
 def _usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    path = args.ledger
+    ledgers: list[str] = args.ledger or []
     if args.config:
         try:
-            path = config.load(args.config, environ).ledger.path
+            loaded = config.load(args.config, environ)
+            ledger = config.in_data_dir(loaded, data_dir(args.data_dir, environ)).ledger
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"error: {problem}", file=sys.stderr)
             return 1
-    if not os.path.exists(path):
-        print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
-        return 1
+        ledgers = [ledger.url or ledger.path]
+    for path in ledgers:
+        if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
+            print(
+                f"error: no ledger at {path} (has the proxy run with this config?)",
+                file=sys.stderr,
+            )
+            return 1
     by = args.by or ["tenant"]
     now = time.time()
     try:
         since = report.parse_time(args.since, now) if args.since else None
         until = report.parse_time(args.until, now) if args.until else None
-        rows = report.query(path, by, since, until)
+        rows = report.query(ledgers, by, since, until)
     except report.ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(report.render(rows, by, args.format))
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    path: str = args.ledger
+    salt: str | None = None
+    aliases: Mapping[str, str] = {}
+    if args.config:
+        try:
+            settings = config.load(args.config, environ)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 1
+        path, salt, aliases = settings.ledger.path, settings.value.salt, settings.value.user_aliases
+    if not os.path.exists(path):
+        print(f"error: no ledger at {path} (has the proxy run with this config?)", file=sys.stderr)
+        return 1
+    now = time.time()
+    try:
+        since = report.parse_time(args.since, now)
+        until = report.parse_time(args.until, now) if args.until else now + 1
+        names = leaderboard.Names(salt or leaderboard.stored_salt(path), aliases)
+        tasks = leaderboard.tasks(path, since, until)
+        groups = leaderboard.board(tasks, args.by, names, args.rank)
+    except report.ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(leaderboard.render(groups, args.by, args.format))
     return 0
 
 
@@ -202,12 +296,15 @@ async def _serve(
     environ: Mapping[str, str],
     path: str | None,
     no_metering: bool,
+    state: Path,
     worker: WorkerContext | None = None,
 ) -> int:
     host, port = settings.server.host, settings.server.port
 
-    def load() -> config.Settings:  # a reload keeps the --host/--port of this run
-        return config.with_listen(config.load(path or "", environ), host, port)
+    def load() -> config.Settings:  # a reload keeps the --host/--port/--data-dir of this run
+        return config.in_data_dir(
+            config.with_listen(config.load(path or "", environ), host, port), state
+        )
 
     app = create_app(
         settings,

@@ -18,15 +18,18 @@ import yaml
 
 from .energy.settings import EnergySettings, parse_energy
 from .errors import ConfigError
+from .export.settings import Export, parse_export
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
 from .quota_settings import QuotaBackendSettings, parse_quota_backend
 from .validation import Checker, show
+from .value.settings import ValueSettings, parse_value
 
 UPSTREAM_KINDS = ("vllm", "trtllm", "openai", "generic")
 # Upstream kinds that understand `stream_options.include_usage`.
 USAGE_STREAM_KINDS = frozenset({"vllm", "trtllm", "openai"})
 WILDCARD = "*"
+SQLITE_URL = "sqlite:///"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Upstream:
     timeouts: Timeouts = Timeouts()
     gpus: tuple[int | str, ...] = ()
     refresh_interval_s: float = 30.0
+    # The engine's Prometheus counters (vllm: its /metrics beside /v1), for reconciliation.
+    metrics_url: str | None = None
 
     @property
     def discovers_models(self) -> bool:
@@ -88,8 +93,25 @@ class Server:
 
 @dataclass(frozen=True)
 class Ledger:
-    path: str = "./meterproxy-usage.db"
+    path: str = "meterproxy-usage.db"  # relative: in the state directory (--data-dir)
     enabled: bool = True
+    url: str | None = None  # postgresql://...: one ledger for a fleet
+    # Rows held in memory while the ledger is unavailable; beyond, they spill to a local
+    # SQLite file (default: beside the SQLite ledger, or meterproxy-ledger-spill.db).
+    max_queue_rows: int = 200_000
+    spill_path: str | None = None
+
+    @property
+    def store_url(self) -> str:
+        return self.url or f"{SQLITE_URL}{self.path}"
+
+    @property
+    def spill_file(self) -> str:
+        if self.spill_path:
+            return self.spill_path
+        if self.url:
+            return "meterproxy-ledger-spill.db"
+        return str(Path(self.path).with_suffix("")) + "-spill.db"
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,14 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class Reconcile:
+    """How often the engines' own counters are read, and the window drift is measured over."""
+
+    interval_s: float = 15.0
+    window_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: Server
     upstreams: tuple[Upstream, ...]
@@ -119,6 +149,9 @@ class Settings:
     energy: EnergySettings = field(default_factory=EnergySettings)
     ui: StatusPage = StatusPage()
     telemetry: Telemetry = Telemetry()
+    export: Export = field(default_factory=Export)
+    reconcile: Reconcile = Reconcile()
+    value: ValueSettings = field(default_factory=ValueSettings)
     quota: QuotaBackendSettings = field(default_factory=QuotaBackendSettings)
     source: str = "<built-in>"
 
@@ -154,6 +187,9 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "energy",
             "ui",
             "telemetry",
+            "export",
+            "reconcile",
+            "value",
         ),
     )
     listen = check.mapping(top.get("listen"), "listen", ("host", "port"))
@@ -223,18 +259,14 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     upstreams = _upstreams(check, top.get("upstreams"), environ)
     aliases = _aliases(check, top.get("aliases"), upstreams)
     prices = _pricing(check, top.get("pricing"), upstreams)
-    ledger_tree = check.mapping(top.get("ledger"), "ledger", ("path", "enabled"))
-    enabled = ledger_tree.get("enabled", True)
-    if not isinstance(enabled, bool):
-        check.fail("ledger.enabled", f"expected true or false, got {show(enabled)}")
-    ledger = Ledger(
-        path=check.string(ledger_tree.get("path"), "ledger.path", Ledger.path) or Ledger.path,
-        enabled=enabled is not False,
-    )
+    ledger = _ledger(check, top.get("ledger"))
     tenancy = parse_tenancy(check, top, environ)
     energy = parse_energy(check, top.get("energy"))
     ui = _ui(check, top.get("ui"))
     telemetry = _telemetry(check, top.get("telemetry"))
+    export = parse_export(check, top.get("export"), environ)
+    reconcile = _reconcile(check, top.get("reconcile"))
+    value = parse_value(check, top.get("value"), environ)
     quota = parse_quota_backend(check, top.get("quota"))
     if check.problems:
         raise ConfigError(check.problems)
@@ -248,8 +280,44 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         energy=energy,
         ui=ui,
         telemetry=telemetry,
+        export=export,
+        reconcile=reconcile,
+        value=value,
         quota=quota,
         source=source,
+    )
+
+
+def _ledger(check: Checker, value: Any) -> Ledger:
+    tree = check.mapping(
+        value, "ledger", ("url", "path", "enabled", "max_queue_rows", "spill_path")
+    )
+    d = Ledger()
+    enabled = tree.get("enabled", True)
+    if not isinstance(enabled, bool):
+        check.fail("ledger.enabled", f"expected true or false, got {show(enabled)}")
+    path = check.string(tree.get("path"), "ledger.path")
+    url = check.string(tree.get("url"), "ledger.url")
+    if url is not None and url.startswith(SQLITE_URL) and len(url) > len(SQLITE_URL):
+        if path is not None:
+            check.fail("ledger.url", "give ledger.url or ledger.path, not both")
+        path, url = url[len(SQLITE_URL) :], None
+    elif url is not None and not url.startswith(("postgresql://", "postgres://")):
+        check.fail(
+            "ledger.url",
+            "expected sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE, got "
+            f"a URL starting {url.split(':', 1)[0]!r}",
+        )
+    elif url is not None and not _installed("psycopg"):
+        check.fail("ledger.url", "needs the PostgreSQL driver: pip install 'meterproxy[postgres]'")
+    return Ledger(
+        path=path or d.path,
+        enabled=enabled is not False,
+        url=url,
+        max_queue_rows=check.integer(
+            tree.get("max_queue_rows"), "ledger.max_queue_rows", d.max_queue_rows, 1, 10**8
+        ),
+        spill_path=check.string(tree.get("spill_path"), "ledger.spill_path"),
     )
 
 
@@ -265,6 +333,15 @@ def _ui(check: Checker, value: Any) -> StatusPage:
     elif ui.history_s / ui.interval_s > 100_000:
         check.fail("ui.history_s", "keeps over 100,000 snapshots; raise ui.interval_s")
     return ui
+
+
+def _reconcile(check: Checker, value: Any) -> Reconcile:
+    tree = check.mapping(value, "reconcile", ("interval_s", "window_s"))
+    d = Reconcile()
+    return Reconcile(
+        interval_s=check.positive(tree.get("interval_s"), "reconcile.interval_s", d.interval_s),
+        window_s=check.positive(tree.get("window_s"), "reconcile.window_s", d.window_s),
+    )
 
 
 def _installed(module: str) -> bool:
@@ -347,6 +424,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
         "timeouts",
         "gpus",
         "refresh_interval_s",
+        "metrics_url",
     )
     for i, item in enumerate(value):
         path = f"upstreams[{i}]"
@@ -407,6 +485,11 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
             check.fail(f"{path}.gpus", f"expected a list of GPU indices or UUIDs, got {show(gpus)}")
             gpus = []
         refresh = check.positive(tree.get("refresh_interval_s"), f"{path}.refresh_interval_s", 30.0)
+        metrics_url = check.string(tree.get("metrics_url"), f"{path}.metrics_url")
+        if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
+            check.fail(
+                f"{path}.metrics_url", f"expected an http:// or https:// URL, got {metrics_url!r}"
+            )
         if name and url:
             result.append(
                 Upstream(
@@ -419,6 +502,7 @@ def _upstreams(check: Checker, value: Any, environ: Mapping[str, str]) -> tuple[
                     timeouts=timeouts,
                     gpus=tuple(gpus),
                     refresh_interval_s=refresh,
+                    metrics_url=metrics_url,
                 )
             )
     return tuple(result)
@@ -454,6 +538,24 @@ def quick_start(upstream_url: str, *, kind: str = "vllm") -> Settings:
     """`serve --upstream URL`: one upstream serving whatever its /v1/models lists."""
     upstream = Upstream(name="default", url=upstream_url.rstrip("/"), kind=kind)
     return Settings(server=Server(), upstreams=(upstream,), source="--upstream")
+
+
+def in_data_dir(settings: Settings, data_dir: str | Path) -> Settings:
+    """Relative ledger and quota-state paths are kept in the state directory, never wherever
+    the proxy happens to be started; absolute ones stay as they are."""
+    base = Path(data_dir).expanduser()
+
+    def place(path: str) -> str:
+        return path if Path(path).is_absolute() else str(base / path)
+
+    ledger = dataclasses.replace(settings.ledger, path=place(settings.ledger.path))
+    ledger = dataclasses.replace(ledger, spill_path=place(ledger.spill_file))
+    tenancy = dataclasses.replace(settings.tenancy, state_path=place(settings.tenancy.state_path))
+    ce = settings.export.cloudevents
+    export = dataclasses.replace(
+        settings.export, cloudevents=dataclasses.replace(ce, spill_path=place(ce.spill_path))
+    )
+    return dataclasses.replace(settings, ledger=ledger, tenancy=tenancy, export=export)
 
 
 def with_listen(settings: Settings, host: str | None, port: int | None) -> Settings:

@@ -9,8 +9,11 @@
     │   ├── MaxTokensExceeded       400     invalid_request_error   max_tokens_exceeded
     │   ├── InvalidAPIKey           401     invalid_request_error   invalid_api_key
     │   ├── ModelNotAllowed         403     invalid_request_error   model_not_allowed
+    │   ├── NotYourTask             403     invalid_request_error   not_your_task
     │   ├── ModelNotFound           404     invalid_request_error   model_not_found
     │   ├── RouteNotFound           404     invalid_request_error   unknown_url
+    │   ├── TaskNotFound            404     invalid_request_error   task_not_found
+    │   ├── RequestNotFound         404     invalid_request_error   request_not_found
     │   ├── RequestTimeout          408     invalid_request_error   request_timeout
     │   └── PayloadTooLarge         413     invalid_request_error   payload_too_large
     ├── RateLimited                 429     requests | tokens       rate_limit_exceeded
@@ -97,6 +100,23 @@ class InvalidAPIKey(InvalidRequest):
 class ModelNotAllowed(InvalidRequest):
     status = 403
     code = "model_not_allowed"
+
+
+class NotYourTask(InvalidRequest):
+    """Feedback about another tenant's task or request."""
+
+    status = 403
+    code = "not_your_task"
+
+
+class TaskNotFound(InvalidRequest):
+    status = 404
+    code = "task_not_found"
+
+
+class RequestNotFound(InvalidRequest):
+    status = 404
+    code = "request_not_found"
 
 
 class _Refused(ProxyError):

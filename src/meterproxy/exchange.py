@@ -38,6 +38,9 @@ class Waste(str, enum.Enum):
     CLIENT_DISCONNECT = "client_disconnect"
     TRUNCATED = "truncated"
     UPSTREAM_ERROR = "upstream_error"
+    # The same tenant sent the same normalized request within the duplicate window. The
+    # reasons above say what went wrong with this answer and take precedence over it.
+    DUPLICATE = "duplicate"
 
 
 STATUS_CLIENT_DISCONNECT = "499"
@@ -72,6 +75,7 @@ class Exchange:
     stream: bool = False  # the client asked for a stream
     choices: int = 1  # answers asked for (n / best_of)
     client_user: str | None = None  # the body's `user`, bounded and sanitized
+    task_id: str | None = None  # x-meterproxy-task, bounded and sanitized (None: its own task)
     ticket: Ticket | None = None  # what quota admission reserved
     reached_upstream: bool = False  # a byte of the request may have reached the upstream
     upstream_request_id: str | None = None  # the upstream's own x-request-id
@@ -89,6 +93,7 @@ class Exchange:
     waste: Waste | None = None
     upstream_error: str | None = None  # a kind from the proxy's failure table
     final_relayed: bool = False  # the stream's final event reached the client
+    duplicate: bool = False  # a repeat of a recent identical request (see `repeated`)
     settled: bool = False
 
     # -- labels ---------------------------------------------------------------------------
@@ -151,6 +156,13 @@ class Exchange:
         self.outcome = Outcome.CLIENT_DISCONNECT
         self.waste = Waste.CLIENT_DISCONNECT
         return True
+
+    def repeated(self) -> None:
+        """The tenant sent this same request moments ago: flagged, and its tokens are waste
+        unless another reason (disconnect, truncation, upstream error) already explains them."""
+        self.duplicate = True
+        if self.waste is None:
+            self.waste = Waste.DUPLICATE
 
     def account(self, usage: Usage, *, estimated: bool = False) -> None:
         self.usage = usage

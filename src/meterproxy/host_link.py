@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -34,6 +35,7 @@ from .quota import Ticket
 from .quota_settings import QuotaBackendSettings
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .metrics import Metrics
     from .settlement import Settlement
 
@@ -50,6 +52,19 @@ class WorkerContext:
     link_path: str  # the host process's Unix socket
     metrics_dir: str  # PROMETHEUS_MULTIPROC_DIR, shared by the host's processes
     index: int
+
+    def own_spill_files(self, settings: Settings) -> Settings:
+        """Spill files are one process's: each worker gets its own, by index (so a worker
+        restarted in its place replays what its predecessor spilled)."""
+        ledger = settings.ledger
+        ledger = dataclasses.replace(ledger, spill_path=f"{ledger.spill_file}.worker{self.index}")
+        cloudevents = settings.export.cloudevents
+        if cloudevents.spill_path:
+            cloudevents = dataclasses.replace(
+                cloudevents, spill_path=f"{cloudevents.spill_path}.worker{self.index}"
+            )
+        export = dataclasses.replace(settings.export, cloudevents=cloudevents)
+        return dataclasses.replace(settings, ledger=ledger, export=export)
 
 
 class HostLink:

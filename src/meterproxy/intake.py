@@ -27,6 +27,9 @@ MAX_JSON_DEPTH = 64
 # Values kept from a client (request id, `user`): at most this many characters.
 MAX_REQUEST_ID_CHARS = 128
 MAX_USER_CHARS = 256
+MAX_TASK_ID_CHARS = 128
+# Groups the calls of one task (an agent run, a ticket); outcomes are reported per task.
+TASK_HEADER = "x-meterproxy-task"
 # Output caps and answer counts beyond these are not requests, they are attacks on arithmetic.
 MAX_TOKENS_VALUE = 2**31 - 1
 MAX_CHOICES = 128
@@ -191,6 +194,13 @@ def clean_text(value: str, limit: int) -> str:
 
 def client_request_id(value: str | None) -> str | None:
     return None if not value else clean_text(value, MAX_REQUEST_ID_CHARS)
+
+
+def task_id(value: str | None) -> str | None:
+    """The client's task id; blank (or absent) means the request is its own task."""
+    if value is None or not value.strip():
+        return None
+    return clean_text(value.strip(), MAX_TASK_ID_CHARS)
 
 
 def route_other(runtime: Runtime, body: dict[str, Any] | None) -> Route:

@@ -1,33 +1,28 @@
-"""The usage ledger: one SQLite row per settled request, written off the request path.
+"""The usage ledger: one row per settled request, in SQLite (the embedded default) or
+PostgreSQL (one ledger for a fleet), written off the request path by the shared writer
+(`store.writer`): batched, kept through an outage, spilled to a local file when its queue is
+full, never doubled (rows are keyed by the proxy's request key).
 
 `add` (a settlement sink) makes every value storable (bounded valid text, integers in range)
-and appends the row to a bounded queue. One writer task hands batches to one dedicated thread
-every `interval_s`; WAL mode with synchronous=NORMAL makes each committed batch survive a
-killed process. A database that refuses a batch (locked, full disk) keeps its rows queued for
-the next attempt; a row that cannot be stored at all is logged, counted, and the rest of its
-batch is written. The writer is supervised: it cannot die silently.
+and queues the row. The table is declared once (`REQUESTS`) with each backend's migrations; a
+schema version is one number for both backends (SQLite: `PRAGMA user_version`; PostgreSQL: the
+`schema_version` table), so a migration adds a step to each list with the same version.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import logging
 import math
-import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .storage import open_wal
+from .store.base import Store
+from .store.schema import Column, Kind, Row, Schema, Table
+from .store.writer import Writer
 
 if TYPE_CHECKING:
     from .settlement import Settlement
 
-log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,      -- the proxy's own request key (unique)
     ts REAL NOT NULL,              -- end of the request, Unix seconds (UTC)
@@ -50,11 +45,13 @@ CREATE TABLE IF NOT EXISTS requests (
     waste_reason TEXT,
     client_request_id TEXT,
     client_user TEXT
-);
-CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
-"""
-# Versioned migrations (PRAGMA user_version): version -> statements. Version 1 is SCHEMA.
+)""",
+    "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
+)
+SCHEMA = ";\n".join(_V1) + ";\n"  # version 1, as the first ledgers were created
+# SQLite: version -> statements. A file from version 1 has user_version 0 and the table already.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, _V1),
     (
         2,
         (
@@ -69,66 +66,85 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         ),
     ),
 )
+# PostgreSQL's history starts at version 2, the row schema it was introduced with.
+PG_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        2,
+        (
+            """CREATE TABLE IF NOT EXISTS requests (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    ts TIMESTAMPTZ NOT NULL,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prompt_tokens BIGINT,
+    cached_tokens BIGINT,
+    completion_tokens BIGINT,
+    reasoning_tokens BIGINT,
+    token_source TEXT NOT NULL,
+    ttft_s DOUBLE PRECISION,
+    duration_s DOUBLE PRECISION NOT NULL,
+    gpu_seconds DOUBLE PRECISION NOT NULL,
+    energy_j DOUBLE PRECISION,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    priced BOOLEAN NOT NULL,
+    waste_reason TEXT,
+    client_request_id TEXT,
+    client_user TEXT,
+    upstream_request_id TEXT,
+    outcome TEXT
+)""",
+            "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)",
+        ),
+    ),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-COLUMNS = (
-    "request_id",
-    "ts",
-    "tenant",
-    "model",
-    "upstream",
-    "endpoint",
-    "status",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "token_source",
-    "ttft_s",
-    "duration_s",
-    "gpu_seconds",
-    "energy_j",
-    "cost_usd",
-    "priced",
-    "waste_reason",
-    "client_request_id",
-    "client_user",
-    "upstream_request_id",
-    "outcome",
+T, N, R = Kind.TEXT, Kind.INT, Kind.REAL
+REQUESTS = Table(
+    "requests",
+    tuple(
+        Column(name, kind)
+        for name, kind in (
+            ("request_id", T),
+            ("ts", Kind.TIME),
+            ("tenant", T),
+            ("model", T),
+            ("upstream", T),
+            ("endpoint", T),
+            ("status", T),
+            ("prompt_tokens", N),
+            ("cached_tokens", N),
+            ("completion_tokens", N),
+            ("reasoning_tokens", N),
+            ("token_source", T),
+            ("ttft_s", R),
+            ("duration_s", R),
+            ("gpu_seconds", R),
+            ("energy_j", R),
+            ("cost_usd", R),
+            ("priced", Kind.BOOL),
+            ("waste_reason", T),
+            ("client_request_id", T),
+            ("client_user", T),
+            ("upstream_request_id", T),
+            ("outcome", T),
+        )
+    ),
+    key="request_id",
+    time="ts",
 )
-# A row whose key is already stored is the same request again: skipped, never doubled. (Not
-# INSERT OR IGNORE: that would also skip a row that breaks a NOT NULL rule, silently.)
-INSERT = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
-)
-Row = tuple[object, ...]
-# Bounds on what is stored: text columns at most this many characters, integers SQLite's.
+LEDGER_SCHEMA = Schema("ledger", (REQUESTS,), sqlite=MIGRATIONS, postgres=PG_MIGRATIONS)
+COLUMNS = REQUESTS.names
+# Bounds on what is stored: text columns at most this many characters, integers 64-bit.
 MAX_TEXT = 256
 INT_MAX = 2**63 - 1
 
 
-def connect(path: str) -> sqlite3.Connection:
-    db = open_wal(path, SCHEMA)
-    migrate(db)
-    return db
-
-
-def migrate(db: sqlite3.Connection) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0] or 1
-    for target, statements in MIGRATIONS:
-        if version >= target:
-            continue
-        with db:
-            db.execute("BEGIN")
-            for statement in statements:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {target}")
-        log.info("usage ledger: schema migrated to version %d", target)
-        version = target
-
-
 def storable_text(value: str | None) -> str | None:
-    """Bounded, valid UTF-8 (no lone surrogates), no NUL: SQLite stores it as given."""
+    """Bounded, valid UTF-8 (no lone surrogates), no NUL: every backend stores it as given."""
     if value is None:
         return None
     value = value[:MAX_TEXT]
@@ -178,104 +194,17 @@ def row(s: Settlement) -> Row:
     )
 
 
-class Ledger:
-    def __init__(
-        self,
-        path: str,
-        *,
-        on_error: Callable[[str], None],
-        max_queue: int = 200_000,
-        interval_s: float = 0.1,
-    ) -> None:
-        self.path = path
-        self._on_error = on_error  # called with "write", "dropped" or "invalid_row"
-        self._queue: collections.deque[Row] = collections.deque()
-        self._max_queue = max_queue
-        self.interval_s = interval_s
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._db: sqlite3.Connection | None = None
+class Ledger(Writer):
+    """The writer of `requests` rows, fed by settlements."""
+
+    def __init__(self, store: Store, **options: Any) -> None:
+        super().__init__(store, REQUESTS, **options)
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
+    def path(self) -> str:
+        """Where the rows go: the SQLite file, or the PostgreSQL URL without its password."""
+        return self.store.where
 
     def add(self, settlement: Settlement) -> None:
         """Settlement sink: queue the row; never blocks, never does I/O."""
-        if len(self._queue) >= self._max_queue:
-            self._queue.popleft()
-            self._on_error("dropped")
-        self._queue.append(row(settlement))
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._thread, connect, self.path)
-        log.info("usage ledger: %s", self.path)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
-
-    async def flush(self) -> bool:
-        """Write everything queued; False (rows kept) if the database refused."""
-        if not self._queue or self._db is None:
-            return True
-        batch = list(self._queue)
-        self._queue.clear()
-        loop = asyncio.get_running_loop()
-        try:
-            rejected = await loop.run_in_executor(self._thread, self._write, batch)
-        except sqlite3.Error as exc:  # locked, busy, full, I/O: the database, not the rows
-            self._queue.extendleft(reversed(batch))
-            while len(self._queue) > self._max_queue:
-                self._queue.pop()
-                self._on_error("dropped")
-            self._on_error("write")
-            log.error(
-                "usage ledger %s: write of %d rows failed (%s); they stay queued",
-                self.path,
-                len(batch),
-                exc,
-            )
-            return False
-        for bad, reason in rejected:
-            self._on_error("invalid_row")
-            log.error(
-                "usage ledger %s: row for request %r could not be stored (%s); dropped",
-                self.path,
-                str(bad[0])[:80],
-                reason,
-            )
-        return True
-
-    def _write(self, batch: list[Row]) -> list[tuple[Row, str]]:
-        """One transaction per batch; if a row itself is at fault, the batch is written row by
-        row and the rows that still fail are returned."""
-        assert self._db is not None
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany(INSERT, batch)
-            return []
-        except sqlite3.OperationalError:
-            raise
-        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-            log.warning("usage ledger: a batch of %d rows failed (%s); row by row", len(batch), exc)
-        rejected: list[tuple[Row, str]] = []
-        with self._db:
-            self._db.execute("BEGIN")
-            for one in batch:
-                try:
-                    self._db.execute(INSERT, one)
-                except sqlite3.OperationalError:
-                    raise
-                except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-                    rejected.append((one, type(exc).__name__))
-        return rejected
-
-    async def close(self) -> None:
-        await self.flush()
-        db, self._db = self._db, None
-        if db is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
-        self._thread.shutdown(wait=True)
+        self.put(row(settlement))

@@ -5,7 +5,10 @@ budgets, and against which the drift check compares it.
 Spend is counted the way quota settlement counts it: tokens = prompt + completion, USD =
 cost_usd, joules = energy_j, each row in the period that holds its `ts` (the request's end).
 A ledger has an `identity`: replicas writing one ledger (the workers of a host on one SQLite
-file, or every replica on one PostgreSQL) share it, and their spend is rebuilt once.
+file, or every replica on one PostgreSQL) share it, and their spend is rebuilt once. A read
+returns a watermark, and `counted` tells later whether a row was among what that read saw:
+SQLite's largest row id (one writer commits at a time), PostgreSQL's snapshot (its writers
+commit in any order, so ids would not do).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sqlite3
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
+
+from .store.base import is_postgres, redact, sqlite_path
 
 
 class LedgerReadError(Exception):
@@ -150,3 +155,97 @@ class SqliteSpend:
             raise
         finally:
             db.close()
+
+
+def ledger_reader(store_url: str) -> LedgerSpend:
+    """The reader for a ledger's store URL (`sqlite:///path` or `postgresql://...`)."""
+    path = sqlite_path(store_url)
+    if path is not None:
+        return SqliteSpend(path)
+    if is_postgres(store_url):
+        return PostgresSpend(store_url)
+    raise ValueError(f"no ledger reader for {redact(store_url)!r}")
+
+
+_PG_SUMS = (
+    "SELECT coalesce(sum(CASE WHEN ts >= to_timestamp(%(d0)s) AND ts < to_timestamp(%(d1)s) "
+    "THEN coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) END), 0)::float8, "
+    "coalesce(sum(CASE WHEN ts >= to_timestamp(%(m0)s) AND ts < to_timestamp(%(m1)s) "
+    "THEN cost_usd END), 0)::float8, "
+    "coalesce(sum(CASE WHEN ts >= to_timestamp(%(d0)s) AND ts < to_timestamp(%(d1)s) "
+    "THEN energy_j END), 0)::float8 "
+    "FROM requests WHERE tenant = %(tenant)s "
+    "AND ts >= to_timestamp(%(lo)s) AND ts < to_timestamp(%(hi)s)"
+)
+# Was a row's inserting transaction committed in the snapshot? A row holds only the low 32 bits
+# of its transaction id: the full id is the one below the current snapshot's xmax with those
+# bits (every committed row's transaction is below it). Ids 0-2 are frozen: always visible.
+_PG_COUNTED = """
+WITH now AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x)
+SELECT r.request_id FROM requests r, now
+WHERE r.request_id = ANY(%(keys)s) AND (
+  r.xmin::text::bigint < 3 OR pg_visible_in_snapshot(
+    (CASE WHEN now.x - now.x %% 4294967296 + r.xmin::text::bigint >= now.x
+          THEN now.x - now.x %% 4294967296 + r.xmin::text::bigint - 4294967296
+          ELSE now.x - now.x %% 4294967296 + r.xmin::text::bigint END)::text::xid8,
+    %(snapshot)s::pg_snapshot))
+"""
+
+
+class PostgresSpend:
+    """Reads the PostgreSQL ledger (psycopg, blocking: run it in a thread)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # the optional `postgres` extra, as the store itself
+
+        self.url = url
+        self._psycopg = psycopg
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        self._identity = f"postgresql:{where}"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def spend(
+        self, tenant: str, day: Span, month: Span, exclude: Collection[str]
+    ) -> tuple[Spend, str]:
+        psycopg = self._psycopg
+        args = {
+            "d0": day.start_s,
+            "d1": day.end_s,
+            "m0": month.start_s,
+            "m1": month.end_s,
+            "lo": min(day.start_s, month.start_s),
+            "hi": max(day.end_s, month.end_s),
+            "tenant": tenant,
+        }
+        try:
+            with psycopg.connect(self.url, connect_timeout=5) as conn:
+                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
+                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+                assert row is not None
+                snapshot = str(row[0])
+                total = Spend(*_one(conn.execute(_PG_SUMS, args).fetchone()))
+                if exclude:
+                    query = _PG_SUMS + " AND request_id = ANY(%(keys)s)"
+                    left_out = _one(conn.execute(query, {**args, "keys": list(exclude)}).fetchone())
+                    total = total - Spend(*left_out)
+                return total, snapshot
+        except psycopg.Error as exc:
+            raise LedgerReadError(f"reading {redact(self.url)}: {exc}") from exc
+
+    def counted(self, keys: Collection[str], watermark: str) -> set[str]:
+        psycopg = self._psycopg
+        try:
+            with psycopg.connect(self.url, connect_timeout=5, autocommit=True) as conn:
+                rows = conn.execute(_PG_COUNTED, {"keys": list(keys), "snapshot": watermark})
+                return {str(key) for (key,) in rows}
+        except psycopg.Error as exc:
+            raise LedgerReadError(f"reading {redact(self.url)}: {exc}") from exc
+
+
+def _one(row: tuple[object, ...] | None) -> tuple[float, float, float]:
+    assert row is not None
+    return float(row[0] or 0), float(row[1] or 0), float(row[2] or 0)  # type: ignore[arg-type]

@@ -6,15 +6,27 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from .settlement import Settlement
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# `*_created` series double the exposition and no dashboard or alert reads them. (The library's
+# switch is process-wide; this module is its only importer.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Milliseconds to minutes: relayed TTFT is ~1 ms on a warm local engine, generations run minutes.
 LATENCY_BUCKETS = (
@@ -74,6 +86,8 @@ class Metrics:
         host's shared files, and `registry` (what /metrics, /ui and tests read) collects every
         process's files: the whole host."""
         self.registry = registry
+        self.multiprocess = multiprocess_dir is not None
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
         if multiprocess_dir is not None:
             if values.ValueClass.__name__ != "MmapedValue":
                 raise RuntimeError(
@@ -136,6 +150,13 @@ class Metrics:
             ["upstream", "kind"],
             registry=registry,
         )
+        self.upstream_retries = Counter(
+            "meterproxy_upstream_retries",
+            "Requests sent again because a pooled connection had been closed by the upstream "
+            "before it answered (no live server read them).",
+            ["upstream"],
+            registry=registry,
+        )
         self.estimates = Counter(
             "meterproxy_token_estimates",
             "Requests whose tokens were counted by the proxy.",
@@ -156,9 +177,42 @@ class Metrics:
         )
         self.ledger_errors = Counter(
             "meterproxy_ledger_errors",
-            "Usage-ledger failures: `write` (rows kept, retried), `dropped` (queue full) or "
+            "Usage-ledger failures: `write` (rows kept, retried), `spill` (the local spill "
+            "file failed; rows kept in memory), `dropped` (lost: queue and spill full) or "
             "`invalid_row` (a row that could not be stored).",
             ["kind"],
+            registry=registry,
+        )
+        self.ledger_queued = Gauge(
+            "meterproxy_ledger_queued_rows",
+            "Ledger rows not yet in the ledger: in memory (`memory`) or in the spill file "
+            "(`spill`).",
+            ["place"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.ledger_backlog_age = Gauge(
+            "meterproxy_ledger_backlog_age_seconds",
+            "Age of the oldest ledger row not yet in the ledger (0 when none waits).",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.ledger_spilled = Counter(
+            "meterproxy_ledger_spilled_rows",
+            "Ledger rows moved to the local spill file because the queue was full.",
+            registry=registry,
+        )
+        self.export_events = Counter(
+            "meterproxy_export_events",
+            "CloudEvents export, per event: `sent` (a 2xx answer), `failed` (sent again later), "
+            "`rejected` (refused for its content) or `dropped` (lost: the spill file failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.export_queued = Gauge(
+            "meterproxy_export_queued_events",
+            "CloudEvents waiting to be exported, in memory or in the export's spill file.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.quota_rejections = Counter(
@@ -272,6 +326,64 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.engine_drift = Gauge(
+            "meterproxy_engine_token_drift_ratio",
+            "(engine - proxy) / engine over the reconciliation window, from the engine's own "
+            "counters: traffic that bypasses the proxy is positive.",
+            ["upstream", "type"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.engine_metrics_up = Gauge(
+            "meterproxy_engine_metrics_up",
+            "1 while the upstream engine's own counters can be read.",
+            ["upstream"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        # Value, not volume (value/): a task is counted once, when it closes; its figures
+        # are those of all its attempts, failed and unrated ones included. `model` is the
+        # model that served most of the task's tokens.
+        task_labels = ["tenant", "model", "result"]
+        self.task_outcomes = Counter(
+            "meterproxy_task_outcomes",
+            "Tasks closed, by result: success or failure as last reported, unknown if none was.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_cost = Counter(
+            "meterproxy_task_cost_usd",
+            "Cost of every request of the closed tasks (failed and retried attempts included), "
+            "by the task's result.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_energy = Counter(
+            "meterproxy_task_energy_joules",
+            "Attributed GPU energy of every request of the closed tasks, by the task's result.",
+            task_labels,
+            registry=registry,
+        )
+        self.task_tokens = Counter(
+            "meterproxy_task_tokens",
+            "Prompt + completion tokens of every request of the closed tasks, by their result.",
+            task_labels,
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "meterproxy_duplicate_requests",
+            "Requests repeating one the same tenant sent within value.duplicate_window_s (a "
+            "salted hash of the normalized request, never its text).",
+            ["tenant", "model"],
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "meterproxy_feedback_reports",
+            "Outcome reports accepted, by reported result (every report; a task is counted once "
+            "in meterproxy_task_outcomes_total).",
+            ["tenant", "result"],
+            registry=registry,
+        )
         self.metering_errors = Counter(
             "meterproxy_metering_errors",
             "Failures inside metering (requests still served).",
@@ -311,6 +423,19 @@ class Metrics:
             ["tenant"],
             registry=registry,
         )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge whose value is read from a function when scraped; in a worker of
+        `serve --workers` (whose scrape reads the shared files), written there once a second
+        by `refresh_tracked`."""
+        if self.multiprocess:
+            self._tracked.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh_tracked(self) -> None:
+        for gauge, read in self._tracked:
+            gauge.set(read())
 
     def observe(self, record: Settlement) -> None:
         key = (record.endpoint, record.model, record.upstream, record.tenant, record.status)

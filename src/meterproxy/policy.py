@@ -72,7 +72,7 @@ class Tenancy:
     # Digests of the keys that may read the status page's data (never a tenant's key).
     admin_key_hashes: frozenset[str] = field(default=frozenset(), repr=False)
     timezone: str = "UTC"
-    state_path: str = "./meterproxy-quota.db"
+    state_path: str = "meterproxy-quota.db"  # relative: in the state directory (--data-dir)
     # Output tokens reserved for a request that sets no cap: per model, else `default`.
     reservations: Mapping[str, int] = field(
         default_factory=lambda: {DEFAULT_RESERVATION_KEY: DEFAULT_OUTPUT_RESERVATION}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from typing import Any
 
 import aiohttp
 import orjson
@@ -86,6 +87,10 @@ _FAILURES: tuple[tuple[type[BaseException], str, type[ProxyError], str], ...] = 
 )
 
 
+# Failure kinds of a request whose connection never opened: no upstream saw a byte of it.
+NOT_CONNECTED = frozenset({"connect", "connect_timeout"})
+
+
 def _translate(exc: BaseException, route: Route) -> tuple[str, ProxyError]:
     timeouts = route.upstream.timeouts
     for exc_type, kind, error_type, template in _FAILURES:
@@ -135,11 +140,14 @@ async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
         endpoint=endpoint,
         started_ns=runtime.clock(),
         client_request_id=intake.client_request_id(request.headers.get("x-request-id")),
+        task_id=intake.task_id(request.headers.get(intake.TASK_HEADER)),
     )
     try:
         intake.check_target(request.raw_path)
         settings = runtime.settings
         ex.tenant = auth.authenticate(settings.tenancy, request.headers)
+        if runtime.metering:
+            runtime.settler.opened(ex)
         server = settings.server
         raw = await intake.read_body(request, server.max_body_bytes, server.timeouts.body_s)
         ex.body_bytes = len(raw)
@@ -233,20 +241,7 @@ async def _forward(
     response: aiohttp.ClientResponse | None = None
     watch: StreamWatch | None = None
     try:
-        try:
-            ex.reached_upstream = True
-            response = await state.session.request(
-                request.method,
-                url,
-                # aiohttp warns (and may block) sending over 1 MiB of raw bytes at once
-                data=raw if len(raw) <= _LARGE_BODY else io.BytesIO(raw),
-                headers=headers,
-                allow_redirects=False,
-            )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            kind, error = _translate(exc, route)
-            ex.upstream_failed(kind, reached=not isinstance(error, errors.UpstreamUnreachable))
-            raise error from None
+        response = await _send(runtime, state.session, request.method, url, raw, headers, ex)
         state.last_answer_ns = runtime.clock()
         upstream_id = response.headers.get("x-request-id")
         ex.upstream_request_id = intake.client_request_id(upstream_id)
@@ -272,6 +267,73 @@ async def _forward(
         energy.end(ex.key)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
+
+
+class _Attempt:
+    """aiohttp's trace context for one try: whether it went out on a pooled connection."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(session: Any, context: Any, params: Any) -> None:
+    attempt = context.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.reused = True
+
+
+def upstream_trace() -> aiohttp.TraceConfig:
+    """Attached to every upstream session: tells `_send` which tries reused a connection."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_on_reuse)
+    return trace
+
+
+# Tries of one request whose pooled connection the upstream had already closed.
+_STALE_RETRIES = 2
+
+
+async def _send(
+    runtime: Runtime,
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    raw: bytes,
+    headers: CIMultiDict[str],
+    ex: Exchange,
+) -> aiohttp.ClientResponse:
+    """The request to the upstream. A pooled connection the upstream closed while it sat idle
+    (some servers, llama.cpp's among them, close after every stream while announcing
+    keep-alive) fails before any response byte: such a try is made again, on another
+    connection, since no live server read it. A fresh connection's failure is final."""
+    route = ex.route
+    assert route is not None
+    ex.reached_upstream = True
+    for retry in range(_STALE_RETRIES + 1):
+        attempt = _Attempt()
+        try:
+            return await session.request(
+                method,
+                url,
+                # aiohttp warns (and may block) sending over 1 MiB of raw bytes at once
+                data=raw if len(raw) <= _LARGE_BODY else io.BytesIO(raw),
+                headers=headers,
+                allow_redirects=False,
+                trace_request_ctx=attempt,
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if attempt.reused and retry < _STALE_RETRIES:
+                runtime.metrics.upstream_retries.labels(route.upstream.name).inc()
+                continue
+            failure: BaseException = exc
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            failure = exc
+        kind, error = _translate(failure, route)
+        ex.upstream_failed(kind, reached=kind not in NOT_CONNECTED)
+        raise error from None
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _switch_to_idle_timeout(response: aiohttp.ClientResponse, idle_s: float) -> None:
@@ -304,7 +366,10 @@ async def _upstream_error(
         ex.upstream_failed(f"http_{status // 100}xx")
     payload = redact(payload, route.upstream)
     parsed = loads(payload) if payload else None
-    if not isinstance(parsed, dict):
+    # An API's own error answer passes as it is: JSON, or an error event (LiteLLM answers a
+    # failed stream with its status and `data: {"error": ...}`). Anything else (a load
+    # balancer's HTML page) is not an answer a client can read: a 502 of ours says so.
+    if not isinstance(parsed, dict) and response.content_type != "text/event-stream":
         ex.upstream_failed(ex.upstream_error or "bad_response")
         raise errors.UpstreamBadResponse(
             f"upstream `{name}` answered HTTP {status} with a body that is not JSON "

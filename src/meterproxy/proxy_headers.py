@@ -22,7 +22,14 @@ HOP_BY_HOP = frozenset(
 )
 
 
-REQUEST_DROP = HOP_BY_HOP | {"authorization", "api-key", "accept-encoding", "expect"}
+# x-meterproxy-task is the proxy's own grouping header: task ids are not the upstream's business.
+REQUEST_DROP = HOP_BY_HOP | {
+    "authorization",
+    "api-key",
+    "accept-encoding",
+    "expect",
+    "x-meterproxy-task",
+}
 
 
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}

@@ -80,6 +80,7 @@ class Ticket:
     request_entry: list[int] | None
     token_entry: list[int] | None
     day: str
+    settled: bool = False  # settlement replaces the reservation once, however often it comes
 
 
 def duration(ns: int) -> str:
@@ -325,7 +326,11 @@ class Quota:
     def settle(
         self, ticket: Ticket, tokens: int, usd: float, joules: float, now_ns: int, now_s: float
     ) -> None:
-        """Replace the reservation by real usage; release the concurrency slot."""
+        """Replace the reservation by real usage; release the concurrency slot. Once per
+        ticket: a repeated settlement changes nothing."""
+        if ticket.settled:
+            return
+        ticket.settled = True
         state = self.state(ticket.tenant)
         state.concurrent -= 1
         state.reserved_today -= ticket.reserved

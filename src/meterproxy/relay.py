@@ -22,7 +22,7 @@ from .proxy_headers import RESPONSE_DROP
 from .runtime import Runtime
 from .sse import EventTooLarge, SSEScanner
 from .usage import loads
-from .watch import USAGE_ONLY, StreamWatch
+from .watch import StreamWatch, UsageCut
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,10 @@ def client_headers(
         if lower in RESPONSE_DROP or lower == "x-request-id":
             continue
         if lower in ("location", "content-location"):
-            if not value.startswith(upstream.url + "/"):
+            if value.startswith(upstream.url + "/"):
+                value = "/v1" + value[len(upstream.url) :]  # the same place, through the proxy
+            elif not (value.startswith("/v1/") and "//" not in value):
                 continue  # the upstream's own address, or somewhere else: not for the client
-            value = "/v1" + value[len(upstream.url) :]
         if secret and secret in value:
             value = value.replace(secret, REDACTED.decode())
         out.add(name, value)
@@ -151,6 +152,7 @@ async def relay_stream(
         await out.write_eof()
         return out
     scanner = SSEScanner(max_event_bytes=runtime.settings.server.max_sse_event_bytes)
+    cut = UsageCut()
     broken: str | None = None
     energy, key = runtime.energy, ex.key
     secret = upstream.api_key.encode() if upstream.api_key else None
@@ -162,16 +164,18 @@ async def relay_stream(
                 chunk = chunk.replace(secret, REDACTED)
             if not watch.strip_usage or (
                 not scanner.pending
+                and not cut.holding
                 and chunk.endswith(b"\n\n")
-                and not (b'"usage"' in chunk and USAGE_ONLY.search(chunk))
+                and b'"usage"' not in chunk
+                and b'"finish_reason":"' not in chunk
             ):
                 # Nothing to leave out: relay first, then let the meter look at a copy.
                 await out.write(chunk)
                 events = scanner.feed(chunk)
             else:
-                # Whole events only, so the usage chunk the proxy asked for can be left out.
+                # Whole events only, so that the usage the proxy asked for can be left out.
                 events = scanner.feed(chunk)
-                kept = [e.raw for e in events if not watch.is_proxy_usage_chunk(e)]
+                kept = [b for e in events for b in cut.feed(e)]
                 if kept:
                     await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
             seen, had_first = watch.content_events, watch.first_token_ns is not None
@@ -185,7 +189,10 @@ async def relay_stream(
         else:
             for event in scanner.flush():
                 watch.on_event(event)
-                await out.write(event.raw)
+                for kept_raw in cut.feed(event) if watch.strip_usage else [event.raw]:
+                    await out.write(kept_raw)
+            for kept_raw in cut.flush():
+                await out.write(kept_raw)
     except ConnectionResetError:
         accounting.client_left(ex, watch)
         return out

@@ -49,10 +49,12 @@ async def reload(
         or gpus != old_gpus
         or settings.ui != old.ui
         or settings.telemetry != old.telemetry
+        or settings.export != old.export
     ):
         log.warning(
-            "config reload: the listen address, ledger and quota state paths, the energy, ui "
-            "and telemetry sections and upstream GPU lists take effect only after a restart"
+            "config reload: the listen address, ledger and quota state paths, the energy, ui, "
+            "telemetry and export sections and upstream GPU lists take effect only after a "
+            "restart"
         )
     # An upstream that is unchanged keeps its state (pool, occupancy); a new or changed one
     # gets a fresh pool; the pools of removed or replaced ones close once in-flight requests

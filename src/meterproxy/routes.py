@@ -10,6 +10,7 @@ from . import auth, discovery, errors, proxy
 from .endpoints import OTHER, TABLE, Endpoint
 from .keys import RUNTIME
 from .ui import web as ui_web
+from .value import web as value_web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,6 +82,7 @@ def add_routes(app: web.Application) -> None:
             app.router.add_post(endpoint.path, _metered(endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    value_web.add_routes(app)  # before the /v1 catch-all
     app.router.add_route("*", "/v1/{tail:.*}", _metered(OTHER))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

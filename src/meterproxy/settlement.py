@@ -57,6 +57,8 @@ class Settlement:
     cost_usd: float
     priced: bool
     ticket: Ticket | None
+    task_id: str | None = None  # the client's x-meterproxy-task (None: its own task)
+    duplicate: bool = False  # a repeat of a recent identical request from the same tenant
 
     @property
     def duration_ns(self) -> int:
@@ -75,6 +77,8 @@ class Settlement:
 
 
 Sink = Callable[[Settlement], None]
+# Told once an exchange's tenant is known, before it settles (e.g. to know a task is in flight).
+Opener = Callable[[Exchange], None]
 # A completer returns True when it will call `done()` later (on the loop, exactly once).
 Completer = Callable[[Exchange, Callable[[], None]], bool]
 Pricer = Callable[[Exchange], Cost]
@@ -95,6 +99,7 @@ class Settler:
         self._on_error = on_error
         self._sinks: tuple[Sink, ...] = ()
         self._completers: tuple[Completer, ...] = ()
+        self._openers: tuple[Opener, ...] = ()
         self.pending = 0  # settlements waiting for a completer
         self._idle: asyncio.Event | None = None
 
@@ -104,6 +109,19 @@ class Settler:
 
     def add_completer(self, completer: Completer) -> None:
         self._completers = (*self._completers, completer)
+
+    def add_opener(self, opener: Opener) -> None:
+        """Composition time only: told of every exchange once its tenant is known."""
+        self._openers = (*self._openers, opener)
+
+    def opened(self, ex: Exchange) -> None:
+        """The exchange's tenant is known; it will settle later. Synchronous, guarded."""
+        for opener in self._openers:
+            try:
+                opener(ex)
+            except Exception:  # same guard as the sinks: a metering bug must not fail a request
+                self._on_error()
+                log.exception("settlement opener %r failed for request %s", opener, ex.key)
 
     def settle(self, ex: Exchange) -> None:
         """Exactly once per exchange, synchronously."""
@@ -188,6 +206,8 @@ def freeze(ex: Exchange, ts: float, cost: Cost) -> Settlement:
         cost_usd=cost.usd,
         priced=cost.priced,
         ticket=ex.ticket,
+        task_id=ex.task_id,
+        duplicate=ex.duplicate,
     )
 
 

@@ -6,14 +6,16 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
 from .endpoints import Endpoint
 from .sse import Event
-from .usage import loads
+from .usage import Source, Usage, from_body, loads
 
 USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
@@ -22,6 +24,96 @@ _LENGTH = re.compile(rb'"finish_reason"\s*:\s*"length"')
 # is cut short without usage), and reduced to their text once they add up to this many bytes,
 # so a very long stream holds text rather than JSON.
 _COMPACT_BYTES = 512 * 1024
+
+
+class UsageCut:
+    """What the client would have received had the proxy not asked for usage, event by event:
+    the usage-only chunk left out (or a chunk sent only to carry the usage), the `usage` member
+    cut from other chunks (the `"usage":null` OpenAI adds to every chunk once usage is asked
+    for, the running usage on content chunks) but kept on a finishing chunk, where engines that
+    report it unasked put it. Bytes are cut, never re-encoded. An engine that moves members from its
+    finishing chunk onto the usage chunk (llama.cpp's `timings`) gets them moved back: a
+    finishing chunk is held until the next event shows whether that happened."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: Event | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def feed(self, event: Event) -> list[bytes]:
+        out: list[bytes] = []
+        held, self._held = self._held, None
+        data = event.data
+        if b'"usage"' in data and USAGE_ONLY.search(data) is not None and _is_usage_only(data):
+            if held is not None:
+                out.append(_with_moved_members(held, data))
+            return out
+        if held is not None:
+            out.extend(self._release(held))
+        if b'"finish_reason":"' in data and event.raw == b"data: " + data + b"\n\n":
+            self._held = event  # the usage chunk may follow, with members moved from it
+            return out
+        kept = _cut_usage(event)
+        if kept is not None:
+            out.append(kept)
+        return out
+
+    def flush(self) -> list[bytes]:
+        held, self._held = self._held, None
+        return [] if held is None else self._release(held)
+
+    @staticmethod
+    def _release(held: Event) -> list[bytes]:
+        kept = _cut_usage(held)
+        return [kept] if kept is not None else []
+
+
+def _cut_usage(event: Event) -> bytes | None:
+    data = event.data
+    if b'"usage"' not in data or event.raw != b"data: " + data + b"\n\n":
+        return event.raw  # nothing to cut, or not the one-line form servers send
+    stripped = _without_usage(data)
+    if stripped is None:
+        return event.raw
+    rest, had_value = stripped
+    if had_value and _carries_nothing(rest):
+        return None  # a chunk sent only to carry the usage (LiteLLM's empty delta)
+    if had_value and b'"finish_reason":"' in data:
+        return event.raw  # usage on the finishing chunk is sent unasked (llama.cpp completions)
+    return b"data: " + rest + b"\n\n"
+
+
+def _with_moved_members(held: Event, usage_chunk: bytes) -> bytes:
+    """The held finishing chunk, with the members that only the usage chunk carries (other than
+    `usage` itself) appended in their order, as the engine writes them without usage."""
+    kept = _cut_usage(held) or held.raw
+    finishing, extra = loads(kept[6:-2]), loads(usage_chunk)
+    if not isinstance(finishing, dict) or not isinstance(extra, dict):
+        return kept
+    moved = [k for k in extra if k != "usage" and k not in finishing]
+    if not moved:
+        return kept
+    members = b"".join(b"," + orjson.dumps(k) + b":" + _member_bytes(usage_chunk, k) for k in moved)
+    body = kept[6:-2].rstrip()
+    if not body.endswith(b"}"):
+        return kept
+    return b"data: " + body[:-1] + members + b"}\n\n"
+
+
+def _member_bytes(data: bytes, key: str) -> bytes:
+    """The exact bytes of a top-level member's value (re-encoded only if they cannot be cut)."""
+    at = data.rfind(orjson.dumps(key) + b":")
+    if at >= 0:
+        start = at + len(key) + 3
+        end = _value_end(data, start)
+        if end is not None:
+            return data[start:end]
+    parsed = loads(data)
+    return orjson.dumps(parsed.get(key)) if isinstance(parsed, dict) else b"null"
 
 
 class StreamWatch:
@@ -40,6 +132,7 @@ class StreamWatch:
         "last_usage",
         "strip_usage",
         "truncated",
+        "usage_only",
     )
 
     def __init__(self, clock: Any, endpoint: Endpoint, *, strip_usage: bool) -> None:
@@ -48,6 +141,9 @@ class StreamWatch:
         self.strip_usage = strip_usage
         self.first_token_ns: int | None = None
         self.last_usage: bytes | None = None
+        # Every usage-only chunk (`"choices": []`): engines that report per choice (llama.cpp
+        # with n > 1) send one each, where vLLM sends one for the whole request.
+        self.usage_only: list[bytes] = []
         self.ended = False  # the event that ends this endpoint's stream was seen
         self.error = False  # an in-band error or failure event was seen
         self.truncated = False
@@ -55,16 +151,6 @@ class StreamWatch:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._texts: list[str] = []
-
-    def is_proxy_usage_chunk(self, event: Event) -> bool:
-        """The usage-only chunk (`"choices":[]`) the proxy asked for, to be left out."""
-        data = event.data
-        return (
-            self.strip_usage
-            and b'"usage"' in data
-            and USAGE_ONLY.search(data) is not None
-            and _is_usage_only(data)
-        )
 
     def on_event(self, event: Event) -> None:
         """Note one event that went by."""
@@ -76,6 +162,8 @@ class StreamWatch:
             return
         if b'"usage"' in data and not _USAGE_NULL.search(data):
             self.last_usage = data
+            if USAGE_ONLY.search(data) is not None:
+                self.usage_only.append(data)
         if self.first_token_ns is None:
             parsed = loads(data)
             if parsed is not None and _has_content(parsed):
@@ -92,6 +180,25 @@ class StreamWatch:
         self._pending_bytes += len(data)
         if self._pending_bytes > _COMPACT_BYTES:
             self._compact()
+
+    def usage(self, source: Source) -> Usage | None:
+        """What the stream reported: its last usage (cumulative, never summed), or — when it
+        sent one usage-only chunk per choice — the prompt once and the choices' tokens summed."""
+        if len(self.usage_only) > 1:
+            parts = [from_body(loads(data)) for data in self.usage_only]
+            found = [p for p in parts if p is not None]
+            if found:
+                return Usage(
+                    prompt=_max(p.prompt for p in found),
+                    completion=_sum(p.completion for p in found),
+                    cached_prompt=_max(p.cached_prompt for p in found),
+                    reasoning=_sum(p.reasoning for p in found),
+                    source=source,
+                )
+        if self.last_usage is None:
+            return None
+        last = from_body(loads(self.last_usage))
+        return None if last is None else dataclasses.replace(last, source=source)
 
     def _judge(self, event: Event) -> None:
         """Responses-style streams end and fail by event type: in the `event:` line, or only
@@ -126,6 +233,90 @@ class StreamWatch:
         """All generated text relayed so far (for counting tokens of a stream cut short)."""
         self._compact()
         return "".join(self._texts)
+
+
+def _max(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _sum(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _without_usage(data: bytes) -> tuple[bytes, bool] | None:
+    """`data` without its top-level `usage` member, and whether that member had a value; the
+    bytes are cut, never re-encoded, so everything else stays as the upstream wrote it. None
+    when there is no such member (or the cut would not be exactly that member)."""
+    parsed = loads(data)
+    if not isinstance(parsed, dict) or "usage" not in parsed:
+        return None
+    had_value = parsed["usage"] is not None
+    del parsed["usage"]
+    at = data.rfind(b'"usage"')
+    while at > 0:
+        end = _value_end(data, data.find(b":", at + 7) + 1)
+        before = data[:at].rstrip()
+        if end is not None and before.endswith(b","):
+            candidate = before[:-1] + data[end:]
+        elif end is not None and before.endswith(b"{"):
+            after = data[end:].lstrip()
+            candidate = before + (after[1:] if after.startswith(b",") else after)
+        else:
+            candidate = b""
+        if candidate and loads(candidate) == parsed:
+            return candidate, had_value
+        at = data.rfind(b'"usage"', 0, at)
+    return None
+
+
+def _value_end(data: bytes, start: int) -> int | None:
+    """Where the JSON value starting at `start` (after optional spaces) ends."""
+    i, n = start, len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n or start <= 0:
+        return None
+    if data[i : i + 4] == b"null":
+        return i + 4
+    if data[i] != 0x7B:  # {
+        return None
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, n):
+        c = data[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return None
+
+
+def _carries_nothing(data: bytes) -> bool:
+    """A chunk whose choices hold nothing: no content, no role, no finish_reason."""
+    parsed = loads(data)
+    if not isinstance(parsed, dict):
+        return False
+    choices = parsed.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+            return False
+        if choice.get("delta") or choice.get("text") or choice.get("logprobs"):
+            return False
+    return True
 
 
 def _is_usage_only(data: bytes) -> bool:

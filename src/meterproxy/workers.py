@@ -25,9 +25,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ledger
 from .config import Settings
+from .ledger import LEDGER_SCHEMA
 from .metrics import process_died
+from .store.base import open_store
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ async def supervise(settings: Settings, argv: Sequence[str], environ: Mapping[st
     server = settings.server
     held, port = reserve_port(server.host, server.port)
     if settings.ledger.enabled:  # created and migrated once, before several writers open it
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: ledger.connect(settings.ledger.path).close()
-        )
+        store = open_store(settings.ledger.store_url, LEDGER_SCHEMA)
+        await store.open()
+        await store.close()
     workdir = tempfile.mkdtemp(prefix="meterproxy-")
     sup = Supervisor(settings, argv, environ, workdir)
     os.mkdir(sup.metrics_dir)

@@ -1,0 +1,163 @@
+"""SQLite store: one file per schema, one thread per file (sqlite3 blocks), WAL mode with
+synchronous=NORMAL so that each committed batch survives a killed process, the schema version
+in `PRAGMA user_version`. Also the spill file's store: `take`, `delete` and `count` let a writer
+hand its rows on to another store later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from ..storage import open_wal
+from .base import Rejected, StoreUnavailable
+from .schema import Row, Schema, SchemaTooNew, Table
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# A row at fault, not the database: a NULL where none may be, a value sqlite3 cannot bind.
+ROW_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    # An unbindable value (Python 3.11+; 3.10 raised InterfaceError). A closed connection is
+    # never reached here: `_conn` refuses with OperationalError first.
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+
+
+def insert_sql(table: Table) -> str:
+    # A row whose key is already stored is the same row again: skipped, never doubled. (Not
+    # INSERT OR IGNORE: that would also skip a row that breaks a NOT NULL rule, silently.)
+    return (
+        f"INSERT INTO {table.name} ({', '.join(table.names)}) "
+        f"VALUES ({', '.join('?' * len(table.columns))}) ON CONFLICT ({table.key}) DO NOTHING"
+    )
+
+
+def connect(path: str, schema: Schema) -> sqlite3.Connection:
+    db = open_wal(path, "")
+    try:
+        migrate(db, schema, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def migrate(db: sqlite3.Connection, schema: Schema, where: str) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    newest = schema.sqlite[-1][0]
+    if version > newest:
+        raise SchemaTooNew(where, schema.component, version, newest)
+    for target, statements in schema.sqlite:
+        if version >= target:
+            continue
+        with db:
+            db.execute("BEGIN")
+            for statement in statements:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {target}")
+        if version:
+            log.info("%s: %s schema migrated to version %d", where, schema.component, target)
+        version = target
+
+
+class SqliteStore:
+    def __init__(self, path: str, schema: Schema) -> None:
+        self.path = self.where = path
+        self._schema = schema
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._db is not None
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        except (sqlite3.Error, OSError, SchemaTooNew) as exc:  # the file, not the rows
+            raise StoreUnavailable(f"{self.where}: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._db is None:
+            self._db = await self._call(lambda: connect(self.path, self._schema))
+
+    async def open_existing(self) -> bool:
+        """Open the file if there is one (a spill file is created only when a row needs it)."""
+        if self._db is None:
+            self._db = await self._call(
+                lambda: connect(self.path, self._schema) if os.path.exists(self.path) else None
+            )
+        return self._db is not None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("not open")
+        return self._db
+
+    async def insert(self, table: Table, rows: Sequence[Row]) -> list[Rejected]:
+        await self.open()
+        return await self._call(lambda: self._insert(table, rows))
+
+    def _insert(self, table: Table, rows: Sequence[Row]) -> list[Rejected]:
+        """One transaction per batch; if a row itself is at fault, the batch is written row by
+        row and the rows that still fail are returned."""
+        db, sql = self._conn(), insert_sql(table)
+        try:
+            with db:
+                db.execute("BEGIN")
+                db.executemany(sql, rows)
+            return []
+        except ROW_ERRORS as exc:
+            log.warning(
+                "%s: a batch of %d rows failed (%s); row by row", self.where, len(rows), exc
+            )
+        rejected: list[Rejected] = []
+        with db:
+            db.execute("BEGIN")
+            for one in rows:
+                try:
+                    db.execute(sql, one)
+                except ROW_ERRORS as exc:
+                    rejected.append((one, type(exc).__name__))
+        return rejected
+
+    async def take(self, table: Table, limit: int) -> list[Row]:
+        """The oldest `limit` rows (they stay until `delete`)."""
+        await self.open()
+        sql = f"SELECT {', '.join(table.names)} FROM {table.name} ORDER BY rowid LIMIT ?"
+        return await self._call(lambda: self._conn().execute(sql, (limit,)).fetchall())
+
+    async def delete(self, table: Table, keys: Sequence[object]) -> None:
+        # By key, not by rowid range: another process sharing the file may have reused a rowid.
+        sql = f"DELETE FROM {table.name} WHERE {table.key} = ?"
+
+        def run() -> None:
+            with self._conn() as db:
+                db.execute("BEGIN")
+                db.executemany(sql, [(k,) for k in keys])
+
+        await self._call(run)
+
+    async def count(self, table: Table) -> tuple[int, float | None]:
+        """Rows held, and the oldest one's time (Unix seconds) when the table has a time."""
+        oldest = f"min({table.time})" if table.time else "NULL"
+        sql = f"SELECT count(*), {oldest} FROM {table.name}"
+        found = await self._call(lambda: self._conn().execute(sql).fetchone())
+        return int(found[0]), found[1]
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,245 @@
+"""The value meter: the hooks the request path calls (opener, duplicate completer, sink), the
+sweep that closes tasks into the `meterproxy_task_*` counters, and feedback resolved to a task.
+
+Outcomes and tasks are keyed by tenant + task id, so a tenant can only ever name its own; a
+request named by its key must be that tenant's (else 403). Feedback for a task whose requests
+are still in flight is kept on the open task and counted when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from .. import errors
+from ..exchange import Exchange, Outcome
+from ..metrics import Metrics
+from ..settlement import Settlement
+from .duplicates import RepeatWindow, digest, salt_key
+from .feedback import Feedback
+from .settings import ValueSettings
+from .store import OutcomeRow, OutcomeStore, RequestRow
+from .tasks import Figures, Report, Settled, TaskBook, TaskKey
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[str, Coroutine[Any, Any, None]], object]
+# Bodies up to this size are hashed on the loop (about 10 us for 1 KB, under 1 ms at this size:
+# normalizing costs ~18 us per KiB); larger ones in a worker thread, like large token estimates.
+INLINE_HASH_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    feedback_id: str
+    task_id: str
+    report: Report
+    in_flight: int  # requests of the task still running
+    open: bool  # the task is open: its counters will take this report when it closes
+    dryrun: bool
+
+    def body(self) -> dict[str, object]:
+        return {
+            "object": "meterproxy.feedback",
+            "feedback_id": self.feedback_id,  # TensorZero's response field
+            "task_id": self.task_id,
+            "result": self.report.result.value,
+            "score": self.report.score,
+            "metric": self.report.metric,
+            "in_flight": self.in_flight,
+            "task_state": "open" if self.open else "closed",
+            "dryrun": self.dryrun,
+        }
+
+
+class ValueMeter:
+    def __init__(
+        self,
+        settings: Callable[[], ValueSettings],
+        metrics: Metrics,
+        clock: Callable[[], int],
+        wall_clock: Callable[[], float],
+        *,
+        store: OutcomeStore | None,
+        spawn: Spawn,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.store = store
+        self._spawn = spawn
+        current = settings()
+        self.book = TaskBook(current.max_open_tasks)
+        self.repeats = RepeatWindow()
+        # Until `open` reads the stored salt: the configured one, else one for this process.
+        self.salt = current.salt or secrets.token_hex(32)
+        self._key = salt_key(self.salt)
+
+    async def open(self) -> None:
+        configured = self._settings().salt
+        if self.store is not None:
+            self.salt = await self.store.open(configured)
+            self._key = salt_key(self.salt)
+
+    def _now_s(self) -> float:
+        return self._clock() / 1e9
+
+    # -- the request path's hooks ---------------------------------------------------------
+
+    def opened(self, ex: Exchange) -> None:
+        """Opener: the exchange's tenant is known; its task is in flight."""
+        self.book.opened(ex.key, ex.tenant.name, ex.task_id or ex.key, self._now_s())
+
+    def completer(self, ex: Exchange, done: Callable[[], None]) -> bool:
+        """Settlement completer: is this request a repeat? Large bodies are hashed off-loop."""
+        window_ns = int(self._settings().duplicate_window_s * 1e9)
+        if not window_ns or not ex.reached_upstream or ex.body is None or not ex.endpoint.metered:
+            return False
+        if ex.body_bytes <= INLINE_HASH_BYTES:
+            self._judge(ex, digest(self._key, ex.endpoint.name, ex.model, ex.body), window_ns)
+            return False
+        self._spawn(f"duplicate:{ex.key}", self._off_loop(ex, window_ns, done))
+        return True
+
+    async def _off_loop(self, ex: Exchange, window_ns: int, done: Callable[[], None]) -> None:
+        try:
+            assert ex.body is not None
+            key = await asyncio.get_running_loop().run_in_executor(
+                None, digest, self._key, ex.endpoint.name, ex.model, ex.body
+            )
+            self._judge(ex, key, window_ns)
+        finally:
+            done()
+
+    def _judge(self, ex: Exchange, key: bytes, window_ns: int) -> None:
+        tenant = ex.tenant.name
+        if self.repeats.repeats(tenant, key, ex.started_ns, window_ns):
+            ex.repeated()
+        if ex.outcome is Outcome.SUCCESS:  # an answer was received whole
+            self.repeats.answered(tenant, key, ex.started_ns, window_ns)
+
+    def settled(self, s: Settlement) -> None:
+        """Settlement sink: the request joins its task's figures; rows queue for the store."""
+        task = self.book.request(s.request_id)
+        if task is None:
+            return  # refused before its tenant was known: nobody's task
+        if s.duplicate:
+            self._metrics.duplicates.labels(s.tenant, s.model).inc()
+        usage = s.usage
+        late = self.book.settled(
+            Settled(
+                key=s.request_id,
+                tenant=s.tenant,
+                task_id=task[1],
+                model=s.model,
+                reached_upstream=s.reached_upstream,
+                cost_usd=s.cost_usd,
+                energy_j=s.energy_j or 0.0,
+                tokens=(usage.prompt or 0) + (usage.completion or 0),
+            ),
+            self._now_s(),
+        )
+        if late is not None:
+            self._count(late)
+        if self.store is not None and (s.task_id is not None or s.duplicate):
+            self.store.add(RequestRow(s.request_id, s.tenant, task[1], s.ts, s.duplicate))
+
+    # -- closing tasks --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._settings().outcome_grace_s / 4))
+            self.sweep()
+
+    def sweep(self) -> None:
+        current = self._settings()
+        for figures in self.book.due(self._now_s(), current.task_idle_s, current.outcome_grace_s):
+            self._count(figures)
+
+    def _count(self, f: Figures) -> None:
+        m, labels = self._metrics, (f.tenant, f.model, f.result.value)
+        if f.closes:
+            m.task_outcomes.labels(*labels).inc()
+        m.task_cost.labels(*labels).inc(f.cost_usd)
+        m.task_energy.labels(*labels).inc(f.energy_j)
+        m.task_tokens.labels(*labels).inc(f.tokens)
+
+    # -- feedback -------------------------------------------------------------------------
+
+    async def report(self, tenant: str, feedback: Feedback) -> Accepted:
+        task_key = await self._resolve(tenant, feedback)
+        report = feedback.report
+        is_open = self.book.is_open(task_key)
+        feedback_id = str(uuid.uuid4())
+        if not feedback.dryrun:
+            is_open = self.book.report(task_key, report, self._now_s())
+            if self.store is not None:
+                self.store.add(
+                    OutcomeRow(
+                        tenant,
+                        task_key[1],
+                        report.success,
+                        report.score,
+                        report.metric,
+                        self._wall_clock(),
+                        feedback_id,
+                    )
+                )
+            self._metrics.feedback.labels(tenant, report.result.value).inc()
+        return Accepted(
+            feedback_id,
+            task_key[1],
+            report,
+            self.book.in_flight(task_key),
+            is_open,
+            feedback.dryrun,
+        )
+
+    async def _resolve(self, tenant: str, feedback: Feedback) -> TaskKey:
+        if feedback.request_id is not None:
+            key = feedback.request_id
+            found = self.book.request(key)
+            if found is None and self.store is not None:
+                found = await self.store.find_request(key)
+            if found is None:
+                raise errors.RequestNotFound(
+                    f"no request `{key}` is known here; name a request by the "
+                    "x-meterproxy-request-id header of its response",
+                    param=feedback.param,
+                )
+            if found[0] != tenant:
+                raise errors.NotYourTask(
+                    f"request `{key}` was sent with another tenant's key; a tenant reports only "
+                    "on its own requests",
+                    param=feedback.param,
+                )
+            return found
+        assert feedback.task_id is not None
+        task_id = feedback.task_id
+        if self.book.knows((tenant, task_id)):
+            return tenant, task_id
+        owners = self.book.tenants(task_id)
+        alone = self.book.request(task_id)  # a request sent alone is its own task
+        if alone is not None and alone[1] == task_id:
+            owners.add(alone[0])
+        if not owners and self.store is not None:
+            owners = await self.store.task_tenants(task_id)
+        if tenant in owners:
+            return tenant, task_id
+        if owners:
+            raise errors.NotYourTask(
+                f"task `{task_id}` belongs to another tenant; a tenant reports only on its own "
+                "tasks",
+                param=feedback.param,
+            )
+        raise errors.TaskNotFound(
+            f"no task `{task_id}` is known for this key; send its requests with the header "
+            "x-meterproxy-task first (or name a request by its x-meterproxy-request-id)",
+            param=feedback.param,
+        )

@@ -1,0 +1,226 @@
+"""The open tasks: which requests are in flight, what each task's settled requests cost, the
+last outcome reported for it, and when it closes. Pure: no I/O, times passed in.
+
+A task is counted exactly once, when it closes: a rated task `outcome_grace_s` after its last
+request or report, an unrated one (`unknown`) `task_idle_s` after its last request, never while
+one of its requests is in flight. Its figures are those of every settled request that reached
+an upstream (failed, retried and duplicate attempts included). A request that settles after its
+task closed adds its figures under the result the task closed with, and the task is not
+counted again; a report that arrives after it closed reaches the tables, not the counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+TaskKey = tuple[str, str]  # (tenant, task id)
+NO_MODEL = "_none"
+K = TypeVar("K")
+V = TypeVar("V")  # a task none of whose requests reached an upstream
+
+
+class Result(str, enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    UNKNOWN = "unknown"  # closed with no report
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    success: bool
+    score: float | None = None
+    metric: str | None = None
+
+    @property
+    def result(self) -> Result:
+        return Result.SUCCESS if self.success else Result.FAILURE
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What some requests of a task cost, to be counted under a result."""
+
+    tenant: str
+    model: str
+    result: Result
+    cost_usd: float
+    energy_j: float
+    tokens: int
+    closes: bool  # True: the task closes now (counted once); False: a late request of one
+
+
+@dataclass(slots=True, eq=False)
+class _Task:
+    in_flight: int = 0
+    reached: int = 0  # settled requests that reached an upstream
+    cost_usd: float = 0.0
+    energy_j: float = 0.0
+    tokens: int = 0
+    tokens_by_model: dict[str, int] = field(default_factory=dict)
+    report: Report | None = None
+    last_s: float = 0.0
+
+    def model(self) -> str:
+        if not self.tokens_by_model:
+            return NO_MODEL
+        # Most tokens; the first model used wins a tie (dicts keep insertion order).
+        return max(self.tokens_by_model, key=lambda m: self.tokens_by_model[m])
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    key: str  # the proxy's request key
+    tenant: str
+    task_id: str
+    model: str
+    reached_upstream: bool
+    cost_usd: float
+    energy_j: float
+    tokens: int
+
+
+class TaskBook:
+    def __init__(self, max_open: int, max_remembered: int | None = None) -> None:
+        self._max_open = max_open
+        self._max_remembered = max_remembered or 4 * max_open
+        self._tasks: dict[TaskKey, _Task] = {}
+        # Quiet open tasks (nothing in flight), least recently active first.
+        self._unrated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
+        self._rated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
+        self._in_flight: dict[str, TaskKey] = {}  # request key -> its task
+        self._tenants: dict[str, set[str]] = {}  # task id -> tenants with an open task so named
+        # Recently settled requests and closed tasks, for feedback and late requests.
+        self._settled: collections.OrderedDict[str, TaskKey] = collections.OrderedDict()
+        self._closed: collections.OrderedDict[TaskKey, tuple[Result, str]] = (
+            collections.OrderedDict()
+        )
+
+    @property
+    def open_tasks(self) -> int:
+        return len(self._tasks)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def opened(self, key: str, tenant: str, task_id: str, now_s: float) -> None:
+        task_key = (tenant, task_id)
+        self._in_flight[key] = task_key
+        task = self._tasks.get(task_key)
+        if task is None and task_key in self._closed:
+            return  # a late request of a closed task: counted under its result as it settles
+        if task is None:
+            task = self._tasks[task_key] = _Task(last_s=now_s)
+            self._tenants.setdefault(task_id, set()).add(tenant)
+        task.in_flight += 1
+        self._unrated.pop(task_key, None)
+        self._rated.pop(task_key, None)
+
+    def settled(self, s: Settled, now_s: float) -> Figures | None:
+        """A request of a task settled. Returns figures to count at once when its task has
+        already closed (a late request); None otherwise, or for a request never opened
+        (refused before its tenant was known)."""
+        task_key = self._in_flight.pop(s.key, None)
+        if task_key is None:
+            return None
+        _remember(self._settled, s.key, task_key, self._max_remembered)
+        task = self._tasks.get(task_key)
+        if task is None:  # closed while this request was in flight (evicted), or long ago
+            closed = self._closed.get(task_key)
+            if closed is None or not s.reached_upstream:
+                return None
+            result, model = closed
+            return Figures(s.tenant, model, result, s.cost_usd, s.energy_j, s.tokens, False)
+        task.in_flight -= 1
+        if s.reached_upstream:
+            task.reached += 1
+            task.cost_usd += s.cost_usd
+            task.energy_j += s.energy_j
+            task.tokens += s.tokens
+            task.tokens_by_model[s.model] = task.tokens_by_model.get(s.model, 0) + s.tokens
+        task.last_s = now_s
+        if task.in_flight == 0:
+            self._quiet(task_key, task)
+        return None
+
+    def request(self, key: str) -> TaskKey | None:
+        """The task of a request in flight or settled recently."""
+        return self._in_flight.get(key) or self._settled.get(key)
+
+    def is_open(self, task_key: TaskKey) -> bool:
+        return task_key in self._tasks
+
+    def knows(self, task_key: TaskKey) -> bool:
+        return task_key in self._tasks or task_key in self._closed
+
+    def tenants(self, task_id: str) -> set[str]:
+        """The tenants with an open task of this id (closed ones: ask the store)."""
+        return set(self._tenants.get(task_id, ()))
+
+    def in_flight(self, task_key: TaskKey) -> int:
+        task = self._tasks.get(task_key)
+        return 0 if task is None else task.in_flight
+
+    # -- reports --------------------------------------------------------------------------
+
+    def report(self, task_key: TaskKey, report: Report, now_s: float) -> bool:
+        """The last report wins. False when the task has closed already (counted as it was)."""
+        task = self._tasks.get(task_key)
+        if task is None:
+            return False
+        task.report = report
+        task.last_s = now_s
+        if task.in_flight == 0:
+            self._unrated.pop(task_key, None)
+            self._rated.pop(task_key, None)
+            self._quiet(task_key, task)
+        return True
+
+    # -- closing --------------------------------------------------------------------------
+
+    def due(self, now_s: float, idle_s: float, grace_s: float) -> list[Figures]:
+        """Close every task quiet long enough (and the longest idle beyond `max_open`)."""
+        closed: list[Figures] = []
+        for queue, wait_s in ((self._rated, grace_s), (self._unrated, idle_s)):
+            while queue:
+                task_key = next(iter(queue))
+                if self._tasks[task_key].last_s > now_s - wait_s:
+                    break
+                closed.extend(self._close(task_key))
+        while len(self._tasks) > self._max_open:
+            queue = self._unrated or self._rated
+            if not queue:
+                break  # every open task has a request in flight
+            closed.extend(self._close(next(iter(queue))))
+        return closed
+
+    def _quiet(self, task_key: TaskKey, task: _Task) -> None:
+        queue = self._rated if task.report is not None else self._unrated
+        queue[task_key] = None
+        queue.move_to_end(task_key)
+
+    def _close(self, task_key: TaskKey) -> list[Figures]:
+        task = self._tasks.pop(task_key)
+        tenants = self._tenants.get(task_key[1])
+        if tenants is not None:
+            tenants.discard(task_key[0])
+            if not tenants:
+                del self._tenants[task_key[1]]
+        self._unrated.pop(task_key, None)
+        self._rated.pop(task_key, None)
+        if task.reached == 0 and task.report is None:
+            return []  # only refusals, and nobody asked: not a task anyone ran (yet)
+        result = task.report.result if task.report is not None else Result.UNKNOWN
+        model = task.model()
+        _remember(self._closed, task_key, (result, model), self._max_remembered)
+        return [
+            Figures(task_key[0], model, result, task.cost_usd, task.energy_j, task.tokens, True)
+        ]
+
+
+def _remember(into: collections.OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    into[key] = value
+    into.move_to_end(key)
+    while len(into) > limit:
+        into.popitem(last=False)

@@ -1,0 +1,119 @@
+"""The task book: when a task closes, under which result, with which figures; never twice."""
+
+from __future__ import annotations
+
+from meterproxy.value.tasks import NO_MODEL, Figures, Report, Result, Settled, TaskBook
+
+IDLE_S, GRACE_S = 60.0, 5.0
+
+
+def settled(key: str, task: str, tenant: str = "t", **changes: object) -> Settled:
+    values: dict[str, object] = {
+        "key": key,
+        "tenant": tenant,
+        "task_id": task,
+        "model": "m",
+        "reached_upstream": True,
+        "cost_usd": 0.01,
+        "energy_j": 2.0,
+        "tokens": 100,
+        **changes,
+    }
+    return Settled(**values)  # type: ignore[arg-type]
+
+
+def run(book: TaskBook, key: str, task: str, at_s: float, **changes: object) -> Figures | None:
+    book.opened(key, "t", task, at_s)
+    return book.settled(settled(key, task, **changes), at_s)
+
+
+def test_a_rated_task_closes_after_the_grace_with_every_attempt_and_the_last_report() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0, cost_usd=0.02, model="small", tokens=50)  # a failed attempt
+    run(book, "r2", "T", 1.0, model="big", tokens=300)
+    run(book, "r3", "T", 2.0, model="small", tokens=60)
+    assert book.report(("t", "T"), Report(True), 3.0)
+    assert book.report(("t", "T"), Report(False, 0.2), 4.0)  # the last report wins
+    assert book.due(4.0 + GRACE_S - 0.1, IDLE_S, GRACE_S) == []
+    [closed] = book.due(4.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert closed == Figures("t", "big", Result.FAILURE, 0.04, 6.0, 410, True)
+    assert book.due(1000.0, IDLE_S, GRACE_S) == []  # counted once
+    assert not book.report(("t", "T"), Report(True), 1001.0)  # closed: the tables only
+
+
+def test_nothing_closes_while_a_request_is_in_flight() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0)
+    book.opened("r2", "t", "T", 1.0)  # a long generation
+    book.report(("t", "T"), Report(True), 2.0)  # reported before it settles: kept
+    assert book.in_flight(("t", "T")) == 1
+    assert book.due(500.0, IDLE_S, GRACE_S) == []
+    assert book.settled(settled("r2", "T", cost_usd=0.5), 600.0) is None
+    assert book.due(600.0 + GRACE_S - 1, IDLE_S, GRACE_S) == []
+    [closed] = book.due(600.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert (closed.result, closed.cost_usd) == (Result.SUCCESS, 0.51)
+
+
+def test_an_unrated_task_closes_unknown_after_the_idle_window() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0)
+    run(book, "r2", "r2", 10.0)  # a request sent alone is its own task
+    assert book.due(IDLE_S - 1, IDLE_S, GRACE_S) == []
+    [first] = book.due(IDLE_S, IDLE_S, GRACE_S)
+    [second] = book.due(IDLE_S + 10, IDLE_S, GRACE_S)
+    assert (first.result, second.result) == (Result.UNKNOWN, Result.UNKNOWN)
+
+
+def test_a_late_request_adds_to_the_closed_result_without_counting_the_task_again() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0, model="big")
+    book.report(("t", "T"), Report(True), 0.0)
+    [closed] = book.due(GRACE_S, IDLE_S, GRACE_S)
+    assert closed.closes and closed.result is Result.SUCCESS
+    late = run(book, "r2", "T", 100.0, model="other", cost_usd=0.3)
+    assert late == Figures("t", "big", Result.SUCCESS, 0.3, 2.0, 100, False)
+    assert book.due(10_000.0, IDLE_S, GRACE_S) == []
+    assert book.request("r2") == ("t", "T")
+
+
+def test_refusals_alone_are_no_task_but_a_reported_refusal_is() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0, reached_upstream=False)
+    assert book.due(IDLE_S, IDLE_S, GRACE_S) == []  # a 429 loop nobody rated: nothing ran
+    run(book, "r2", "U", 0.0, reached_upstream=False)
+    book.report(("t", "U"), Report(False), 0.0)
+    [closed] = book.due(GRACE_S, IDLE_S, GRACE_S)
+    assert (closed.model, closed.result, closed.cost_usd) == (NO_MODEL, Result.FAILURE, 0.0)
+
+
+def test_a_request_never_opened_is_nobodys_and_tenants_are_apart() -> None:
+    book = TaskBook(max_open=100)
+    assert book.settled(settled("stray", "T"), 0.0) is None
+    assert book.request("stray") is None
+    book.opened("a1", "a", "T", 0.0)
+    book.opened("b1", "b", "T", 0.0)
+    assert book.tenants("T") == {"a", "b"}
+    assert book.request("a1") == ("a", "T") and book.request("b1") == ("b", "T")
+    book.settled(settled("a1", "T", tenant="a"), 0.0)
+    book.settled(settled("b1", "T", tenant="b"), 0.0)
+    assert len(book.due(IDLE_S, IDLE_S, GRACE_S)) == 2
+    assert book.tenants("T") == set() and book.knows(("a", "T"))
+
+
+def test_past_max_open_the_longest_idle_task_closes_early() -> None:
+    book = TaskBook(max_open=2)
+    for i in range(3):
+        run(book, f"r{i}", f"T{i}", float(i))
+    [evicted] = book.due(3.0, IDLE_S, GRACE_S)
+    assert evicted.result is Result.UNKNOWN and book.open_tasks == 2
+    assert not book.is_open(("t", "T0")) and book.is_open(("t", "T2"))
+
+
+def test_a_task_of_refusals_alone_is_forgotten_so_its_retry_starts_afresh() -> None:
+    book = TaskBook(max_open=100)
+    run(book, "r1", "T", 0.0, reached_upstream=False)  # a 429, then a long back-off
+    assert book.due(IDLE_S, IDLE_S, GRACE_S) == [] and not book.knows(("t", "T"))
+    assert run(book, "r2", "T", 100.0) is None  # the retry: a task again, not a late request
+    book.report(("t", "T"), Report(True), 101.0)
+    [closed] = book.due(101.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert (closed.result, closed.model, closed.closes) == (Result.SUCCESS, "m", True)
