@@ -74,40 +74,77 @@ def test_every_alert_has_a_passing_unit_test() -> None:
 
 
 def test_compose_and_kubernetes_manifests_parse_and_reference_real_files() -> None:
+    from meterproxy import config
+
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"meterproxy", "prometheus", "grafana"}
-    for service in compose["services"].values():
+    services = compose["services"]
+    assert set(services) == {
+        "meterproxy-1",
+        "meterproxy-2",
+        "redis",
+        "vllm-sim",
+        "load",
+        "prometheus",
+        "grafana",
+    }
+    for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             assert source in compose.get("volumes", {}) or (DEPLOY / source).exists(), source
-    # Both of meterproxy's commands (the demo, and the one commented for real traffic) are
-    # ones the CLI accepts, with the config file it mounts.
+        if "build" in service:
+            assert (DEPLOY / service["build"] / "Dockerfile").exists()
+    # Two replicas of one configuration, sharing the compose file's Redis, both scraped.
+    replicas = [services["meterproxy-1"], services["meterproxy-2"]]
+    assert replicas[0]["command"] == replicas[1]["command"]
+    assert {r["ports"][0] for r in replicas} == {"8080:8080", "8081:8080"}
+    shared = config.load(DEPLOY / "replicas.yaml", {"RESEARCH_KEY": "k", "SUPPORT_KEY": "s"})
+    assert shared.quota.backend == "redis" and shared.quota.redis_location == "redis:6379/0"
+    assert "noeviction" in services["redis"]["command"]
+    scraped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scraped["static_configs"][0]["targets"] == ["meterproxy-1:8080", "meterproxy-2:8080"]
+    # The replicas' command is one `meterproxy serve` (the image's entrypoint) accepts.
     from meterproxy import cli
 
-    text = (DEPLOY / "docker-compose.yml").read_text()
-    [commented] = re.findall(r"^\s*# command: (\[.*\])$", text, re.M)
-    for command in (compose["services"]["meterproxy"]["command"], yaml.safe_load(commented)):
-        args = cli._parser().parse_args(command)
-        assert args.command in ("demo", "serve") and args.data_dir == "/var/lib/meterproxy"
-        if args.command == "serve":
-            assert args.config == "/etc/meterproxy/meterproxy.yaml"
-    assert (DEPLOY / compose["services"]["meterproxy"]["build"] / "Dockerfile").exists()
-    kinds = {}
+    args = cli._parser().parse_args(["serve", *replicas[0]["command"]])
+    assert args.config == "/etc/meterproxy/replicas.yaml"
+    assert args.data_dir == "/var/lib/meterproxy"
+    assert {v.split(":")[1] for r in replicas for v in r["volumes"]} >= {args.data_dir}
+
+    kinds: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        kinds[doc["kind"]] = doc
-    assert set(kinds) == {"ConfigMap", "Deployment", "Service", "ServiceMonitor"}
-    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        for doc in yaml.safe_load_all(path.read_text()):
+            kinds[doc["kind"], doc["metadata"]["name"]] = doc
+    assert set(kinds) == {
+        ("ConfigMap", "meterproxy"),
+        ("Deployment", "meterproxy"),
+        ("Service", "meterproxy"),
+        ("ServiceMonitor", "meterproxy"),
+        ("PodDisruptionBudget", "meterproxy"),
+        ("Deployment", "redis"),
+        ("Service", "redis"),
+    }
+    deployment = kinds["Deployment", "meterproxy"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert (
-        kinds["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"]
-        == "true"
+        deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     )
-    from meterproxy import config
-
-    embedded = yaml.safe_load(kinds["ConfigMap"]["data"]["meterproxy.yaml"])
-    config.parse(embedded, {"RESEARCH_KEY": "k"})
+    assert deployment["spec"]["replicas"] >= 2
+    budget = kinds["PodDisruptionBudget", "meterproxy"]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    embedded = config.parse(
+        yaml.safe_load(kinds["ConfigMap", "meterproxy"]["data"]["meterproxy.yaml"]),
+        {"RESEARCH_KEY": "k"},
+    )
+    # The Redis the replicas share is the Service redis.yaml defines, on its port.
+    redis_service = kinds["Service", "redis"]["spec"]
+    assert embedded.quota.backend == "redis"
+    assert embedded.quota.redis_location == f"redis:{redis_service['ports'][0]['port']}/0"
+    redis = kinds["Deployment", "redis"]["spec"]["template"]
+    assert redis_service["selector"] == redis["metadata"]["labels"]
+    assert "noeviction" in redis["spec"]["containers"][0]["args"]
     config.load(DEPLOY / "meterproxy.yaml", {"RESEARCH_KEY": "k"})
 
 

@@ -49,7 +49,7 @@ def test_declared_schemas_are_consistent(schema: Schema) -> None:
     # One version number for both backends.
     assert schema.sqlite[-1][0] == schema.postgres[-1][0]
     for table in schema.tables:
-        assert table.key in table.names and len(set(table.names)) == len(table.names)
+        assert set(table.key) <= set(table.names) and len(set(table.names)) == len(table.names)
         if table.time is not None:
             assert table.columns[table.index(table.time)].kind is Kind.TIME
         # Every declared column is created by each dialect's migrations.

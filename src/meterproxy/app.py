@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import discovery, pricing, reload, routes
-from .backends import EnergyBackend, NoEnergy
+from .backends import EnergyBackend, NoEnergy, QuotaBackend
 from .config import Ledger as LedgerSettings
 from .config import Settings, Upstream
 from .energy.factory import open_source
@@ -25,8 +25,10 @@ from .energy.local import LocalEnergy
 from .energy.sources import Source
 from .exchange import Exchange
 from .export.exporter import exporter as cloudevents_exporter
+from .host_link import HostLink, RemoteEnergy, RemoteQuota, WorkerContext
 from .keys import EXPORT, LEDGER, RECONCILER, RELOAD, RUNTIME, STATUS
 from .ledger import LEDGER_SCHEMA, Ledger
+from .ledger_spend import ledger_reader
 from .metrics import Metrics
 from .proxy import upstream_trace
 from .quota_local import LocalQuota
@@ -61,13 +63,19 @@ def create_app(
     reload_from: tuple[str, reload.Loader] | None = None,
     energy: Source | Literal["configured"] | None = "configured",
     metering: bool = True,
+    worker: WorkerContext | None = None,
 ) -> web.Application:
     """`clock`: monotonic ns for durations; `wall_clock`: Unix seconds for ledger rows;
     `sinks`: extra receivers of every settlement (tests count settlements with one);
     `reload_from`: the config file to watch and how to load it (hot reload);
     `energy`: the GPU energy source (default: the one the config names; tests inject fakes);
-    `metering`: False only for the benchmark's metering-off run."""
-    metrics = Metrics(registry)
+    `metering`: False only for the benchmark's metering-off run;
+    `worker`: this process is one worker of `serve --workers` (energy and local quota are the
+    host process's, metrics the host's shared files)."""
+    metrics = Metrics(registry, worker.metrics_dir if worker else None)
+    link = HostLink(worker.link_path, metrics) if worker else None
+    if worker is not None:  # one spill file per worker: a restarted worker takes up its own
+        settings = worker.own_spill_files(settings)
     current = Current(Live(settings, Router(settings, {})))
     counter = tokens or TokenCounter(None)
     settler = Settler(
@@ -76,14 +84,16 @@ def create_app(
         price=lambda ex: pricing.price(current.live.settings, ex),
         on_error=metrics.metering_errors.inc,
     )
-    quota = LocalQuota(settings.tenancy, metrics, clock, wall_clock)
+    quota = quota_backend(settings, metrics, clock, wall_clock, link)
     runtime = Runtime(
         current=current,
         metrics=metrics,
         settler=settler,
         tokens=counter,
         quota=quota,
-        energy=_energy_backend(settings, energy, metrics, clock),
+        energy=RemoteEnergy(link, _upstream_gpus(settings))
+        if link
+        else energy_backend(settings, energy, metrics, clock),
         clock=clock,
         wall_clock=wall_clock,
         watchdog=StreamWatchdog(clock),
@@ -108,8 +118,8 @@ def create_app(
             on_events=lambda result, n: metrics.export_events.labels(result).inc(n),
             spill_path=settings.export.cloudevents.spill_path,
         )
-        metrics.export_queued.set_function(
-            lambda: exporter.queued + exporter.spilled if exporter else 0
+        metrics.track(
+            metrics.export_queued, lambda: exporter.queued + exporter.spilled if exporter else 0
         )
     telemetry = None
     if settings.telemetry.otlp_endpoint:
@@ -138,14 +148,19 @@ def create_app(
     # aiohttp reads the body limit from here; the proxy maps its 413 to OpenAI's shape.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = runtime
+    if link is not None:  # first in, last out: settlements still wait for the host's energy
+        app.cleanup_ctx.append(_linked(link))
     if exporter is not None:  # before the ledger: cleanup runs in reverse, so it closes last
         app[EXPORT] = exporter
         app.cleanup_ctx.append(_export)
-    app[RECONCILER] = reconciler
+    if worker is None:
+        app[RECONCILER] = reconciler
+    else:  # its proxy side would be this worker's share of the engine's traffic
+        log.info("engine reconciliation is off with --workers (it compares one process's view)")
+    app.cleanup_ctx.append(_quota)  # after the ledger's wait at shutdown: late settlements count
     if ledger is not None:
         app[LEDGER] = ledger
         app.cleanup_ctx.append(_ledger)
-    app.cleanup_ctx.append(_quota)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_energy)
     app.cleanup_ctx.append(_background_tasks)
@@ -188,13 +203,35 @@ def _ledger_for(
         clock=wall_clock,
     )
     writers = (ledger, *values.writers)
-    metrics.ledger_queued.labels("memory").set_function(lambda: sum(w.queued for w in writers))
-    metrics.ledger_queued.labels("spill").set_function(lambda: sum(w.spilled for w in writers))
-    metrics.ledger_backlog_age.set_function(lambda: max(w.backlog_age_s() for w in writers))
+    metrics.track(metrics.ledger_queued.labels("memory"), lambda: sum(w.queued for w in writers))
+    metrics.track(metrics.ledger_queued.labels("spill"), lambda: sum(w.spilled for w in writers))
+    metrics.track(metrics.ledger_backlog_age, lambda: max(w.backlog_age_s() for w in writers))
     return ledger, values
 
 
-def _energy_backend(
+def quota_backend(
+    settings: Settings,
+    metrics: Metrics,
+    clock: Clock,
+    wall_clock: Callable[[], float],
+    link: HostLink | None = None,
+) -> QuotaBackend:
+    """Redis (shared by replicas), the host process's (shared by workers), or in-process."""
+    if settings.quota.backend == "redis":
+        from .quota_redis import RedisQuota  # the optional `redis` extra, imported when asked for
+
+        spend = ledger_reader(settings.ledger.store_url) if settings.ledger.enabled else None
+        return RedisQuota(settings.quota, settings.tenancy, metrics, spend, wall_clock)
+    if link is not None:
+        return RemoteQuota(link, settings.quota, settings.tenancy, metrics)
+    return LocalQuota(settings.tenancy, metrics, clock, wall_clock)
+
+
+def _upstream_gpus(settings: Settings) -> dict[str, tuple[str, ...]]:
+    return {u.name: tuple(str(g) for g in u.gpus) for u in settings.upstreams}
+
+
+def energy_backend(
     settings: Settings,
     injected: Source | Literal["configured"] | None,
     metrics: Metrics,
@@ -202,7 +239,7 @@ def _energy_backend(
 ) -> EnergyBackend:
     if injected is None or (injected == "configured" and settings.energy.source == "none"):
         return NoEnergy()
-    upstream_gpus = {u.name: tuple(str(g) for g in u.gpus) for u in settings.upstreams}
+    upstream_gpus = _upstream_gpus(settings)
     gpus = sorted({g for gs in upstream_gpus.values() for g in gs})
     if not gpus:
         return NoEnergy()
@@ -268,8 +305,29 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     crashes = runtime.metrics.background_crashes.labels("quota")
     task = runtime.tasks.supervise("quota", runtime.quota.run, crashes.inc)
     yield
+    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
+        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
     await runtime.tasks.cancel(task)
     await runtime.quota.close()
+
+
+def _linked(link: HostLink) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await link.open()
+        refresh = app[RUNTIME].tasks.spawn("tracked-gauges", _tracked(app[RUNTIME].metrics))
+        yield
+        await app[RUNTIME].tasks.cancel(refresh)
+        await app[RUNTIME].settler.wait_idle(_SETTLE_WAIT_S)
+        await link.close()
+
+    return lifetime
+
+
+async def _tracked(metrics: Metrics) -> None:
+    """A worker's gauges read from functions: written to the shared files once a second."""
+    while True:
+        metrics.refresh_tracked()
+        await asyncio.sleep(1.0)
 
 
 def new_session(upstream: Upstream) -> aiohttp.ClientSession:
@@ -327,7 +385,8 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     await discovery.refresh_all(runtime)
     runtime.tasks.spawn("stream-watchdog", runtime.watchdog.run())
     engines = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-    runtime.tasks.spawn("reconcile", app[RECONCILER].run(engines))
+    if RECONCILER in app:
+        runtime.tasks.spawn("reconcile", app[RECONCILER].run(engines))
     for upstream in runtime.settings.upstreams:
         runtime.tasks.spawn(f"poll-models:{upstream.name}", discovery.poll(runtime, upstream))
     yield

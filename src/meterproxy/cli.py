@@ -15,9 +15,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, config, demo, reload, report
+from . import __version__, config, demo, host, reload, report, workers
 from .app import PortInUse, create_app, new_session, start, stop
 from .errors import ConfigError
+from .host_link import WorkerContext
 from .keys import RUNTIME
 from .policy import hash_key
 from .runtime import Runtime
@@ -51,8 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the port (default: server.workers, 1)"
+    )
     _data_dir_argument(serve)
     serve.add_argument("--benchmark-no-metering", action="store_true", help=argparse.SUPPRESS)
+    # Set by the supervisor of `--workers` for the processes it starts.
+    serve.add_argument("--role", choices=("worker", "host"), help=argparse.SUPPRESS)
+    serve.add_argument("--link", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     commands.add_parser("hash-key", help="read a key on stdin, print its sha256: form")
@@ -130,6 +138,7 @@ def data_dir(arg: str | None, environ: Mapping[str, str], below: str = "") -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     environ = os.environ
     if args.command == "check-config":
@@ -156,9 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"sha256:{hash_key(key)}")
         return 0
+    role = {"worker": f"worker-{args.worker_index} ", "host": "host "}.get(args.role, "")
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s"
     )
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
+        return 1
     try:
         if args.config:
             settings = config.load(args.config, environ)
@@ -170,10 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     state = data_dir(args.data_dir, environ)
     settings = config.in_data_dir(config.with_listen(settings, args.host, args.port), state)
+    if args.workers is not None:
+        settings = config.with_workers(settings, args.workers)
     _use_uvloop()
+    worker = None
+    if args.role is not None:
+        metrics_dir = environ["PROMETHEUS_MULTIPROC_DIR"]
+        if args.role == "host":
+            return asyncio.run(host.run(settings, args.link, metrics_dir, CollectorRegistry()))
+        worker = WorkerContext(args.link, metrics_dir, args.worker_index)
+    elif settings.server.workers > 1:
+        return asyncio.run(workers.supervise(settings, argv, environ))
     try:
         return asyncio.run(
-            _serve(settings, environ, args.config, args.benchmark_no_metering, state)
+            _serve(settings, environ, args.config, args.benchmark_no_metering, state, worker)
         )
     except PortInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -282,6 +305,7 @@ async def _serve(
     path: str | None,
     no_metering: bool,
     state: Path,
+    worker: WorkerContext | None = None,
 ) -> int:
     host, port = settings.server.host, settings.server.port
 
@@ -296,10 +320,13 @@ async def _serve(
         tokens=TokenCounter(tiktoken_cache_dir(environ)),
         reload_from=(path, load) if path else None,
         metering=not no_metering,
+        worker=worker,
     )
     if no_metering:
         log.warning("--benchmark-no-metering: requests are relayed but NOT metered")
-    server = await start(app, settings.server.host, settings.server.port)
+    server = await start(
+        app, settings.server.host, settings.server.port, reuse_port=worker is not None
+    )
     log.info(
         "meterproxy %s listening on %s (OPENAI_BASE_URL=%s/v1)", __version__, server.url, server.url
     )
@@ -313,7 +340,10 @@ async def _serve(
             signal.SIGHUP,
             lambda: runtime.tasks.spawn("reload:SIGHUP", _reload(runtime, load), group="reload"),
         )
+    watcher = asyncio.create_task(workers.watch_parent(stopping)) if worker else None
     await stopping.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info(
         "shutting down: draining in-flight requests (up to %ss)", settings.server.drain_timeout_s
     )

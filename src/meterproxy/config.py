@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .export.settings import Export, parse_export
 from .policy import Tenancy, parse_tenancy
 from .pricing import ModelPrice, PriceTable, UpstreamPrice, default_table
+from .quota_settings import QuotaBackendSettings, parse_quota_backend
 from .validation import Checker, show
 from .value.settings import ValueSettings, parse_value
 
@@ -86,6 +87,8 @@ class Server:
     max_connections: int = 1024
     # One upstream SSE event (or line) larger than this is an upstream error.
     max_sse_event_bytes: int = 4 * 1024 * 1024
+    # Processes serving the port (SO_REUSEPORT), one energy sampler and local quota for all.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class Settings:
     export: Export = field(default_factory=Export)
     reconcile: Reconcile = Reconcile()
     value: ValueSettings = field(default_factory=ValueSettings)
+    quota: QuotaBackendSettings = field(default_factory=QuotaBackendSettings)
     source: str = "<built-in>"
 
 
@@ -199,6 +203,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             "timeouts",
             "max_connections",
             "max_sse_event_bytes",
+            "workers",
         ),
     )
     defaults = Server()
@@ -246,6 +251,9 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
             1024,
             2**31,
         ),
+        workers=check.integer(
+            server_tree.get("workers"), "server.workers", defaults.workers, 1, 256
+        ),
     )
 
     upstreams = _upstreams(check, top.get("upstreams"), environ)
@@ -259,6 +267,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
     export = parse_export(check, top.get("export"), environ)
     reconcile = _reconcile(check, top.get("reconcile"))
     value = parse_value(check, top.get("value"), environ)
+    quota = parse_quota_backend(check, top.get("quota"))
     if check.problems:
         raise ConfigError(check.problems)
     return Settings(
@@ -274,6 +283,7 @@ def parse(tree: Any, environ: Mapping[str, str], *, source: str = "<memory>") ->
         export=export,
         reconcile=reconcile,
         value=value,
+        quota=quota,
         source=source,
     )
 
@@ -554,3 +564,9 @@ def with_listen(settings: Settings, host: str | None, port: int | None) -> Setti
         server, host=host or server.host, port=server.port if port is None else port
     )
     return dataclasses.replace(settings, server=server)
+
+
+def with_workers(settings: Settings, workers: int) -> Settings:
+    return dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, workers=workers)
+    )

@@ -6,6 +6,7 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -14,6 +15,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
+    multiprocess,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -69,11 +72,29 @@ TPOT_BUCKETS = (
 JOULE_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
 
+def process_died(metrics_dir: str, pid: int) -> None:
+    """A worker of `serve --workers` exited: drop its live gauges (in flight, backend up). Its
+    counters and histograms stay in the shared files, so the host's totals never go back."""
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
 class Metrics:
     content_type = CONTENT_TYPE
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None = None) -> None:
+        """`multiprocess_dir`: this process is one of `serve --workers`; its values live in the
+        host's shared files, and `registry` (what /metrics, /ui and tests read) collects every
+        process's files: the whole host."""
         self.registry = registry
+        self.multiprocess = multiprocess_dir is not None
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
+        if multiprocess_dir is not None:
+            if values.ValueClass.__name__ != "MmapedValue":
+                raise RuntimeError(
+                    "PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported"
+                )
+            multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            registry = CollectorRegistry(auto_describe=False)  # declarations only
         # Label children resolved once per label set: labels() costs microseconds per call.
         self._series: dict[tuple[str, str, str, str, str], _Series] = {}
         self._inflight: dict[str, Gauge] = {}
@@ -114,6 +135,7 @@ class Metrics:
             "meterproxy_inflight_requests",
             "Requests being relayed now.",
             ["upstream"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.wasted = Counter(
@@ -166,11 +188,13 @@ class Metrics:
             "Ledger rows not yet in the ledger: in memory (`memory`) or in the spill file "
             "(`spill`).",
             ["place"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.ledger_backlog_age = Gauge(
             "meterproxy_ledger_backlog_age_seconds",
             "Age of the oldest ledger row not yet in the ledger (0 when none waits).",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.ledger_spilled = Counter(
@@ -188,6 +212,7 @@ class Metrics:
         self.export_queued = Gauge(
             "meterproxy_export_queued_events",
             "CloudEvents waiting to be exported, in memory or in the export's spill file.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.quota_rejections = Counter(
@@ -200,6 +225,7 @@ class Metrics:
             "meterproxy_quota_usage_ratio",
             "Used / limit, per tenant and limit.",
             ["tenant", "limit"],
+            multiprocess_mode="mostrecent",
             registry=registry,
         )
         self.config_reloads = Counter(
@@ -227,6 +253,7 @@ class Metrics:
             "meterproxy_gpu_power_watts",
             "GPU power over the last sampling interval.",
             ["gpu"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.energy_gaps = Counter(
@@ -245,6 +272,7 @@ class Metrics:
             "meterproxy_energy_source_up",
             "1 while the energy source answers.",
             ["source"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         # Each GPU's fitted energy model (energy/calibration.py); `term` is one of idle_w and
@@ -254,24 +282,28 @@ class Metrics:
             "meterproxy_gpu_energy_model",
             "The GPU's fitted energy model, term by term (units in the term's name).",
             ["gpu", "term"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.energy_model_error = Gauge(
             "meterproxy_gpu_energy_model_error_ratio",
             "Out-of-sample error of the fitted model: mean |residual| / mean window energy.",
             ["gpu"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.energy_model_trusted = Gauge(
             "meterproxy_gpu_energy_model_trusted",
             "1 while attribution uses the fitted model, 0 while it uses the defaults.",
             ["gpu"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.energy_model_windows = Gauge(
             "meterproxy_gpu_energy_model_windows",
             "Busy windows (about 1 s each) in the fit, with older ones decayed.",
             ["gpu"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.request_energy = Histogram(
@@ -299,12 +331,14 @@ class Metrics:
             "(engine - proxy) / engine over the reconciliation window, from the engine's own "
             "counters: traffic that bypasses the proxy is positive.",
             ["upstream", "type"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.engine_metrics_up = Gauge(
             "meterproxy_engine_metrics_up",
             "1 while the upstream engine's own counters can be read.",
             ["upstream"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         # Value, not volume (value/): a task is counted once, when it closes; its figures
@@ -355,6 +389,53 @@ class Metrics:
             "Failures inside metering (requests still served).",
             registry=registry,
         )
+        self.quota_backend_up = Gauge(
+            "meterproxy_quota_backend_up",
+            "1 while the quota store answers (redis, or the host process of `serve --workers`).",
+            ["backend"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.quota_backend_errors = Counter(
+            "meterproxy_quota_backend_errors",
+            "Quota store failures (timeouts, refused connections), by operation.",
+            ["backend", "op"],
+            registry=registry,
+        )
+        self.quota_unchecked = Counter(
+            "meterproxy_quota_unchecked_admissions",
+            "Requests admitted without a quota check: the store was down and the tenant's "
+            "limits fail open (quota.on_backend_error).",
+            ["tenant"],
+            registry=registry,
+        )
+        self.quota_drift = Gauge(
+            "meterproxy_quota_drift_ratio",
+            "(spend in Redis - spend in the ledger) / limit, per tenant and budget, at the last "
+            "check (quota.drift_check_s).",
+            ["tenant", "limit"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.quota_rebuilds = Counter(
+            "meterproxy_quota_rebuilds",
+            "Budgets rebuilt from the ledger after the quota store lost them.",
+            ["tenant"],
+            registry=registry,
+        )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge whose value is read from a function when scraped; in a worker of
+        `serve --workers` (whose scrape reads the shared files), written there once a second
+        by `refresh_tracked`."""
+        if self.multiprocess:
+            self._tracked.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh_tracked(self) -> None:
+        for gauge, read in self._tracked:
+            gauge.set(read())
 
     def observe(self, record: Settlement) -> None:
         key = (record.endpoint, record.model, record.upstream, record.tenant, record.status)

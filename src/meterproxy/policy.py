@@ -16,6 +16,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .validation import Checker, show
 
+# The store's keys (backend, redis_url, ...) are read by quota_settings.py.
+QUOTA_BACKEND_KEYS = (
+    "backend",
+    "redis_url",
+    "redis_prefix",
+    "timeout_s",
+    "reservation_ttl_s",
+    "drift_check_s",
+    "on_backend_error",
+)
+
 ANONYMOUS = "anonymous"
 DEFAULT_RESERVATION_KEY = "default"
 DEFAULT_OUTPUT_RESERVATION = 4096
@@ -84,7 +95,9 @@ ANONYMOUS_TENANT = Tenant(ANONYMOUS)
 def parse_tenancy(check: Checker, top: Mapping[str, Any], environ: Mapping[str, str]) -> Tenancy:
     auth = check.mapping(top.get("auth"), "auth", ("mode", "admin_keys"))
     quota = check.mapping(
-        top.get("quota"), "quota", ("timezone", "state_path", "output_reservation")
+        top.get("quota"),
+        "quota",
+        ("timezone", "state_path", "output_reservation", *QUOTA_BACKEND_KEYS),
     )
     tenants: dict[str, Tenant] = {}
     by_key: dict[str, str] = {}

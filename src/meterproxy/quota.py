@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from .errors import QuotaExhausted, RateLimited
-from .policy import Tenant
+from .policy import Limits, Tenant
 
 WINDOW_NS = 60_000_000_000
 
@@ -94,6 +94,99 @@ def duration(ns: int) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
+# -- refusals: one wording and one set of headers for every backend (in-process, host, Redis) --
+
+# (limit name, spend kind, unit, calendar) of each day or month budget, in the order checked.
+BUDGETS: tuple[tuple[str, str, str, str], ...] = (
+    ("tokens_per_day", "tokens", "tokens today", "day"),
+    ("usd_per_month", "usd", "USD this month", "month"),
+    ("joules_per_day", "joules", "joules today", "day"),
+)
+
+
+def window_headers(
+    limits: Limits, requests: tuple[int, int], tokens: tuple[int, int]
+) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* from each window's (amount in the last 60 s, ns until empty)."""
+    out: dict[str, str] = {}
+    for name, limit, (total, reset_ns) in (
+        ("requests", limits.requests_per_minute, requests),
+        ("tokens", limits.tokens_per_minute, tokens),
+    ):
+        if limit is None:
+            continue
+        out[f"x-ratelimit-limit-{name}"] = str(limit)
+        out[f"x-ratelimit-remaining-{name}"] = str(max(limit - total, 0))
+        out[f"x-ratelimit-reset-{name}"] = duration(reset_ns)
+    return out
+
+
+def rate_limited(
+    limit_name: str, wait_ns: int, message: str, headers: dict[str, str]
+) -> RateLimited:
+    return RateLimited(
+        message, limit=limit_name, retry_after_s=max(1, math.ceil(wait_ns / 1e9)), headers=headers
+    )
+
+
+def concurrency_message(tenant: str, in_flight: int, limit: int) -> str:
+    return (
+        f"tenant `{tenant}` has {in_flight} of {limit} concurrent requests in flight; "
+        "retry when one finishes"
+    )
+
+
+def requests_message(tenant: str, total: int, limit: int, wait_ns: int) -> str:
+    return (
+        f"tenant `{tenant}` has made {total:,} of {limit:,} requests in the last minute; "
+        f"retry in {duration(wait_ns)}"
+    )
+
+
+def tokens_message(tenant: str, total: int, limit: int, estimate: int, wait_ns: int) -> str:
+    return (
+        f"tenant `{tenant}` has used {total:,} of {limit:,} tokens in the last minute and "
+        f"this request may use {estimate:,}; retry in {duration(wait_ns)}"
+    )
+
+
+def budget_fits(limit: float | None, used: float, need: int) -> bool:
+    return limit is None or (used + need <= limit and used < limit)
+
+
+def budget_refusal(
+    tenant: str,
+    limit_name: str,
+    limit: float,
+    used: float,
+    need: int,
+    unit: str,
+    resets: datetime,
+    now_s: float,
+) -> QuotaExhausted:
+    wait_s = resets.timestamp() - now_s
+    what = f"{used:,.0f}" if unit != "USD this month" else f"{used:,.2f}"
+    cap = f"{limit:,.0f}" if unit != "USD this month" else f"{limit:,.2f}"
+    extra = f" and this request may use {need:,} more" if need and used < limit else ""
+    return QuotaExhausted(
+        f"tenant `{tenant}` has used {what} of {cap} {unit}{extra}; resets at "
+        f"{resets.strftime('%Y-%m-%d %H:%M')} {resets.tzname()}",
+        limit=limit_name,
+        retry_after_s=math.ceil(wait_s),
+        headers={},
+    )
+
+
+def calendar(zone: ZoneInfo, now_s: float) -> tuple[str, str, datetime, datetime]:
+    """(day, month, start of the next day, start of the next month) in the quota time zone."""
+    local = datetime.fromtimestamp(now_s, zone)
+    day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0)
+    month_start = day_start.replace(day=1)
+    next_month = (month_start + timedelta(days=32)).replace(day=1)
+    return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
+
+
 class Quota:
     def __init__(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)
@@ -110,31 +203,25 @@ class Quota:
         return found
 
     def periods(self, now_s: float) -> tuple[str, str, datetime, datetime]:
-        local = datetime.fromtimestamp(now_s, self.zone)
-        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0)
-        month_start = day_start.replace(day=1)
-        next_month = (month_start + timedelta(days=32)).replace(day=1)
-        return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
+        return calendar(self.zone, now_s)
 
     def used(self, tenant: str, kind: str, period: str) -> float:
         return self.state(tenant).spend.get((kind, period), 0.0)
 
     def headers(self, tenant: Tenant, now_ns: int) -> dict[str, str]:
-        limits, state, out = tenant.limits, self.state(tenant.name), {}
-        for name, limit, log in (
-            ("requests", limits.requests_per_minute, state.requests),
-            ("tokens", limits.tokens_per_minute, state.tokens),
-        ):
+        limits, state = tenant.limits, self.state(tenant.name)
+
+        def window(limit: int | None, log: SlidingLog) -> tuple[int, int]:
             if limit is None:
-                continue
+                return 0, 0
             log.expire(now_ns)
-            out[f"x-ratelimit-limit-{name}"] = str(limit)
-            out[f"x-ratelimit-remaining-{name}"] = str(max(limit - log.total, 0))
-            out[f"x-ratelimit-reset-{name}"] = duration(
-                log.wait_ns(now_ns, limit, limit) if log.total else 0
-            )
-        return out
+            return log.total, log.wait_ns(now_ns, limit, limit) if log.total else 0
+
+        return window_headers(
+            limits,
+            window(limits.requests_per_minute, state.requests),
+            window(limits.tokens_per_minute, state.tokens),
+        )
 
     def admit(
         self, tenant: Tenant, estimate: int, now_ns: int, now_s: float, *, capped: bool = True
@@ -150,9 +237,7 @@ class Quota:
                 "max_concurrent",
                 1_000_000_000,
                 now_ns,
-                f"tenant `{name}` has {state.concurrent} of "
-                f"{limits.max_concurrent} concurrent requests in flight; "
-                "retry when one finishes",
+                concurrency_message(name, state.concurrent, limits.max_concurrent),
             )
         if limits.requests_per_minute is not None:
             state.requests.expire(now_ns)
@@ -163,9 +248,7 @@ class Quota:
                     "requests_per_minute",
                     wait,
                     now_ns,
-                    f"tenant `{name}` has made {state.requests.total:,} of "
-                    f"{limits.requests_per_minute:,} requests in the last "
-                    f"minute; retry in {duration(wait)}",
+                    requests_message(name, state.requests.total, limits.requests_per_minute, wait),
                 )
         if limits.tokens_per_minute is not None:
             state.tokens.expire(now_ns)
@@ -176,10 +259,9 @@ class Quota:
                     "tokens_per_minute",
                     wait,
                     now_ns,
-                    f"tenant `{name}` has used {state.tokens.total:,} of "
-                    f"{limits.tokens_per_minute:,} tokens in the last minute and "
-                    f"this request may use {estimate:,}; retry in "
-                    f"{duration(wait)}",
+                    tokens_message(
+                        name, state.tokens.total, limits.tokens_per_minute, estimate, wait
+                    ),
                 )
         self._budget(
             tenant,
@@ -232,30 +314,14 @@ class Quota:
         resets: datetime,
         now_s: float,
     ) -> None:
-        if limit is None or (used + need <= limit and used < limit):
+        if limit is None or budget_fits(limit, used, need):
             return
-        wait_s = resets.timestamp() - now_s
-        what = f"{used:,.0f}" if unit != "USD this month" else f"{used:,.2f}"
-        cap = f"{limit:,.0f}" if unit != "USD this month" else f"{limit:,.2f}"
-        extra = f" and this request may use {need:,} more" if need and used < limit else ""
-        raise QuotaExhausted(
-            f"tenant `{tenant.name}` has used {what} of {cap} {unit}{extra}; resets at "
-            f"{resets.strftime('%Y-%m-%d %H:%M')} {resets.tzname()}",
-            limit=limit_name,
-            retry_after_s=math.ceil(wait_s),
-            headers={},
-        )
+        raise budget_refusal(tenant.name, limit_name, limit, used, need, unit, resets, now_s)
 
     def _limited(
         self, tenant: Tenant, limit_name: str, wait_ns: int, now_ns: int, message: str
     ) -> RateLimited:
-        headers = self.headers(tenant, now_ns)
-        return RateLimited(
-            message,
-            limit=limit_name,
-            retry_after_s=max(1, math.ceil(wait_ns / 1e9)),
-            headers=headers,
-        )
+        return rate_limited(limit_name, wait_ns, message, self.headers(tenant, now_ns))
 
     def settle(
         self, ticket: Ticket, tokens: int, usd: float, joules: float, now_ns: int, now_s: float
@@ -270,16 +336,30 @@ class Quota:
         state.reserved_today -= ticket.reserved
         if ticket.token_entry is not None:
             state.tokens.adjust(ticket.token_entry, tokens, now_ns)
+        self.charge(ticket.tenant, ticket.day, tokens, usd, joules, now_s)
+
+    def release(self, ticket: Ticket) -> None:
+        """The request's process died before it settled: free its concurrency slot and its
+        reservation of today's tokens (its per-minute entries stay: it may have run)."""
+        state = self.state(ticket.tenant)
+        state.concurrent -= 1
+        state.reserved_today -= ticket.reserved
+
+    def charge(
+        self, tenant: str, day_of_tokens: str, tokens: int, usd: float, joules: float, now_s: float
+    ) -> None:
+        """Add settled spend to the day and month budgets (tokens to the day of admission)."""
+        state = self.state(tenant)
         day, month, _, _ = self.periods(now_s)
         for kind, period, amount in (
-            ("tokens", ticket.day, tokens),
+            ("tokens", day_of_tokens, tokens),
             ("usd", month, usd),
             ("joules", day, joules),
         ):
             if amount:
                 key = (kind, period)
                 state.spend[key] = state.spend.get(key, 0.0) + amount
-                self.dirty.add((ticket.tenant, kind, period))
+                self.dirty.add((tenant, kind, period))
 
     def ratios(self, tenant: Tenant, now_ns: int, now_s: float) -> dict[str, float]:
         """used / limit for every limit the tenant has (for the usage-ratio gauge)."""

@@ -35,6 +35,9 @@ class LocalQuota:
         self._tenancy = tenancy
         self.quota.set_timezone(tenancy.timezone)
 
+    def clock(self) -> int:
+        return self._clock()
+
     async def admit(self, tenant: Tenant, estimate: int, key: str, *, capped: bool) -> Ticket:
         return self.quota.admit(tenant, estimate, self._clock(), self._wall_clock(), capped=capped)
 
@@ -42,11 +45,13 @@ class LocalQuota:
         ticket = settlement.ticket
         if ticket is None:
             return
-        usage, now_ns, now_s = settlement.usage, self._clock(), self._wall_clock()
+        usage = settlement.usage
         tokens = (usage.prompt or 0) + (usage.completion or 0)
-        self.quota.settle(
-            ticket, tokens, settlement.cost_usd, settlement.energy_j or 0.0, now_ns, now_s
-        )
+        self.settle_amounts(ticket, tokens, settlement.cost_usd, settlement.energy_j or 0.0)
+
+    def settle_amounts(self, ticket: Ticket, tokens: int, usd: float, joules: float) -> None:
+        now_ns, now_s = self._clock(), self._wall_clock()
+        self.quota.settle(ticket, tokens, usd, joules, now_ns, now_s)
         tenant = self._tenancy.tenant(ticket.tenant)
         gauge = self._metrics.quota_usage_ratio
         for limit, ratio in self.quota.ratios(tenant, now_ns, now_s).items():
