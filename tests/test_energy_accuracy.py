@@ -16,10 +16,12 @@ from meterproxy.energy.scenarios import TRUTHS, Result, Scenario, run, scenarios
 from meterproxy.sim.gpu_engine import BatchGpu, Hardware, Job
 
 SCENARIOS = {(s.gpu, s.name): s for s in scenarios()}
-# Measured misses, reported in the README: bursts of 16 prompts after idle queue for prefill
-# before the fit is trusted, and the two truths differ most there (13 % at p90 on the batching
-# GPU). These bounds are the measured figures, so a regression still fails.
-MISSES = {("batch", "bursts after idle"): 0.26, ("twin", "bursts after idle"): 0.20}
+# Measured miss, reported in the README: on the batching GPU, bursts of 16 prompts after idle
+# run entirely before its fit is trusted, and the defaults have no context term (its KV-cache reads
+# are a large part of each decode step's energy); the two truths also differ by up to 55 % for a
+# request that decodes through the others' prefill. The bound is the measured figure (16.2 %
+# residency, 15.5 % work), so a regression still fails.
+MISSES = {("batch", "bursts after idle"): 0.165}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The attribution engine on hand-made timelines: idle vs busy (edges included), static by
 residency, dynamic by work, the work the proxy cannot see (non-streamed decode, prefill bounded
-by the first token, cached prompt tokens), counter lumps carried, and exact conservation under
-random traffic, resets and glitches, with the defaults and with a trusted fit."""
+by the first token, cached prompt tokens, a burst's prefill queue), counter lumps carried, and
+exact conservation under random traffic, resets and glitches, with the defaults and with a
+trusted fit."""
 
 from __future__ import annotations
 
@@ -153,6 +154,59 @@ def test_time_to_first_token_bounds_prefill_and_cached_tokens_are_not_prefill() 
     cached.reading("gpu0", 300 * MS, 40_000)
     assert final(cached, "d") > 3 * final(cached, "c")
     assert short > 0
+
+
+def test_a_burst_is_prefilled_at_the_engine_speed_not_at_its_first_tokens() -> None:
+    """Four equal prompts queue at once; the engine prefills 10 tokens/ms in 150 ms steps of
+    1,500 tokens, so a's first token comes after the first step, b's and c's together after the
+    second (c's last chunk rode in b's step) and d's after the third. Equal work at a constant
+    500 W: equal energy, although no prompt's first token tells where its prefill was done."""
+    e = engine(prefill=1.0, prefill_s_per_token=0.0001)  # the speed streams have shown
+    e.reading("gpu0", 0, 0)
+    for key in "abcd":
+        e.start(key, G, "A", 0, 1000, True)
+    firsts = {"a": 150, "b": 300, "c": 300, "d": 450}  # ms
+    counter = 0
+    for end_ms in range(100, 600, 100):
+        for key, at_ms in firsts.items():
+            if end_ms - 100 < at_ms <= end_ms:
+                e.first_token(key, G, at_ms * MS)
+        counter += 50_000 if end_ms <= 400 else 25_000  # the last step ends at 450 ms
+        e.reading("gpu0", end_ms * MS, counter)
+    for key in "abcd":
+        e.usage(key, G, 1000, 0, 1)
+        e.end(key, G, 500 * MS)
+    e.reading("gpu0", 600 * MS, counter)
+    e.reading("gpu0", 700 * MS, counter)
+    for key in "abcd":
+        assert final(e, key) == pytest.approx(counter / 4, rel=0.02), key
+
+
+def test_a_first_token_shows_every_earlier_prefill_done() -> None:
+    """First come first served: a stream's first token shows the non-streamed prompt queued
+    ahead of it prefilled too, although the configured speed (10 times too slow) says it would
+    take a second. From then on both decode, one token per step, and share alike."""
+    e = engine(prefill_s_per_token=0.001, step_s=0.01)
+    e.reading("gpu0", 0, 0)
+    e.start("n", G, "A", 0, 1000, False)  # no first token of its own
+    e.start("s", G, "A", 0, 1000, True)
+    counter = 0
+    for k in range(1, 11):
+        for t in range((k - 1) * 100 + 5, k * 100, 10):
+            if t == 95:
+                e.first_token("s", G, t * MS)
+            if t >= 95:
+                e.decoded("s", G, t * MS, 1)
+        counter += 50_000
+        e.reading("gpu0", k * 100 * MS, counter)
+    for key in "ns":
+        e.usage(key, G, 1000, 0, 91)
+        e.end(key, G, 1000 * MS)
+    e.reading("gpu0", 1100 * MS, counter)
+    e.reading("gpu0", 1200 * MS, counter)
+    n, s = final(e, "n"), final(e, "s")
+    assert n + s == pytest.approx(counter)
+    assert n == pytest.approx(s, rel=0.05)  # with the queue spread over a second: 1 : 3
 
 
 def test_two_counter_updates_in_one_interval_are_carried_not_dropped() -> None:

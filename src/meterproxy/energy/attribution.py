@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .calibration import Calibration, EnergyModel, FitState
-from .workload import Group, Habits, Pace, Share
+from .workload import NEVER, Group, Habits, Pace, Share
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,10 @@ class Engine:
         uncached = prompt * (1.0 - habits.cached_share)
         for gpu in gpus:
             book = self.book(gpu)
-            pace = book.pace
-            begin = max(t_ns, pace.prefill_free_ns)
-            end = begin + int(uncached / pace.prefill_tok_per_ns)
-            pace.prefill_free_ns = end
-            book.live[key] = Share(
-                group, streamed, t_ns, prompt_tokens, prompt, begin, begin, end, uncached
-            )
+            if not any(_queued(s) for s in book.live.values()):  # the queue was empty
+                pace = book.pace
+                pace.period_ns, pace.period_tok, pace.period_tok_per_ns = t_ns, 0.0, 0.0
+            book.live[key] = Share(group, streamed, t_ns, prompt_tokens, prompt, uncached)
 
     def first_token(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         """Prefill is over: it cannot have been more than the time since the start allows."""
@@ -134,21 +131,13 @@ class Engine:
             share = book.live.get(key)
             if share is None or share.first_ns is not None:
                 continue
-            share.first_ns = t_ns
+            share.first_ns = share.prefill_end_ns = t_ns
             pace = book.pace
-            # First come first served: its prefill had the engine from the later of its start
-            # and the previous first token on; those queued behind it move by as much as its
-            # own estimate was off.
             share.head_ns = max(share.started_ns, pace.last_first_ns)
             pace.last_first_ns = max(pace.last_first_ns, t_ns)
-            bound = 1.5 * pace.prefill_tok_per_ns * (t_ns - share.started_ns)
+            speed = max(pace.prefill_tok_per_ns, pace.period_tok_per_ns)
+            bound = 1.5 * speed * (t_ns - share.started_ns)
             share.prefill_left = max(0.0, min(share.prefill_left, bound - share.prefill_placed))
-            if share.enter_ns > t_ns:  # the queue ahead was shorter than estimated
-                share.enter_ns = share.prefill_begin_ns = share.head_ns
-            shift = t_ns - share.prefill_end_ns
-            share.prefill_end_ns = t_ns
-            if shift:
-                _requeue(book, share, shift, t_ns)
 
     def decoded(self, key: str, gpus: tuple[str, ...], t_ns: int, tokens: int) -> None:
         for gpu in gpus:
@@ -194,9 +183,9 @@ class Engine:
             book = self.books[gpu]
             share = book.live.get(key)
             if share is not None and share.end_ns is None:
-                share.end_ns = max(t_ns, share.enter_ns)
+                share.end_ns = t_ns
                 book.ended.add(key)
-                if not share.streamed and share.completion:  # no stream showed the step time
+                if not share.streamed and share.completion and share.prefill_end_ns < t_ns:
                     decode_ns = share.end_ns - share.prefill_end_ns
                     book.pace.step_sample(decode_ns / share.completion, streamed=False)
 
@@ -279,6 +268,8 @@ class Engine:
             wp, wd, wc = model.prefill_j * 1000, model.decode_j * 1000, model.context_j * 1000
         else:
             wp, wd, wc = w.prefill, w.decode, 0.0
+        if dt:
+            self._place(book, t0, t1)
         for share in book.live.values():
             res, p, d, c = share.advance(t0, t1, pace)
             if res == 0 and p == 0.0 and d == 0.0:
@@ -315,6 +306,72 @@ class Engine:
                 book.glow[key] = book.live.pop(key)
                 book.ended.discard(key)
         book.t_ns = t1
+
+    def _place(self, book: GpuBook, t0: int, t1: int) -> None:
+        """The prefill each queued request did in (t0, t1], and when the queue reached it (its
+        residency starts there). The engine works through the queue first come first served at
+        its prefill speed, whatever the prompt sizes, so the prefill an interval holds follows
+        from the time the queue was busy in it, not from when each prompt's first token came.
+        A first token (or the end) shows that request's prefill, and every earlier one's, done
+        by then; the queue never runs ahead of what has arrived. The speed is the learned one,
+        or faster when the current period's first tokens show it was."""
+        pace = book.pace
+        queue = [
+            s
+            for s in book.live.values()
+            if (
+                s.enter_ns == NEVER
+                or s.prefill_left > 0.0
+                or (s.streamed and s.first_ns is None and s.end_ns is None)
+            )
+            and s.started_ns < t1
+        ]  # not yet reached, prompt left to place, or a stream without its first token
+        if not queue:
+            return
+        last_done, closed = -1, t1  # the last request shown done, and when
+        for k, share in enumerate(queue):
+            done = _done_at(share, t1)
+            if done is not None:
+                last_done, closed = k, done
+        speed = max(pace.prefill_tok_per_ns, pace.period_tok_per_ns)
+        clock = t0  # how far the engine's prefill has come, in time
+        behind = pace.period_tok  # the period's prefill queued ahead of this request
+        for k, share in enumerate(queue):
+            clock = max(clock, share.started_ns)
+            if k <= last_done:
+                own = _done_at(share, t1)
+                done = closed if own is None or own > closed else own
+                done = max(done, t0)  # an event seen after its interval closed
+                if share.enter_ns == NEVER:
+                    share.enter_ns = min(clock, done)
+                part = share.prefill_left
+                if share.first_ns is None:  # done by a later first token, or by its end
+                    bound = 1.5 * speed * (done - share.started_ns) - share.prefill_placed
+                    part = max(0.0, min(part, bound))
+                    share.prefill_left = part
+                # the next prompt started no later than this one was done, maybe earlier
+                clock = min(clock + int(part / speed), done)
+            else:
+                if share.enter_ns == NEVER:
+                    share.enter_ns = min(clock, t1)
+                part = min(share.prefill_left, speed * max(t1 - clock, 0))
+                clock += int(part / speed)
+            share.prefill_left -= part
+            share.prefill_placed += part
+            share.prefill_now = part
+            behind += share.prefill_placed
+            if k <= last_done:
+                pace.period_tok += share.prefill_placed
+                first = share.first_ns
+                if first is not None and first > pace.period_ns:
+                    # all this was prefilled by its first token: the engine is at least this fast
+                    pace.period_tok_per_ns = max(
+                        pace.period_tok_per_ns, behind / (first - pace.period_ns)
+                    )
+            if share.prefill_left <= 0.0 and share.prefill_end_ns == NEVER:
+                share.prefill_end_ns = min(clock, t1)
+            if clock >= t1 and k >= last_done:
+                break
 
     def _idle(self, book: GpuBook, dt: int, energy: int, counted: bool) -> None:
         """Nothing in the engine: idle, except what the counter still owed the requests that
@@ -420,19 +477,19 @@ class Engine:
         return live
 
 
-def _requeue(book: GpuBook, ahead: Share, shift: int, now_ns: int) -> None:
-    """Prefills queued behind `ahead` start `shift` ns later (or earlier) than estimated."""
-    for share in book.live.values():
-        if share.first_ns is None and share.prefill_begin_ns >= ahead.prefill_begin_ns:
-            begin = max(
-                share.prefill_begin_ns + shift, share.started_ns, now_ns if shift > 0 else 0
-            )
-            moved = begin - share.prefill_begin_ns
-            share.prefill_begin_ns = begin
-            share.prefill_end_ns += moved
-            if share.enter_ns > now_ns or moved > 0:
-                share.enter_ns = max(share.enter_ns + moved, share.started_ns)
-    book.pace.prefill_free_ns = max(book.pace.prefill_free_ns + shift, now_ns)
+def _queued(share: Share) -> bool:
+    """Still in the prefill queue: prompt left to place, or a stream without its first token."""
+    return share.end_ns is None and (
+        share.prefill_left > 0.0 or (share.streamed and share.first_ns is None)
+    )
+
+
+def _done_at(share: Share, t_ns: int) -> int | None:
+    """When its prefill was shown done (its first token, else its end), if by `t_ns`."""
+    for at in (share.first_ns, share.end_ns):
+        if at is not None and at <= t_ns:
+            return at
+    return None
 
 
 def _union(spans: list[tuple[int, int]]) -> int:

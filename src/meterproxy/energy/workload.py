@@ -2,9 +2,13 @@
 streaming by, the first token, the end, and the upstream's usage once it arrives. What cannot be
 seen is estimated from what can, on the same GPU (pure, no clock):
 
-- prefill happens first come first served at the GPU's prefill speed, learned from streamed
-  requests (uncached prompt tokens / time to first token); a streamed request's prefill never
-  ends before its first token, and its time to first token bounds how much it can be;
+- prefill happens first come first served: the engine works through the queue at its prefill
+  speed, so an interval holds as much prefill as the queue was busy in it, whatever the prompt
+  sizes (attribution.Engine._place). A first token shows that prompt's prefill, and every
+  earlier one's, done by then (not where it was done: the prompts that share a step finish
+  together at its end), and its time to first token bounds how much it can have been. The
+  speed is learned from streamed requests (uncached prompt tokens / time at the head of the
+  queue), or faster when the current busy period's first tokens show it;
 - a non-streamed request decodes one token per engine step, like every sequence in a
   continuous batch; the step time is learned from the token gaps of streamed requests;
 - cached prompt tokens are not prefill work; each group's cached share of its prompts, and how
@@ -18,6 +22,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 Group = Hashable  # what live metrics are keyed by: (model, upstream, tenant)
+NEVER = 1 << 62  # a time not reached yet
 
 
 class Habits:
@@ -43,8 +48,12 @@ class Pace:
     step_ns: float
     prefill_tok_per_ns: float
     interval_ns: int = 100_000_000
-    prefill_free_ns: int = 0  # estimated end of the prefills already queued
     last_first_ns: int = 0  # the latest first token: the prefill queue's head moved on then
+    # The current busy period of the prefill queue (never empty since `period_ns`): the prefill
+    # of its requests already done, and the speed its first tokens have shown at least.
+    period_ns: int = 0
+    period_tok: float = 0.0
+    period_tok_per_ns: float = 0.0
     streamed_steps: int = 0  # step samples seen from streams (they beat non-streamed ones)
     _speeds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=32))
 
@@ -72,11 +81,12 @@ class Share:
     started_ns: int
     estimate: float  # prompt tokens as estimated at the start (bytes / 4)
     prompt: float  # best known prompt size: estimate x the group's ratio, then usage
-    enter_ns: int  # in the engine since (queueing before that is not billed)
-    prefill_begin_ns: int
-    prefill_end_ns: int  # estimated; a streamed request's prefill ends at its first token
     prefill_left: float  # prefill tokens not yet placed in an interval
+    # In the engine since (queueing before that is not billed): when the prefill queue reached it.
+    enter_ns: int = NEVER
+    prefill_end_ns: int = NEVER  # a streamed request's first token; else when the queue passed it
     prefill_placed: float = 0.0
+    prefill_now: float = 0.0  # placed in the interval being closed
     first_ns: int | None = None
     head_ns: int = 0  # when its prefill reached the head of the queue (at its first token)
     end_ns: int | None = None
@@ -95,7 +105,7 @@ class Share:
         stop = te if end is None or end > te else end
         start = self.enter_ns if self.enter_ns > ta else ta
         res = stop - start if stop > start else 0
-        prefill = self._prefill(ta, te, pace) if self.prefill_left > 0.0 else 0.0
+        prefill, self.prefill_now = self.prefill_now, 0.0  # placed by the GPU's queue
         decode = context = 0.0
         if self.streamed:
             if self.tokens:
@@ -113,25 +123,6 @@ class Share:
             context = decode * (self.prompt + self.generated + decode / 2)
             self.generated += decode
         return res, prefill, decode, context / 1000
-
-    def _prefill(self, ta: int, te: int, pace: Pace) -> float:
-        begin = self.prefill_begin_ns
-        if te <= begin:
-            return 0.0
-        done = (self.first_ns is not None and self.first_ns <= te) or (
-            self.end_ns is not None and self.end_ns <= te
-        )
-        if done:
-            part = self.prefill_left
-        else:
-            end = self.prefill_end_ns
-            if self.streamed:  # not before its first token: keep some for the interval it is in
-                end = max(end, te + pace.interval_ns)
-            since = max(ta, begin)
-            part = self.prefill_left * min(1.0, (te - since) / max(end - since, 1))
-        self.prefill_left -= part
-        self.prefill_placed += part
-        return part
 
     def _inferred_decode(self, ta: int, stop: int, pace: Pace) -> float:
         since = max(ta, self.prefill_end_ns)
