@@ -108,3 +108,18 @@ def test_sliding_log_wait_and_reset_format() -> None:
         "1.5s",
         "6m0s",
     ]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/Santiago", "Australia/Lord_Howe"])
+def test_periods_are_the_calendars_whatever_was_asked_before(zone: str) -> None:
+    """Periods are kept for the day they were computed in: the answer is still the calendar's
+    across midnights, month ends and daylight-saving changes, asked in any order."""
+    kept = Quota(zone)
+    start = datetime(2026, 3, 27, tzinfo=timezone.utc).timestamp()  # DST in Europe, Oceania
+    times = [start + k * 1799.5 for k in range(4 * 48)]
+    times += [
+        datetime(2026, 4, 30, 21, 59, 59, tzinfo=timezone.utc).timestamp() + k for k in (0, 1, 2)
+    ]
+    times += [datetime(2026, 9, 5, 3, tzinfo=timezone.utc).timestamp() + k * 600 for k in range(12)]
+    for now_s in [*times, *reversed(times)]:
+        assert kept.periods(now_s) == Quota(zone).periods(now_s), (zone, now_s)

@@ -93,14 +93,22 @@ def duration(ns: int) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
+Periods = tuple[str, str, datetime, datetime]  # day, month, next day's and month's start
+
+
 class Quota:
     def __init__(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)
         self.states: dict[str, TenantState] = {}
         self.dirty: set[tuple[str, str, str]] = set()  # (tenant, kind, period) to persist
+        # The periods of the current local day, and the Unix seconds it spans: every request
+        # asks (admission, settlement, the usage gauges), and the calendar arithmetic in a
+        # time zone costs more than the rest of admission together.
+        self._today: tuple[float, float, Periods] | None = None
 
     def set_timezone(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)
+        self._today = None
 
     def state(self, tenant: str) -> TenantState:
         found = self.states.get(tenant)
@@ -108,13 +116,20 @@ class Quota:
             found = self.states[tenant] = TenantState()
         return found
 
-    def periods(self, now_s: float) -> tuple[str, str, datetime, datetime]:
+    def periods(self, now_s: float) -> Periods:
+        today = self._today
+        if today is not None and today[0] <= now_s < today[1]:
+            return today[2]
         local = datetime.fromtimestamp(now_s, self.zone)
         day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
         next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0)
         month_start = day_start.replace(day=1)
         next_month = (month_start + timedelta(days=32)).replace(day=1)
-        return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
+        found = local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
+        start_s, end_s = day_start.timestamp(), next_day.timestamp()
+        if start_s <= now_s < end_s:  # else a day that begins oddly (DST): not kept
+            self._today = (start_s, end_s, found)
+        return found
 
     def used(self, tenant: str, kind: str, period: str) -> float:
         return self.state(tenant).spend.get((kind, period), 0.0)
