@@ -123,3 +123,18 @@ def test_periods_are_the_calendars_whatever_was_asked_before(zone: str) -> None:
     times += [datetime(2026, 9, 5, 3, tzinfo=timezone.utc).timestamp() + k * 600 for k in range(12)]
     for now_s in [*times, *reversed(times)]:
         assert kept.periods(now_s) == Quota(zone).periods(now_s), (zone, now_s)
+
+
+def test_a_busy_window_is_kept_flat_and_adjusted_by_sequence_number() -> None:
+    log = SlidingLog()
+    entries = [log.add(i * 1000, 2) for i in range(100_000)]  # 100,000 requests in 0.1 s
+    now = WINDOW_NS + 50_000_000
+    log.expire(now)  # those up to 50 ms old at the window's start are gone, and cut off
+    assert log.total == 2 * 49_999
+    log.adjust(entries[10], 2, 5, now)  # long expired: only the excess counts, now
+    assert log.total == 2 * 49_999 + 3
+    log.adjust(entries[-1], 2, 7, now)  # in the window: corrected where it stands
+    assert log.total == 2 * 49_999 + 3 + 5
+    assert log.wait_ns(now, 4, log.total) == 2000  # the two oldest left go in 2 µs
+    log.expire(now + WINDOW_NS)
+    assert log.total == 0 and log.wait_ns(now + WINDOW_NS, 1, 10) == WINDOW_NS
