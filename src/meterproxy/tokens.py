@@ -109,6 +109,10 @@ class TokenCounter:
             except Exception as exc:  # tiktoken raises ValueError, OSError, requests errors
                 log.warning("tiktoken encoding %s is unavailable (%s)", name, type(exc).__name__)
                 continue
+            # Counting uses the encoding's tables in Rust; its Python copy of the ranks (100k
+            # bytes objects, ~11 MiB resident, one dict for the garbage collector to walk)
+            # serves only to pickle it: let go.
+            encoding._mergeable_ranks = {}
             encoder = _Encoder(name, _tiktoken_count(encoding))
             self._by_encoding[name] = encoder
             return encoder
