@@ -176,14 +176,14 @@ async def handle(request: web.Request, runtime: Runtime, endpoint: Endpoint) -> 
 def upstream_headers(
     headers: CIMultiDictProxy[str], route: Route, ex: Exchange
 ) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
     # Headers the client names in `Connection` are hop-by-hop too (RFC 9110 7.6.1).
-    named = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in REQUEST_DROP or lower in named:
-            continue
-        out.add(name, value)
+    connection = headers.get("connection")
+    named = {t.strip().lower() for t in connection.split(",")} if connection else REQUEST_DROP
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if (lower := name.lower()) not in REQUEST_DROP and lower not in named
+    )
     if route.upstream.api_key:
         out["Authorization"] = f"Bearer {route.upstream.api_key}"
     out["x-request-id"] = ex.client_request_id or ex.key
