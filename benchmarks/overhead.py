@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,14 +72,16 @@ CHUNKS_PER_STREAM = STREAM_TOKENS + 2  # role chunk + one per token + the finish
 # LiteLLM refuses to start without a strong master key; every target gets the same header.
 BENCH_KEY = "sk-benchmark-6f1c2e9a4b7d4c0e8f3a5b1d9e2c7a40"
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
-SLOW_TOKENS = 4096  # a long stream (~700 KB): more than the kernel's socket buffers hold
+# A long stream at an engine's pace (5 ms a token: ~45 KB/s, 20 s): more than the kernel's
+# socket buffers hold, read by a client far slower than that.
+SLOW_TOKENS, SLOW_PACE_MS = 4096, 5
 UPSTREAM_MODELS = [
     "bench-small:16",
     f"bench-stream:{STREAM_TOKENS}",
     f"bench-openai:{STREAM_TOKENS}::openai",
     "bench-paced:50:20",
     "bench-idle:3:60000",
-    f"bench-long:{SLOW_TOKENS}",
+    f"bench-long:{SLOW_TOKENS}:{SLOW_PACE_MS}",
 ]
 BARE, QUICK_START, ALL_METERS = "bare aiohttp", "serve --upstream", "all meters"
 
@@ -345,7 +349,6 @@ async def idle_streams(targets: list[Target], count: int) -> None:
             for r in responses:
                 r.close()
         t.results["idle"] = {"kb_per_stream": (after - before) / count}
-        await asyncio.sleep(0.5)  # the proxy settles the streams it just lost
 
 
 async def slow_streams(targets: list[Target], count: int, seconds: float) -> None:
@@ -385,7 +388,6 @@ async def slow_streams(targets: list[Target], count: int, seconds: float) -> Non
         for sock in socks:
             sock.close()
         t.results["slow"] = {"kb_per_stream": (after - before) / count}
-        await asyncio.sleep(1.0)  # the proxy settles the streams it just lost
 
 
 async def client_measurements(targets: list[Target], args: argparse.Namespace) -> None:
@@ -394,6 +396,10 @@ async def client_measurements(targets: list[Target], args: argparse.Namespace) -
     if args.phase == "warm-up":
         for t in targets:
             await warm_up(t.url)
+    elif args.phase == "idle":
+        await idle_streams(targets, args.idle_streams)
+    elif args.phase == "slow":
+        await slow_streams(targets, args.slow_streams, args.slow_s)
     elif args.phase == "open-loop":
         for _ in range(args.rounds):  # interleaved, like the closed-loop runs
             for t in targets:
@@ -410,9 +416,6 @@ async def client_measurements(targets: list[Target], args: argparse.Namespace) -
     elif args.phase == "clients":
         await ttft(targets, args.ttft_rounds)
         await jitter(targets, 64)
-        proxies = [t for t in targets[1:] if t.name != "LiteLLM"]
-        await idle_streams(proxies, args.idle_streams)
-        await slow_streams(proxies, args.slow_streams, args.slow_s)
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -631,6 +634,29 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+@contextlib.contextmanager
+def running(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
+    """Every target started afresh, up and warmed up (connections, code paths, the token
+    encoding a stream left early loads); stopped at the end."""
+    work.mkdir(parents=True)
+    targets, _ = start_targets(args, work)
+    try:
+        args.phase = "warm-up"
+        asyncio.run(client_measurements(targets, args))
+        time.sleep(1.0)
+        yield targets
+    finally:
+        for t in targets:
+            if t.proc is not None:
+                t.proc.send_signal(signal.SIGTERM)
+        for t in targets:
+            if t.proc is not None:
+                try:
+                    t.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    t.proc.kill()
+
+
 def run(args: argparse.Namespace) -> str:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install -y wrk")
@@ -638,52 +664,55 @@ def run(args: argparse.Namespace) -> str:
         os.sched_setaffinity(0, {0})
     load_before = loadavg()
     work = Path(tempfile.mkdtemp(prefix="meterproxy-bench-"))
-    targets, _ = start_targets(args, work)
-    procs = [t.proc for t in targets if t.proc is not None]
+    memory: dict[str, dict[str, float]] = {}
     try:
-        args.phase = "wait"
-        asyncio.run(client_measurements(targets, args))
-        bodies = {}
-        for name, body in SCENARIOS.items():
-            path = work / f"{name}.json"
-            path.write_bytes(orjson.dumps(body))
-            bodies[name] = str(path)
-        args.phase = "warm-up"  # connections and code paths; then memory at rest
-        asyncio.run(client_measurements(targets, args))
-        time.sleep(1.0)
-        for t in targets[1:]:
-            t.results["memory"] = {"rest_mib": t.rss_kb() / 1024}
-        if args.soak:
-            meters = next(t for t in targets if t.name == ALL_METERS)
-            return soak(meters, bodies["stream256"], args.soak)
-        for scenario, body_path in bodies.items():
-            for level in args.levels:
-                for _ in range(args.rounds):  # A, B, C, ... A, B, C: drift cancels
-                    for t in targets:
-                        cpu0 = t.cpu_s()
-                        r = wrk(t.url, body_path, level, args.duration)
-                        r["cpu_us"] = (t.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
-                        acc = t.results.setdefault(f"{scenario}@{level}", {})
-                        for k, v in r.items():
-                            acc[k] = acc.get(k, 0.0) + v / args.rounds
-                print(f"  done: {scenario} at {level} connections", file=sys.stderr)
-        args.phase = "open-loop"
-        asyncio.run(client_measurements(targets, args))
-        print("  done: open loop", file=sys.stderr)
-        args.phase = "clients"
-        asyncio.run(client_measurements(targets, args))
-        time.sleep(2.0)
-        for t in targets[1:]:
-            t.results["memory"]["after_mib"] = t.rss_kb() / 1024
-            t.results["memory"]["peak_mib"] = t.rss_kb("VmHWM") / 1024
+        # Memory first, each figure from processes started for it: one that has carried load
+        # has free heap that new streams reuse, and would hide what they cost.
+        for phase in ("idle", "slow"):
+            with running(args, work / phase) as targets:
+                proxies = [t for t in targets[1:] if t.name != "LiteLLM"]
+                for t in targets[1:]:
+                    memory.setdefault(t.name, {}).setdefault("rest_mib", t.rss_kb() / 1024)
+                args.phase = phase
+                asyncio.run(client_measurements(proxies, args))
+                for t in proxies:
+                    memory[t.name][phase] = t.results[phase]["kb_per_stream"]
+            print(f"  done: memory per {phase} stream", file=sys.stderr)
+        with running(args, work / "load") as targets:
+            bodies = {}
+            for name, body in SCENARIOS.items():
+                path = work / f"{name}.json"
+                path.write_bytes(orjson.dumps(body))
+                bodies[name] = str(path)
+            if args.soak:
+                meters = next(t for t in targets if t.name == ALL_METERS)
+                return soak(meters, bodies["stream256"], args.soak)
+            for scenario, body_path in bodies.items():
+                for level in args.levels:
+                    for _ in range(args.rounds):  # A, B, C, ... A, B, C: drift cancels
+                        for t in targets:
+                            cpu0 = t.cpu_s()
+                            r = wrk(t.url, body_path, level, args.duration)
+                            r["cpu_us"] = (t.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+                            acc = t.results.setdefault(f"{scenario}@{level}", {})
+                            for k, v in r.items():
+                                acc[k] = acc.get(k, 0.0) + v / args.rounds
+                    print(f"  done: {scenario} at {level} connections", file=sys.stderr)
+            args.phase = "open-loop"
+            asyncio.run(client_measurements(targets, args))
+            print("  done: open loop", file=sys.stderr)
+            args.phase = "clients"
+            asyncio.run(client_measurements(targets, args))
+            time.sleep(2.0)
+            for t in targets[1:]:
+                m = memory.setdefault(t.name, {})
+                m["after_mib"] = t.rss_kb() / 1024
+                m["peak_mib"] = t.rss_kb("VmHWM") / 1024
+                t.results["memory"] = m
+                for phase in ("idle", "slow"):
+                    if phase in m:
+                        t.results[phase] = {"kb_per_stream": m[phase]}
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
         shutil.rmtree(work, ignore_errors=True)
     cpu = next(
         (
