@@ -333,6 +333,18 @@ async def jitter(targets: list[Target], streams: int) -> None:
             }
 
 
+async def settled_rss_kb(t: Target) -> int:
+    """RSS once it stops moving (a process just warmed up may still be freeing or growing)."""
+    last = t.rss_kb()
+    for _ in range(20):
+        await asyncio.sleep(0.25)
+        now = t.rss_kb()
+        if abs(now - last) < 64:
+            return now
+        last = now
+    return last
+
+
 async def idle_streams(targets: list[Target], count: int) -> None:
     """Memory per open, idle stream: RSS before and after `count` streams are open."""
     body = orjson.dumps({"model": "bench-idle", "messages": MESSAGES, "stream": True})
@@ -340,8 +352,7 @@ async def idle_streams(targets: list[Target], count: int) -> None:
         if t.proc is None:
             continue
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            await asyncio.sleep(0.5)
-            before = t.rss_kb()
+            before = await settled_rss_kb(t)
             responses = await asyncio.gather(*(_post(http, t.url, body) for _ in range(count)))
             await asyncio.gather(*(r.content.readline() for r in responses))  # all streaming
             await asyncio.sleep(0.5)
@@ -366,8 +377,7 @@ async def slow_streams(targets: list[Target], count: int, seconds: float) -> Non
             f"Content-Type: application/json\r\nAuthorization: Bearer {BENCH_KEY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
-        await asyncio.sleep(0.5)
-        before = t.rss_kb()
+        before = await settled_rss_kb(t)
         socks = []
         for _ in range(count):
             sock = socket.socket()
