@@ -3,13 +3,14 @@ its end, with a deadline, whatever else is parked (fake NVML, an injected clock)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
 from meterproxy.energy.attribution import Weights
 from meterproxy.energy.nvml import NvmlSource
-from meterproxy.energy.tracker import EnergyTracker
+from meterproxy.energy.tracker import COMPLETIONS_PER_TURN, EnergyTracker
 from meterproxy.metrics import Metrics
 from meterproxy.sim.pynvml_fake import FakeNvml
 
@@ -81,3 +82,23 @@ def test_a_request_whose_gpu_stops_reporting_completes_unknown_at_its_deadline()
     now[0] = 1900 * MS
     energy.check_stalled()  # the source is down: nothing will come
     assert done == [None]
+
+
+async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loop() -> None:
+    """Hundreds of requests made final by one reading are settled a slice at a time, so the
+    loop serves other requests in between."""
+    now = [0]
+    energy, sample = tracker(now)
+    sample()
+    done: list[str] = []
+    for i in range(200):
+        energy.start(f"k{i}", "u", ("m", "u", "t"), 10, False)
+        energy.end(f"k{i}")
+        assert energy.defer(f"k{i}", lambda j, g, i=i: done.append(f"k{i}"))
+    for k in (1, 2):
+        now[0] = k * 100 * MS
+        sample()
+    assert len(done) == COMPLETIONS_PER_TURN  # the rest wait for the next turns
+    for _ in range(200 // COMPLETIONS_PER_TURN + 1):
+        await asyncio.sleep(0)
+    assert sorted(done) == sorted(f"k{i}" for i in range(200))
