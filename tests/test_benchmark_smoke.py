@@ -31,11 +31,19 @@ def test_overhead_harness_runs() -> None:
             "5",
             "--idle-streams",
             "20",
+            "--slow-streams",
+            "10",
+            "--open-loop-s",
+            "1",
         ],
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| chat | 1 | meterproxy |" in result.stdout
-    assert "KB per idle stream" in result.stdout
+    for target in ("bare aiohttp", "serve --upstream", "all meters"):
+        assert f"| chat | 1 | {target} |" in result.stdout
+        assert f"| stream256-openai | 1 | {target} |" in result.stdout
+    assert "open loop p50 ms" in result.stdout
+    assert "KiB per slowly-read stream" in result.stdout
+    assert "| no open-loop request above 50 ms |" in result.stdout

@@ -381,3 +381,77 @@ async def test_upstream_without_usage_is_estimated_with_tiktoken(
         assert record.usage.completion == 9
         assert record.usage.prompt == 3 + 1 + 5 + 3
     assert proxy.sample("meterproxy_token_estimates_total", model="sim-llama") == 2
+
+
+async def test_a_kept_connection_the_upstream_dropped_is_tried_again_on_a_new_one(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """An upstream that announces keep-alive but drops the kept connection when the next
+    request comes (llama.cpp's habit): that request, which no live server read, goes out again
+    on a fresh connection; a fresh connection's failure is final."""
+    answer = (
+        b'{"id":"c","object":"chat.completion","created":1,"model":"sim-llama","choices":[{'
+        b'"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+    )
+    models = b'{"object":"list","data":[{"id":"sim-llama","object":"model"}]}'
+    mode = {"answer_first": True}
+    connections = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = sum(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                payload = models if head.startswith(b"GET /v1/models ") else answer
+                if payload is answer:
+                    served += 1
+                    if served > 1 or not mode["answer_first"]:
+                        break  # dropped without a word, the request read
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(payload), payload)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await start_proxy(
+        {
+            "upstreams": [
+                {
+                    "name": "local",
+                    "url": f"http://127.0.0.1:{port}/v1",
+                    "kind": "generic",
+                }
+            ]
+        }
+    )
+    body = {"model": "sim-llama", "messages": MESSAGES}
+    try:
+        for _ in range(2):  # the second goes out on the kept connection, which is dropped
+            async with http.post(proxy.base_url + "/chat/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+        assert proxy.sample("meterproxy_upstream_retries_total", upstream="local") == 1
+        mode["answer_first"] = False
+        for writer in connections:
+            writer.close()  # nothing kept: the next request goes out on a fresh connection
+        await asyncio.sleep(0.1)
+        async with http.post(proxy.base_url + "/chat/completions", json=body) as r:
+            assert r.status == 502
+        assert proxy.sample("meterproxy_upstream_retries_total", upstream="local") == 1
+        await wait_for(lambda: len(proxy.settled) == 3)
+        assert [s.status for s in proxy.settled] == ["200", "200", "502"]
+    finally:
+        server.close()

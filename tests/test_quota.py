@@ -108,3 +108,33 @@ def test_sliding_log_wait_and_reset_format() -> None:
         "1.5s",
         "6m0s",
     ]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/Santiago", "Australia/Lord_Howe"])
+def test_periods_are_the_calendars_whatever_was_asked_before(zone: str) -> None:
+    """Periods are kept for the day they were computed in: the answer is still the calendar's
+    across midnights, month ends and daylight-saving changes, asked in any order."""
+    kept = Quota(zone)
+    start = datetime(2026, 3, 27, tzinfo=timezone.utc).timestamp()  # DST in Europe, Oceania
+    times = [start + k * 1799.5 for k in range(4 * 48)]
+    times += [
+        datetime(2026, 4, 30, 21, 59, 59, tzinfo=timezone.utc).timestamp() + k for k in (0, 1, 2)
+    ]
+    times += [datetime(2026, 9, 5, 3, tzinfo=timezone.utc).timestamp() + k * 600 for k in range(12)]
+    for now_s in [*times, *reversed(times)]:
+        assert kept.periods(now_s) == Quota(zone).periods(now_s), (zone, now_s)
+
+
+def test_a_busy_window_is_kept_flat_and_adjusted_by_sequence_number() -> None:
+    log = SlidingLog()
+    entries = [log.add(i * 1000, 2) for i in range(100_000)]  # 100,000 requests in 0.1 s
+    now = WINDOW_NS + 50_000_000
+    log.expire(now)  # those up to 50 ms old at the window's start are gone, and cut off
+    assert log.total == 2 * 49_999
+    log.adjust(entries[10], 2, 5, now)  # long expired: only the excess counts, now
+    assert log.total == 2 * 49_999 + 3
+    log.adjust(entries[-1], 2, 7, now)  # in the window: corrected where it stands
+    assert log.total == 2 * 49_999 + 3 + 5
+    assert log.wait_ns(now, 4, log.total) == 2000  # the two oldest left go in 2 µs
+    log.expire(now + WINDOW_NS)
+    assert log.total == 0 and log.wait_ns(now + WINDOW_NS, 1, 10) == WINDOW_NS

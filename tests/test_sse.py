@@ -223,3 +223,93 @@ def test_a_long_line_without_a_newline_is_not_copied_over_and_over() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 * LIMIT + 64 * 1024
+
+
+# -- take_whole: the relay's way through engine streams, equal to feed ------------------------
+
+MARKS = (b'"usage"', b'"finish_reason":"')
+TOKENS = b"".join(
+    b'data: {"choices":[{"index":0,"delta":{"content":"t%d"},"finish_reason":null}]}\n\n' % i
+    for i in range(12)
+)
+ENGINE = [VLLM, TRTLLM_ROLE + VLLM, TOKENS + VLLM, VLLM + TOKENS]
+
+
+def scan_taking(
+    stream: bytes, cuts: list[int], unless: tuple[bytes, ...] = (), limit: int | None = None
+) -> list[Event]:
+    """As relay_stream drives the scanner: whole events taken where take_whole can take them
+    (and what it leaves held fed by feed(b"")), anything else fed."""
+    scanner = SSEScanner(max_event_bytes=limit)
+    events: list[Event] = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        chunk, start = stream[start:cut], cut
+        taken = scanner.take_whole(chunk, unless)
+        if taken is None:
+            events += scanner.feed(chunk)
+            continue
+        done, count, stopped = taken
+        whole = sse.whole_events(done) if count else []
+        assert len(whole) == count and b"".join(e.raw for e in whole) == done
+        assert not any(mark in done for mark in unless)
+        events += whole
+        if stopped:
+            events += scanner.feed(b"")
+    return events + scanner.flush()
+
+
+@pytest.mark.parametrize("unless", [(), MARKS], ids=["all", "unless-marks"])
+@pytest.mark.parametrize("stream", [*ENGINE, RESPONSES, CRLF])
+def test_taking_whole_events_gives_what_feed_gives_at_every_split_point(
+    stream: bytes, unless: tuple[bytes, ...]
+) -> None:
+    whole = scan_whole(stream)
+    for cut in range(len(stream) + 1):
+        assert scan_taking(stream, [cut], unless) == whole, f"split at byte {cut}"
+    assert scan_taking(stream, list(range(len(stream))), unless) == whole  # byte by byte
+
+
+@FUZZ
+@given(st.data())
+def test_taking_whole_events_at_any_chunking_gives_what_feed_gives(data: st.DataObject) -> None:
+    stream = data.draw(st.sampled_from([*ENGINE, *RECORDED]))
+    cuts = data.draw(cuts_for(stream))
+    unless = data.draw(st.sampled_from([(), MARKS]))
+    assert scan_taking(stream, cuts, unless) == scan_whole(stream)
+    assert scan_taking(stream * 3, cuts, unless, LIMIT) == scan_whole(stream * 3)
+
+
+@FUZZ
+@given(sse_streams(), st.data())
+def test_taking_whole_events_of_any_stream_gives_what_feed_gives(
+    generated: tuple[bytes, list[list[bytes]]], data: st.DataObject
+) -> None:
+    stream, _ = generated
+    assert scan_taking(stream, data.draw(cuts_for(stream)), MARKS) == scan_whole(stream)
+
+
+def test_whole_data_events_are_counted_only_when_nothing_else_is_there() -> None:
+    one = b'data: {"a":1}\n\n'
+    assert sse.whole_data_events(one) == 1
+    assert sse.whole_data_events(one * 5) == 5
+    for other in (
+        b"",
+        b"data: \n\n",  # an event without a payload is not counted by the watch
+        one + b"data: \n\n",
+        b"data:" + one[6:],  # no space: not the form engines write
+        one[:-1],
+        one + b": comment\n\n",
+        b"event: x\n" + one,
+        one.replace(b"\n\n", b"\r\n\r\n"),
+        one + b"\n",
+        b'data: {"a":\n1}\n\n',
+    ):
+        assert sse.whole_data_events(other) == 0, other
+
+
+def test_take_whole_leaves_a_limit_breaking_chunk_to_feed() -> None:
+    scanner = SSEScanner(max_event_bytes=32)
+    assert scanner.take_whole(b"data: " + b"x" * 40 + b"\n\n") is None
+    assert scanner.take_whole(b"data: " + b"x" * 40) is None
+    assert scanner.pending == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import tiktoken_ext
 
 from meterproxy import endpoints
-from meterproxy.tokens import BYTE_ESTIMATE, OFFLINE, TokenCounter
+from meterproxy.tokens import BYTE_ESTIMATE, OFFLINE, TokenCounter, off_loop
 
 # OpenAI cookbook's example: 129 prompt tokens, as counted by the API for gpt-4 (cl100k).
 COOKBOOK = [
@@ -116,3 +117,19 @@ def test_prompts_of_every_endpoint() -> None:
     assert counter.count_prompt(model, endpoints.CHAT, parts) == 3 + 1 + 2 + 3
     # Special-token text is ordinary text to count, never an error.
     assert counter.count_text(model, "<|endoftext|>") > 1
+
+
+async def test_a_count_whose_encoding_is_not_loaded_yet_runs_off_the_loop() -> None:
+    """Loading an encoding takes a fifth of a second: never on the event loop."""
+    counter = TokenCounter(None)
+    threads: list[int] = []
+
+    def count() -> int:
+        threads.append(threading.get_ident())
+        return counter.count_text("gpt-4o-mini", "hello world")
+
+    assert not counter.ready("gpt-4o-mini")
+    assert await off_loop(20, count, ready=counter.ready("gpt-4o-mini")) == 2
+    assert threads[-1] != threading.get_ident() and counter.ready("gpt-4o-mini")
+    assert await off_loop(20, count, ready=counter.ready("gpt-4o-mini")) == 2
+    assert threads[-1] == threading.get_ident()  # loaded: a short count stays on the loop

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from meterproxy.endpoints import CHAT, RESPONSES
-from meterproxy.sse import Event, SSEScanner
-from meterproxy.watch import StreamWatch, UsageCut
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterproxy.endpoints import CHAT, RESPONSES, Endpoint
+from meterproxy.sse import Event, SSEScanner, whole_data_events
+from meterproxy.watch import StreamWatch, UsageCut, _cut_checked, _without_null_usage
 
 
 def events(stream: bytes) -> list[Event]:
@@ -160,3 +167,130 @@ def test_done_ends_only_streams_that_end_with_done() -> None:
     responses = StreamWatch(lambda: 0, RESPONSES, strip_usage=False)
     responses.on_event(events(DONE)[0])
     assert not responses.ended
+
+
+# -- the relay's fast ways give what the event-by-event ways give -----------------------------
+
+
+def watch_state(watch: StreamWatch) -> tuple[object, ...]:
+    return (
+        watch.first_token_ns,
+        watch.content_events,
+        watch.ended,
+        watch.error,
+        watch.truncated,
+        watch.last_usage,
+        watch.usage_only,
+        watch.text(),
+    )
+
+
+def watched(stream: bytes, group: int, endpoint: Endpoint = CHAT) -> StreamWatch:
+    """Events `group` at a time, as the relay hands whole ones over: at once where the watch
+    takes them so, else one by one."""
+    watch = StreamWatch(lambda: 5, endpoint, strip_usage=False)
+    every = events(stream)
+    for i in range(0, len(every), group):
+        batch = every[i : i + group]
+        chunk = b"".join(e.raw for e in batch)
+        count = whole_data_events(chunk)
+        if count and watch.on_whole_events(chunk, count):
+            assert count == len(batch)
+            continue
+        for event in batch:
+            watch.on_event(event)
+    return watch
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 7, 100])
+@pytest.mark.parametrize(
+    "stream",
+    [
+        ROLE + TOKEN * 5 + LAST + USAGE + DONE,
+        TOKEN * 9 + DONE,
+        ROLE + ROLE + TOKEN * 3 + b'data: {"error":{"message":"x"}}\n\n',
+        ROLE + TOKEN + b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n' + DONE,
+        b'data: {"choices":[{"delta":{"content":""}}]}\n\n' * 4 + TOKEN,
+    ],
+)
+def test_whole_events_at_once_leave_the_watch_as_one_by_one_does(stream: bytes, group: int) -> None:
+    assert watch_state(watched(stream, group)) == watch_state(watched(stream, 1))
+    responses = _responses_stream("response.completed", named=False)
+    assert watch_state(watched(responses, group, RESPONSES)) == watch_state(
+        watched(responses, 1, RESPONSES)
+    )
+
+
+def test_a_long_lived_stream_holds_its_text_not_its_chunks() -> None:
+    now = [0]
+    young = StreamWatch(lambda: now[0], CHAT, strip_usage=False)
+    for _ in range(1000):  # a fast stream, under a second old: kept raw, decoded only if needed
+        young.on_event(events(TOKEN)[0])
+    assert young.pending_bytes > 50_000 and young.text() == " hi" * 1000
+    old = StreamWatch(lambda: now[0], CHAT, strip_usage=False)
+    old.on_event(events(TOKEN)[0])
+    now[0] = 2_000_000_000  # two seconds past its first token: a stream many clients hold
+    for _ in range(999):
+        old.on_event(events(TOKEN)[0])
+        assert old.pending_bytes <= 8 * 1024 + len(TOKEN)
+    chunk = TOKEN * 400
+    assert old.on_whole_events(chunk, 400) and old.pending_bytes <= 8 * 1024 + len(chunk)
+    assert old.text() == " hi" * 1400
+
+
+# -- the usage cut: the fast way for `"usage":null` cuts what the checked way cuts -------------
+
+NULL_USAGE_CASES = [
+    b'{"id":"c","choices":[{"delta":{"content":"x"}}],"usage":null}',
+    b'{"usage":null,"id":"c","choices":[]}',
+    b'{"id":"c","usage" : null ,"obfuscation":"ab"}',
+    b'{"usage":null}',
+    b'{ "usage":null , "x":1 }',
+    b'{"choices":[{"delta":{"content":"usage"}}],"usage":null}',  # the word in a value
+    b'{"a":{"usage":null},"usage":null}',  # nested too: the checked way decides
+    b'{"usag\\u0065":null,"x":"usage"}',  # an escaped key: the checked way decides
+    b'{"x":"\\"usage\\":null","usage":null}',
+]
+
+
+@pytest.mark.parametrize("data", NULL_USAGE_CASES)
+def test_the_fast_cut_of_a_null_usage_is_the_checked_cut(data: bytes) -> None:
+    parsed = orjson.loads(data)
+    del parsed["usage"]
+    checked = _cut_checked(data, parsed)
+    fast = _without_null_usage(data)
+    assert fast is None or fast == checked
+    raw = b"data: " + data + b"\n\n"
+    kept = UsageCut().feed(Event(raw, data))
+    assert kept == [b"data: " + checked + b"\n\n"] if checked is not None else [raw]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "choices", "model", "x", "obfuscation", "usag"]),
+        st.recursive(
+            st.none() | st.integers() | st.text(max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.sampled_from(["usage", "a", "b"]), inner, max_size=3)
+            ),
+            max_leaves=6,
+        ),
+        max_size=4,
+    ),
+    st.integers(0, 4),
+    st.booleans(),
+)
+def test_any_object_with_a_null_usage_is_cut_as_the_checked_way_cuts(
+    members: dict[str, Any], position: int, ascii_only: bool
+) -> None:
+    items = list(members.items())
+    items.insert(min(position, len(items)), ("usage", None))
+    data = json.dumps(dict(items), ensure_ascii=ascii_only).encode()
+    parsed = dict(items)
+    del parsed["usage"]
+    fast = _without_null_usage(data)
+    assert fast is None or fast == _cut_checked(data, parsed)
+    if fast is not None:
+        assert orjson.loads(fast) == parsed

@@ -52,7 +52,11 @@ async def admit(runtime: Runtime, ex: Exchange) -> bool:
     estimate = 0
     if limits.tokens_per_minute is not None or limits.tokens_per_day is not None:
         counter, model = runtime.tokens, route.model
-        prompt = await off_loop(ex.body_bytes, lambda: counter.count_prompt(model, endpoint, body))
+        prompt = await off_loop(
+            ex.body_bytes,
+            lambda: counter.count_prompt(model, endpoint, body),
+            ready=counter.ready(model),
+        )
         if endpoint.generates:
             output = max_tokens
             if output is None:

@@ -30,7 +30,7 @@ from .keys import EXPORT, LEDGER, RECONCILER, RELOAD, RUNTIME, STATUS
 from .ledger import LEDGER_SCHEMA, Ledger
 from .ledger_spend import ledger_reader
 from .metrics import Metrics
-from .proxy import upstream_trace
+from .proxy import UpstreamConnector
 from .quota_local import LocalQuota
 from .reconcile import Reconciler
 from .routing import Router
@@ -105,6 +105,7 @@ def create_app(
             count_text=lambda ex, text: counter.count_text(ex.model, text),
             spawn=lambda name, coro: runtime.tasks.spawn(name, coro, group="settlement"),
             threshold_chars=EXECUTOR_THRESHOLD_CHARS,
+            ready=lambda ex: counter.ready(ex.model),
         )
     )
     settler.add_completer(_energy_completer(runtime.energy))
@@ -336,14 +337,13 @@ def new_session(upstream: Upstream) -> aiohttp.ClientSession:
     the relay switches it to the idle limit once they arrive."""
     t = upstream.timeouts
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+        connector=UpstreamConnector(limit=0, keepalive_timeout=60.0),
         timeout=aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=t.connect_s, sock_read=t.first_byte_s
         ),
         auto_decompress=True,
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[upstream_trace()],
     )
 
 

@@ -11,6 +11,8 @@ from .quota import Quota, Ticket
 from .quota_store import QuotaStore
 
 if TYPE_CHECKING:
+    from prometheus_client import Gauge
+
     from .metrics import Metrics
     from .settlement import Settlement
 
@@ -29,6 +31,7 @@ class LocalQuota:
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
+        self._gauges: dict[tuple[str, str], Gauge] = {}  # (tenant, limit) -> its child
 
     def reconfigure(self, tenancy: Tenancy) -> None:
         """A reload: new tenants and limits, maybe a new time zone; spend is kept."""
@@ -53,9 +56,14 @@ class LocalQuota:
         now_ns, now_s = self._clock(), self._wall_clock()
         self.quota.settle(ticket, tokens, usd, joules, now_ns, now_s)
         tenant = self._tenancy.tenant(ticket.tenant)
-        gauge = self._metrics.quota_usage_ratio
+        gauges = self._gauges
         for limit, ratio in self.quota.ratios(tenant, now_ns, now_s).items():
-            gauge.labels(tenant.name, limit).set(ratio)
+            gauge = gauges.get((tenant.name, limit))
+            if gauge is None:  # labels() costs microseconds: resolved once per label set
+                gauge = gauges[tenant.name, limit] = self._metrics.quota_usage_ratio.labels(
+                    tenant.name, limit
+                )
+            gauge.set(ratio)
 
     async def open(self) -> None:
         await self._store.open(self._wall_clock())

@@ -20,7 +20,7 @@ from .config import Upstream
 from .exchange import Exchange, Outcome
 from .proxy_headers import RESPONSE_DROP
 from .runtime import Runtime
-from .sse import EventTooLarge, SSEScanner
+from .sse import Event, EventTooLarge, SSEScanner, whole_events
 from .usage import loads
 from .watch import StreamWatch, UsageCut
 
@@ -157,27 +157,33 @@ async def relay_stream(
     energy, key = runtime.energy, ex.key
     secret = upstream.api_key.encode() if upstream.api_key else None
     guard = runtime.watchdog.watch(upstream.timeouts.idle_s, response.close)
+    _stop_read_timer(response)
     try:
         async for chunk in response.content.iter_any():
             guard.last_ns = runtime.clock()
             if secret is not None and secret in chunk:
                 chunk = chunk.replace(secret, REDACTED)
-            if not watch.strip_usage or (
-                not scanner.pending
-                and not cut.holding
-                and chunk.endswith(b"\n\n")
-                and b'"usage"' not in chunk
-                and b'"finish_reason":"' not in chunk
-            ):
+            if not watch.strip_usage:
                 # Nothing to leave out: relay first, then let the meter look at a copy.
                 await out.write(chunk)
-                events = scanner.feed(chunk)
+                taken = scanner.take_whole(chunk)
+                events = scanner.feed(chunk) if taken is None else _events(watch, taken)
+            elif (
+                not cut.holding
+                and b'"usage":null' not in chunk  # OpenAI's: a usage to cut from every event
+                and (taken := scanner.take_whole(chunk, unless=_CUT_MARKS)) is not None
+            ):
+                # Whole events with nothing to leave out (the most of a stream) are relayed as
+                # they are; an event not yet whole waits for the rest of it; from an event with
+                # something to leave out on, they go one by one.
+                if taken[0]:
+                    await out.write(taken[0])
+                events = _events(watch, taken)
+                if taken[2]:
+                    events += await _cut_and_write(out, cut, scanner.feed(b""))
             else:
                 # Whole events only, so that the usage the proxy asked for can be left out.
-                events = scanner.feed(chunk)
-                kept = [b for e in events for b in cut.feed(e)]
-                if kept:
-                    await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
+                events = await _cut_and_write(out, cut, scanner.feed(chunk))
             seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in events:
                 watch.on_event(event)
@@ -222,6 +228,40 @@ async def relay_stream(
     else:
         await _write_eof(out, ex)
     return out
+
+
+# What may be cut from an event (SSEScanner.take_whole leaves events holding these to `feed`).
+_CUT_MARKS = (b'"usage"', b'"finish_reason":"')
+
+
+def _events(watch: StreamWatch, taken: tuple[bytes, int, bool]) -> list[Event]:
+    """Whole events taken at once: the watch notes them in one step when it can, else they
+    are made into events for it."""
+    done, count, _ = taken
+    if not count or watch.on_whole_events(done, count):
+        return []
+    return whole_events(done)
+
+
+async def _cut_and_write(
+    out: web.StreamResponse, cut: UsageCut, events: list[Event]
+) -> list[Event]:
+    """Relay whole events less what the proxy must leave out (usage it asked for)."""
+    kept = [b for e in events for b in cut.feed(e)]
+    if kept:
+        await out.write(kept[0] if len(kept) == 1 else b"".join(kept))
+    return events
+
+
+def _stop_read_timer(response: aiohttp.ClientResponse) -> None:
+    """The watchdog bounds this stream's silences from here on (within its 0.25 s period), so
+    aiohttp's own read timer goes: it is cancelled and made anew at every read, a cost paid
+    for every chunk of every stream."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is not None:
+        protocol.read_timeout = None
+        protocol.start_timeout()  # cancels the timer armed for the idle limit
 
 
 async def _write_eof(out: web.StreamResponse, ex: Exchange) -> None:

@@ -221,11 +221,15 @@ class EstimateCompleter:
         count_text: Callable[[Exchange, str], int],
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
         threshold_chars: int,
+        ready: Callable[[Exchange], bool] = lambda ex: True,
     ) -> None:
+        """`ready`: whether the exchange's encoding is loaded (if not, the count runs in a
+        worker thread whatever its size: loading takes a fifth of a second)."""
         self._count_prompt = count_prompt
         self._count_text = count_text
         self._spawn = spawn
         self._threshold = threshold_chars
+        self._ready = ready
 
     def __call__(self, ex: Exchange, done: Callable[[], None]) -> bool:
         if ex.pending_text is None:
@@ -233,7 +237,7 @@ class EstimateCompleter:
         text, ex.pending_text = ex.pending_text, None
         source = Source.PARTIAL if ex.outcome is not Outcome.SUCCESS else Source.ESTIMATE
         size = len(text) + ex.body_bytes
-        if size < self._threshold:
+        if size < self._threshold and self._ready(ex):
             self._apply(ex, text, source)
             return False
         self._spawn(f"estimate:{ex.key}", self._off_loop(ex, text, source, done))

@@ -20,10 +20,14 @@ from .usage import Source, Usage, from_body, loads
 USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
 _LENGTH = re.compile(rb'"finish_reason"\s*:\s*"length"')
-# Relayed chunk payloads are kept raw for a possible partial count (decoded only if the stream
-# is cut short without usage), and reduced to their text once they add up to this many bytes,
-# so a very long stream holds text rather than JSON.
-_COMPACT_BYTES = 512 * 1024
+# Relayed chunk payloads are kept raw for a possible partial count: decoded only if the stream
+# is cut short without usage, so a short stream never pays for that. A stream that lives on
+# holds its text instead (a few bytes a token rather than a ~200-byte chunk): past
+# _COMPACT_BYTES once it is _COMPACT_AGE_NS past its first token (the long-lived streams that
+# many clients hold at once, slow readers among them), and past _COMPACT_MAX_BYTES at any age.
+_COMPACT_BYTES = 8 * 1024
+_COMPACT_AGE_NS = 1_000_000_000
+_COMPACT_MAX_BYTES = 512 * 1024
 
 
 class UsageCut:
@@ -45,16 +49,28 @@ class UsageCut:
         return self._held is not None
 
     def feed(self, event: Event) -> list[bytes]:
+        data = event.data
+        if (
+            self._held is None
+            and b'"usage":null' in data
+            and b'"finish_reason":"' not in data
+            and _one_line(event)
+        ):
+            # OpenAI's content chunk once usage is asked for (so: most of such a stream). What
+            # the general path below does with it, in one step: no usage-only chunk (a null
+            # usage), nothing held, nothing to hold; its `"usage":null` is cut.
+            rest = _without_null_usage(data)
+            if rest is not None and _null_usage(data):
+                return [b"data: " + rest + b"\n\n"]
         out: list[bytes] = []
         held, self._held = self._held, None
-        data = event.data
         if b'"usage"' in data and USAGE_ONLY.search(data) is not None and _is_usage_only(data):
             if held is not None:
                 out.append(_with_moved_members(held, data))
             return out
         if held is not None:
             out.extend(self._release(held))
-        if b'"finish_reason":"' in data and event.raw == b"data: " + data + b"\n\n":
+        if b'"finish_reason":"' in data and _one_line(event):
             self._held = event  # the usage chunk may follow, with members moved from it
             return out
         kept = _cut_usage(event)
@@ -72,9 +88,21 @@ class UsageCut:
         return [kept] if kept is not None else []
 
 
+def _one_line(event: Event) -> bool:
+    """The event's bytes are exactly `data: <its data>\\n\\n`, the form servers send (checked
+    without building that: this runs for every chunk of an OpenAI stream)."""
+    raw, data = event.raw, event.data
+    return (
+        len(raw) == len(data) + 8
+        and raw.startswith(b"data: ")
+        and raw.endswith(b"\n\n")
+        and raw.startswith(data, 6)
+    )
+
+
 def _cut_usage(event: Event) -> bytes | None:
     data = event.data
-    if b'"usage"' not in data or event.raw != b"data: " + data + b"\n\n":
+    if b'"usage"' not in data or not _one_line(event):
         return event.raw  # nothing to cut, or not the one-line form servers send
     stripped = _without_usage(data)
     if stripped is None:
@@ -121,7 +149,11 @@ class StreamWatch:
 
     __slots__ = (
         "_clock",
+        "_compact_at",
         "_endpoint",
+        "_ends_with_done",
+        "_judged",
+        "_long_lived",
         "_pending",
         "_pending_bytes",
         "_texts",
@@ -138,6 +170,8 @@ class StreamWatch:
     def __init__(self, clock: Any, endpoint: Endpoint, *, strip_usage: bool) -> None:
         self._clock = clock
         self._endpoint = endpoint
+        self._ends_with_done = endpoint.ends_with_done  # read once: checked for every event
+        self._judged = endpoint.judged_by_events
         self.strip_usage = strip_usage
         self.first_token_ns: int | None = None
         self.last_usage: bytes | None = None
@@ -150,6 +184,8 @@ class StreamWatch:
         self.content_events = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._long_lived = False  # past _COMPACT_AGE_NS since the first token
+        self._compact_at = _COMPACT_BYTES  # pending bytes at which compacting is considered
         self._texts: list[str] = []
 
     def on_event(self, event: Event) -> None:
@@ -158,28 +194,64 @@ class StreamWatch:
         if not data:
             return
         if data == b"[DONE]":
-            self.ended = self.ended or self._endpoint.ends_with_done
+            self.ended = self.ended or self._ends_with_done
             return
         if b'"usage"' in data and not _USAGE_NULL.search(data):
             self.last_usage = data
             if USAGE_ONLY.search(data) is not None:
                 self.usage_only.append(data)
-        if self.first_token_ns is None:
+        if self.first_token_ns is not None:
+            self.content_events += 1  # about one token each (vLLM, trtllm: one per chunk)
+        else:
             parsed = loads(data)
             if parsed is not None and _has_content(parsed):
                 self.first_token_ns = self._clock()
-        if self.first_token_ns is not None:
-            self.content_events += 1  # about one token each (vLLM, trtllm: one per chunk)
+                self.content_events += 1
         if b'"error"' in data and data.lstrip().startswith(b'{"error"'):
             self.error = True
-        elif self._endpoint.judged_by_events:
+        elif self._judged:
             self._judge(event)
         if b'"length"' in data and _LENGTH.search(data):
             self.truncated = True
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes > _COMPACT_BYTES:
-            self._compact()
+        if self._pending_bytes > self._compact_at:
+            self._maybe_compact()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Raw payload bytes held for a possible count (bounded once a stream is long-lived)."""
+        return self._pending_bytes
+
+    def on_whole_events(self, chunk: bytes, count: int) -> bool:
+        """Note `count` events at once: `chunk` is that many whole one-line `data:` events
+        (sse.whole_data_events). Done only when none of them can change anything but the first
+        token, the count and the text kept (no usage, error, truncation, end or event type in
+        them): then it is what `on_event` would do for each, without an event object or a look
+        at each. False: the caller feeds them one by one."""
+        if (
+            self._judged
+            or b'"usage"' in chunk
+            or b'"error"' in chunk
+            or b'"length"' in chunk
+            or b"[DONE]" in chunk
+        ):
+            return False
+        payloads = [chunk[6:-2]] if count == 1 else chunk[6:-2].split(b"\n\ndata: ")
+        if self.first_token_ns is not None:
+            self.content_events += count
+        else:  # look for the first token, as on_event does, then count from it
+            for i, data in enumerate(payloads):
+                parsed = loads(data)
+                if parsed is not None and _has_content(parsed):
+                    self.first_token_ns = self._clock()
+                    self.content_events += count - i
+                    break
+        self._pending.extend(payloads)
+        self._pending_bytes += len(chunk) - 8 * count
+        if self._pending_bytes > self._compact_at:
+            self._maybe_compact()
+        return True
 
     def usage(self, source: Source) -> Usage | None:
         """What the stream reported: its last usage (cumulative, never summed), or — when it
@@ -221,11 +293,21 @@ class StreamWatch:
             if kind in endpoint.truncated_events:
                 self.truncated = True
 
+    def _maybe_compact(self) -> None:
+        """Past _COMPACT_BYTES: compact a long-lived stream (or one past the hard bound); a young
+        one is looked at again after another _COMPACT_BYTES (the clock is read that rarely)."""
+        if not self._long_lived:
+            first = self.first_token_ns
+            self._long_lived = first is not None and self._clock() - first > _COMPACT_AGE_NS
+        if self._long_lived or self._pending_bytes > _COMPACT_MAX_BYTES:
+            self._compact()
+            self._compact_at = _COMPACT_BYTES
+        else:
+            self._compact_at = self._pending_bytes + _COMPACT_BYTES
+
     def _compact(self) -> None:
-        for data in self._pending:
-            parsed = loads(data)
-            if parsed is not None:
-                self._texts.append(text_of(parsed))
+        # One string per compaction: a string per chunk would cost more than the chunk's text.
+        self._texts.append("".join(text_of(loads(data)) for data in self._pending))
         self._pending.clear()
         self._pending_bytes = 0
 
@@ -253,7 +335,16 @@ def _without_usage(data: bytes) -> tuple[bytes, bool] | None:
     if not isinstance(parsed, dict) or "usage" not in parsed:
         return None
     had_value = parsed["usage"] is not None
-    del parsed["usage"]
+    rest = _without_null_usage(data) if not had_value else None
+    if rest is None:
+        del parsed["usage"]
+        rest = _cut_checked(data, parsed)
+    return None if rest is None else (rest, had_value)
+
+
+def _cut_checked(data: bytes, rest: dict[str, Any]) -> bytes | None:
+    """`data` with one `usage` member cut out so that what is left parses to `rest`, trying
+    the occurrences from the last."""
     at = data.rfind(b'"usage"')
     while at > 0:
         end = _value_end(data, data.find(b":", at + 7) + 1)
@@ -265,10 +356,52 @@ def _without_usage(data: bytes) -> tuple[bytes, bool] | None:
             candidate = before + (after[1:] if after.startswith(b",") else after)
         else:
             candidate = b""
-        if candidate and loads(candidate) == parsed:
-            return candidate, had_value
+        if candidate and loads(candidate) == rest:
+            return candidate
         at = data.rfind(b'"usage"', 0, at)
     return None
+
+
+def _null_usage(data: bytes) -> bool:
+    """`data` is a JSON object whose top-level `usage` is null."""
+    parsed = loads(data)
+    return isinstance(parsed, dict) and "usage" in parsed and parsed["usage"] is None
+
+
+def _without_null_usage(data: bytes) -> bytes | None:
+    """The fast way for `"usage":null` (OpenAI's, on every chunk once usage is asked for),
+    for `data` known to be an object whose top-level `usage` is null. With no `\\u` escape
+    in the bytes every key is written as itself, so when `"usage"` occurs exactly once that is
+    the top-level key (a nested key or a string value would be a second occurrence), and
+    cutting it with its value leaves exactly the rest: no second parse to check. None when
+    that cannot be told this way (the caller then cuts and checks)."""
+    if data.count(b'"usage"') != 1 or b"\\u" in data:
+        return None
+    at = data.find(b'"usage"')
+    if data.startswith(b":null", at + 7):  # as servers write it
+        end = at + 12
+    else:
+        colon = _skip_space(data, at + 7)
+        if data[colon : colon + 1] != b":":
+            return None
+        value = _skip_space(data, colon + 1)
+        if data[value : value + 4] != b"null":
+            return None
+        end = value + 4
+    before = data[:at].rstrip()
+    if before.endswith(b","):
+        return before[:-1] + data[end:]
+    if before.endswith(b"{"):
+        after = data[end:].lstrip()
+        return before + (after[1:] if after.startswith(b",") else after)
+    return None
+
+
+def _skip_space(data: bytes, i: int) -> int:
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    return i
 
 
 def _value_end(data: bytes, start: int) -> int | None:

@@ -421,7 +421,7 @@ def _cli() -> None:
         "--model",
         action="append",
         default=[],
-        help="NAME[:TOKENS[:PACE_MS]] (repeatable); default sim-llama",
+        help="NAME[:TOKENS[:PACE_MS[:FLAVOR]]] (repeatable); default sim-llama",
     )
     parser.add_argument("--tokens", type=int, default=64, help="default tokens per answer")
     parser.add_argument("--pace-ms", type=float, default=0.0, help="default ms between tokens")
@@ -430,8 +430,11 @@ def _cli() -> None:
     for spec in args.model or ["sim-llama"]:
         name, *rest = spec.split(":")
         tokens = int(rest[0]) if rest else args.tokens
-        pace_ms = float(rest[1]) if len(rest) > 1 else args.pace_ms
-        models[name] = Behavior(tokens=tokens, pace_s=pace_ms / 1000)
+        pace_ms = float(rest[1]) if len(rest) > 1 and rest[1] else args.pace_ms
+        flavor = rest[2] if len(rest) > 2 else None
+        if flavor is not None and flavor not in FLAVORS:
+            parser.error(f"--model {spec}: unknown flavor; expected one of {', '.join(FLAVORS)}")
+        models[name] = Behavior(tokens=tokens, pace_s=pace_ms / 1000, flavor=flavor)
     try:
         import uvloop
 
