@@ -85,6 +85,9 @@ class ValueMeter:
         self.salt = current.salt or secrets.token_hex(32)
         self._key = salt_key(self.salt)
         self.salt_stored = store is None or current.salt is not None
+        # Label children resolved once per label set (labels() costs microseconds a call).
+        self._task_series: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+        self._duplicate_series: dict[tuple[str, str], Any] = {}
 
     async def open(self) -> None:
         if self.store is not None:
@@ -151,7 +154,12 @@ class ValueMeter:
         if task is None:
             return  # refused before its tenant was known: nobody's task
         if s.duplicate:
-            self._metrics.duplicates.labels(s.tenant, s.model).inc()
+            series = self._duplicate_series.get((s.tenant, s.model))
+            if series is None:
+                series = self._duplicate_series[s.tenant, s.model] = (
+                    self._metrics.duplicates.labels(s.tenant, s.model)
+                )
+            series.inc()
         usage = s.usage
         late = self.book.settled(
             Settled(
@@ -184,12 +192,22 @@ class ValueMeter:
             self._count(figures)
 
     def _count(self, f: Figures) -> None:
-        m, labels = self._metrics, (f.tenant, f.model, f.result.value)
+        labels = (f.tenant, f.model, f.result.value)
+        series = self._task_series.get(labels)
+        if series is None:
+            m = self._metrics
+            series = self._task_series[labels] = (
+                m.task_outcomes.labels(*labels),
+                m.task_cost.labels(*labels),
+                m.task_energy.labels(*labels),
+                m.task_tokens.labels(*labels),
+            )
+        outcomes, cost, energy, tokens = series
         if f.closes:
-            m.task_outcomes.labels(*labels).inc()
-        m.task_cost.labels(*labels).inc(f.cost_usd)
-        m.task_energy.labels(*labels).inc(f.energy_j)
-        m.task_tokens.labels(*labels).inc(f.tokens)
+            outcomes.inc()
+        cost.inc(f.cost_usd)
+        energy.inc(f.energy_j)
+        tokens.inc(f.tokens)
 
     # -- feedback -------------------------------------------------------------------------
 
