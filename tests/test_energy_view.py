@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meterproxy import config
+from meterproxy import cli, config
 from meterproxy.app import create_app, start, stop
 from meterproxy.energy import view
 from meterproxy.energy.calibration import TERMS
@@ -42,7 +42,7 @@ def test_a_trusted_fit_is_shown_term_by_term() -> None:
     assert "defaults" in text.splitlines()[2]
 
 
-async def test_the_view_reads_a_running_proxy(
+async def test_meterproxy_energy_reads_a_running_proxy(
     start_upstream: StartUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     up = await start_upstream({"sim-llama": Behavior(tokens=30, pace_s=0.01)})
@@ -66,7 +66,7 @@ async def test_the_view_reads_a_running_proxy(
                     model="sim-llama", messages=[{"role": "user", "content": "hi"}]
                 )
         await asyncio.sleep(1.3)  # a full fit window
-        code = await asyncio.to_thread(view.main, server.url)
+        code = await asyncio.to_thread(cli.main, ["energy", "--url", server.url])
     finally:
         await stop(server)
     assert code == 0
@@ -74,4 +74,4 @@ async def test_the_view_reads_a_running_proxy(
     assert out.splitlines()[0].startswith("GPU  attribution uses")
     assert "defaults (fitting)" in out  # a second of traffic is not enough to trust a fit
     assert "J measured" in out
-    assert await asyncio.to_thread(view.main, "http://127.0.0.1:9") == 1
+    assert await asyncio.to_thread(cli.main, ["energy", "--url", "http://127.0.0.1:9"]) == 1

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, config, demo, host, reload, report, workers
 from .app import PortInUse, create_app, new_session, start, stop
+from .energy import view as energy_view
 from .errors import ConfigError
 from .host_link import WorkerContext
 from .keys import RUNTIME
@@ -115,6 +116,15 @@ def _parser() -> argparse.ArgumentParser:
         help="usd or joules per successful task (ascending), successes or success_rate",
     )
     board.add_argument("--format", default="table", choices=("table", "csv", "json"))
+
+    energy = commands.add_parser(
+        "energy", help="each GPU's fitted energy model, read from a running proxy's /metrics"
+    )
+    energy.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080",
+        help="the proxy's base URL (default http://127.0.0.1:8080)",
+    )
     return parser
 
 
@@ -159,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code == 0:
             print("demo stopped")
         return code
+    if args.command == "energy":
+        return energy_view.main(args.url)
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:
