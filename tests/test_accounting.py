@@ -149,6 +149,27 @@ def test_a_body_cut_by_its_cap_is_truncation_waste() -> None:
     assert incomplete.waste is Waste.TRUNCATED
 
 
+def test_a_whole_responses_body_marked_failed_is_an_upstream_error_with_its_usage() -> None:
+    # A 2xx Responses body with "status": "failed" is response.failed, not streamed.
+    ex = routed(RESPONSES)
+    ex.answered(200)
+    body = {
+        "object": "response",
+        "status": "failed",
+        "error": {"code": "server_error", "message": "The model failed."},
+        "output": [],
+        "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17},
+    }
+    accounting.body_end(ex, body, complete=True)
+    assert ex.outcome is Outcome.UPSTREAM_ERROR and ex.upstream_error == "in_band_error"
+    assert ex.waste is Waste.UPSTREAM_ERROR
+    assert (ex.usage.prompt, ex.usage.completion) == (12, 5)
+    completed = routed(RESPONSES)
+    completed.answered(200)
+    accounting.body_end(completed, {**body, "status": "completed", "error": None}, complete=True)
+    assert completed.outcome is Outcome.SUCCESS and completed.waste is None
+
+
 def test_a_body_without_usage_leaves_its_text_to_be_counted() -> None:
     ex = routed()
     accounting.body_end(ex, chat_body(), complete=True)

@@ -96,7 +96,7 @@ async def test_demo_shows_live_plausible_figures_and_stops_on_ctrl_c(tmp_path: P
     assert total("meterproxy_wasted_tokens_total", tenant="tokenmaxx", reason="duplicate") > 0
 
 
-async def test_a_port_in_use_is_one_clear_line_for_demo_and_serve(tmp_path: Path) -> None:
+async def test_a_port_in_use_is_one_clear_line_for_demo_serve_and_workers(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -104,6 +104,15 @@ async def test_a_port_in_use_is_one_clear_line_for_demo_and_serve(tmp_path: Path
         for command in (
             ["demo", "--data-dir", str(tmp_path / "d")],
             ["serve", "--upstream", "http://127.0.0.1:9/v1", "--data-dir", str(tmp_path / "s")],
+            [
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:9/v1",
+                "--workers",
+                "2",
+                "--data-dir",
+                str(tmp_path / "w"),
+            ],
         ):
             result = await asyncio.to_thread(
                 subprocess.run,

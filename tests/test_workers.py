@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from meterproxy import workers
+from meterproxy.app import PortInUse
 from meterproxy.sim.upstream import Behavior
 
 from .conftest import StartUpstream, Upstream
@@ -197,3 +200,18 @@ async def two_workers(
     assert await asyncio.wait_for(proxy.proc.wait(), 20) == 0
     assert children(proxy.proc.pid) == {}
     assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 65
+
+
+def test_a_port_another_reuseport_process_holds_is_refused_not_joined() -> None:
+    """The kernel lets a second SO_REUSEPORT socket of the same user join a port: a second
+    `serve --workers` on a taken port would silently share it. The probe refuses it."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(PortInUse, match=f"port {port} on 127.0.0.1 is already in use"):
+            workers.reserve_port("127.0.0.1", port)
+    held, free = workers.reserve_port("127.0.0.1", 0)  # 0: any free port, no probe needed
+    with held:
+        assert free > 0

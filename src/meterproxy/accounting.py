@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import usage
-from .endpoints import truncated_body
+from .endpoints import failed_body, truncated_body
 from .exchange import Exchange, Outcome
 from .watch import StreamWatch, text_of
 
@@ -18,7 +18,9 @@ def body_end(ex: Exchange, parsed: Any, *, complete: bool) -> None:
         ex.account(found)
     elif ex.endpoint.metered:
         ex.pending_text = text_of(parsed)
-    if truncated_body(ex.endpoint, parsed):
+    if failed_body(ex.endpoint, parsed):
+        ex.broke("in_band_error")
+    elif truncated_body(ex.endpoint, parsed):
         ex.truncated()
 
 

@@ -437,16 +437,19 @@ async def start(
     except OSError as exc:
         await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(
-                f"port {port} on {host} is already in use; pick another with --port "
-                "(or listen.port in the config)"
-            ) from None
+            raise PortInUse(host, port) from None
         raise
     return RunningServer(runner, host, site.port)
 
 
 class PortInUse(Exception):
     """The listen address is taken: one line for the user, never a traceback."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} is already in use; pick another with --port "
+            "(or listen.port in the config)"
+        )
 
 
 async def stop(server: RunningServer) -> None:

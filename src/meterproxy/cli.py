@@ -205,9 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.role == "host":
             return asyncio.run(host.run(settings, args.link, metrics_dir, CollectorRegistry()))
         worker = WorkerContext(args.link, metrics_dir, args.worker_index)
-    elif settings.server.workers > 1:
-        return asyncio.run(workers.supervise(settings, argv, environ))
     try:
+        if worker is None and settings.server.workers > 1:
+            return asyncio.run(workers.supervise(settings, argv, environ))
         return asyncio.run(
             _serve(settings, environ, args.config, args.benchmark_no_metering, state, worker)
         )

@@ -110,6 +110,14 @@ BY_PATH: Mapping[str, Endpoint] = {e.path: e for e in TABLE if e.path is not Non
 BY_NAME: Mapping[str, Endpoint] = {e.name: e for e in TABLE}
 
 
+def failed_body(endpoint: Endpoint, body: Any) -> bool:
+    """A whole (non-streamed) answer that the upstream marks as failed inside a 2xx body:
+    Responses' `"status": "failed"`, the non-streamed form of its `response.failed` event."""
+    return (
+        bool(endpoint.failed_events) and isinstance(body, dict) and body.get("status") == "failed"
+    )
+
+
 def truncated_body(endpoint: Endpoint, body: Any) -> bool:
     """A whole (non-streamed) answer cut by its output cap."""
     if not isinstance(body, dict):

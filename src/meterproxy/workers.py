@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .app import PortInUse
 from .config import Settings
 from .ledger import LEDGER_SCHEMA
 from .metrics import process_died
@@ -128,6 +130,17 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     """Bind (not listen) with SO_REUSEPORT: holds the port number, 0 picks a free one, and
     takes no connections itself; the workers' listening sockets join it."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    if port:
+        # First without SO_REUSEPORT: a port held by anything, even another SO_REUSEPORT
+        # proxy of the same user (which the kernel would let us join), is refused.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(host, port) from None
+                raise
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
