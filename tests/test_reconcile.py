@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from meterproxy.reconcile import ENGINE_COUNTERS, Point, drift, engine_metrics_url, parse_counters
 
@@ -43,6 +44,9 @@ def test_drift_is_measured_over_the_window_only() -> None:
 
 def test_the_engine_metrics_sit_beside_the_openai_base() -> None:
     assert engine_metrics_url("http://gpu:8000/v1") == "http://gpu:8000/metrics"
+    assert (
+        engine_metrics_url("http://gpu:8000/v1", "trtllm") == "http://gpu:8000/prometheus/metrics"
+    )
 
 
 async def value(proxy: Proxy, name: str, **labels: str) -> float:
@@ -54,13 +58,14 @@ async def value(proxy: Proxy, name: str, **labels: str) -> float:
     raise AssertionError(f"{name} {labels} never appeared")
 
 
+@pytest.mark.parametrize("kind", ["vllm", "trtllm"])
 async def test_traffic_that_bypasses_the_proxy_shows_as_drift(
-    start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    kind: str, start_upstream: StartUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    up: Upstream = await start_upstream()
+    up: Upstream = await start_upstream(flavor=kind)
     proxy: Proxy = await start_proxy(
         {
-            "upstreams": [{"name": "gpu", "url": up.url, "kind": "vllm"}],
+            "upstreams": [{"name": "gpu", "url": up.url, "kind": kind}],
             "reconcile": {"interval_s": 0.1, "window_s": 60},
         }
     )

@@ -1,7 +1,8 @@
 """Engine reconciliation: the engine's own token counters beside the proxy's.
 
 For upstreams whose engine exposes Prometheus counters (vLLM: `vllm:prompt_tokens_total`,
-`vllm:generation_tokens_total`, `vllm:request_success_total`), the proxy scrapes them every
+`vllm:generation_tokens_total`, `vllm:request_success_total`; trtllm-serve: the same three as
+`trtllm_*`), the proxy scrapes them every
 `interval_s` and compares what the engine counted with what the proxy metered for that upstream
 over the same window. The drift, (engine - proxy) / engine, is exported as
 `meterproxy_engine_token_drift_ratio{upstream,type}`: traffic that bypasses the proxy shows as a
@@ -31,15 +32,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Engine kind -> (measure -> the counter family it is read from). trtllm-serve's /metrics
-# serves iteration statistics as JSON, without token counters: nothing to reconcile there.
+# Engine kind -> (measure -> the counter family it is read from), and where the engine serves
+# them. vLLM: vllm/v1/metrics/loggers.py at /metrics. trtllm-serve (TensorRT-LLM >= 1.1):
+# tensorrt_llm/metrics/collector.py's counters, which its OpenAI server mounts at
+# /prometheus/metrics (its /metrics is iteration statistics as JSON).
 ENGINE_COUNTERS: Mapping[str, Mapping[str, str]] = {
     "vllm": {
         "prompt": "vllm:prompt_tokens_total",
         "completion": "vllm:generation_tokens_total",
         "requests": "vllm:request_success_total",
     },
+    "trtllm": {
+        "prompt": "trtllm_prompt_tokens_total",
+        "completion": "trtllm_generation_tokens_total",
+        "requests": "trtllm_request_success_total",
+    },
 }
+ENGINE_METRICS_PATH: Mapping[str, str] = {"vllm": "/metrics", "trtllm": "/prometheus/metrics"}
 MEASURES = ("prompt", "completion", "requests")
 _SAMPLE = re.compile(rb"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.MULTILINE)
 
@@ -121,7 +130,7 @@ class Reconciler:
     async def scrape(
         self, session: aiohttp.ClientSession, upstream: Upstream, families: Mapping[str, str]
     ) -> None:
-        url = upstream.metrics_url or engine_metrics_url(upstream.url)
+        url = upstream.metrics_url or engine_metrics_url(upstream.url, upstream.kind)
         totals: dict[str, float] | None = None
         try:
             timeout = aiohttp.ClientTimeout(total=min(self.interval_s, 10.0))
@@ -153,7 +162,8 @@ class Reconciler:
                 self._metrics.engine_drift.labels(name, measure).set(ratio)
 
 
-def engine_metrics_url(base: str) -> str:
-    """An OpenAI base (`http://host:8000/v1`) -> its engine's metrics (`http://host:8000/metrics`)."""
+def engine_metrics_url(base: str, kind: str = "vllm") -> str:
+    """An OpenAI base (`http://host:8000/v1`) -> its engine's counters (vLLM:
+    `http://host:8000/metrics`; trtllm-serve: `http://host:8000/prometheus/metrics`)."""
     root = base[: -len("/v1")] if base.endswith("/v1") else base
-    return root + "/metrics"
+    return root + ENGINE_METRICS_PATH.get(kind, "/metrics")

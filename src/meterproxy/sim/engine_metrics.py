@@ -10,6 +10,12 @@ token, and the finish reason once it ends. With `n` > 1 vLLM runs one engine req
 (vllm/v1/engine/parallel_sampling.py, `ParentRequest`), so the prompt and the finish are counted
 once per choice, while the API's usage reports the prompt once: that gap is real vLLM behaviour.
 Only these three families are served; a real vLLM serves many more.
+
+trtllm-serve (TensorRT-LLM >= 1.1) counts the same three things under its own names
+(tensorrt_llm/metrics/collector.py, `MetricsCollector`, adapted from vLLM's:
+`trtllm_prompt_tokens`, `trtllm_generation_tokens`, `trtllm_request_success` with a
+`finished_reason` label, on the labels its server gives it: `model_name`, `engine_type`) and
+serves them at /prometheus/metrics; `TRTLLM` renders that dialect.
 """
 
 from __future__ import annotations
@@ -23,10 +29,28 @@ FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 ENGINE = "0"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_FAMILIES = (
-    ("vllm:prompt_tokens", "Number of prefill tokens processed."),
-    ("vllm:generation_tokens", "Number of generation tokens processed."),
-    ("vllm:request_success", "Count of successfully processed requests."),
+
+@dataclass(frozen=True)
+class Dialect:
+    families: tuple[tuple[str, str], tuple[str, str], tuple[str, str]]  # prompt, generated, done
+    labels: tuple[tuple[str, str], ...]  # the constant labels every sample carries
+
+
+VLLM = Dialect(
+    (
+        ("vllm:prompt_tokens", "Number of prefill tokens processed."),
+        ("vllm:generation_tokens", "Number of generation tokens processed."),
+        ("vllm:request_success", "Count of successfully processed requests."),
+    ),
+    (("engine", ENGINE),),
+)
+TRTLLM = Dialect(
+    (
+        ("trtllm_prompt_tokens", "Cumulative number of prompt (input) tokens processed."),
+        ("trtllm_generation_tokens", "Cumulative number of generation (output) tokens produced."),
+        ("trtllm_request_success", "Count of successfully processed requests."),
+    ),
+    (("engine_type", "trtllm"),),
 )
 
 
@@ -56,24 +80,31 @@ class VllmCounters:
         self.serve(model)
         self.success[(model, reason)] += choices
 
-    def render(self) -> str:
+    def render(self, dialect: Dialect = VLLM) -> str:
         lines: list[str] = []
         series: list[list[tuple[dict[str, str], int]]] = [
             [({"model_name": m}, v) for m, v in self.prompt.items()],
             [({"model_name": m}, v) for m, v in self.generation.items()],
             [({"model_name": m, "finished_reason": r}, v) for (m, r), v in self.success.items()],
         ]
-        for (name, help_text), samples in zip(_FAMILIES, series, strict=True):
+        constant = dict(dialect.labels)
+        for (name, help_text), samples in zip(dialect.families, series, strict=True):
             lines += [f"# HELP {name}_total {help_text}", f"# TYPE {name}_total counter"]
-            lines += [f"{name}_total{_labels(labels)} {_go_float(v)}" for labels, v in samples]
+            lines += [
+                f"{name}_total{_labels({**labels, **constant})} {_go_float(v)}"
+                for labels, v in samples
+            ]
             lines += [f"# HELP {name}_created {help_text}", f"# TYPE {name}_created gauge"]
             created = _go_float(self.created_s)
-            lines += [f"{name}_created{_labels(labels)} {created}" for labels, _ in samples]
+            lines += [
+                f"{name}_created{_labels({**labels, **constant})} {created}"
+                for labels, _ in samples
+            ]
         return "\n".join(lines) + "\n"
 
 
 def _labels(labels: dict[str, str]) -> str:
-    pairs = sorted({**labels, "engine": ENGINE}.items())
+    pairs = sorted(labels.items())
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 

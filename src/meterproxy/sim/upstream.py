@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .engine_metrics import CONTENT_TYPE, VllmCounters
+from .engine_metrics import CONTENT_TYPE, TRTLLM, VLLM, VllmCounters
 from .frames import CREATED, Frames, is_ids, make_id, prompt_tokens
 from .hosted import HostedFrames
 from .litellm import LiteLLMFrames
@@ -107,6 +107,8 @@ class FakeUpstream:
         app.router.add_post("/v1/responses", self._responses)
         if self.flavor == "vllm":
             app.router.add_get("/metrics", self._metrics)
+        elif self.flavor == "trtllm":  # trtllm-serve's Prometheus counters (TensorRT-LLM >= 1.1)
+            app.router.add_get("/prometheus/metrics", self._metrics)
         app.router.add_route("*", "/v1/{tail:.*}", self._echo)
         return app
 
@@ -128,8 +130,9 @@ class FakeUpstream:
         return _json({"object": "list", "data": data})
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        dialect = TRTLLM if self.flavor == "trtllm" else VLLM
         return web.Response(
-            body=self.engine.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+            body=self.engine.render(dialect).encode(), headers={"Content-Type": CONTENT_TYPE}
         )
 
     async def _echo(self, request: web.Request) -> web.Response:
