@@ -49,11 +49,17 @@ async def test_demo_shows_live_plausible_figures_and_stops_on_ctrl_c(tmp_path: P
         rest = await asyncio.wait_for(proc.stdout.read(), 15)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     # The banner gives every key and the status page; a live summary follows every few seconds.
-    for key in ("demo-research-key", "demo-support-key", "demo-admin-key"):
+    for key in ("demo-research-key", "demo-support-key", "demo-tokenmaxx-key", "demo-admin-key"):
         assert key.encode() in banner
     assert f"http://127.0.0.1:{port}/ui#key=demo-admin-key".encode() in banner
-    assert re.search(rb"\d\d:\d\d:\d\d  [\d,]+ tokens/s .* tokens/J", rest)
-    assert b"research" in rest and b"Traceback" not in rest
+    assert re.search(
+        rb"\d\d:\d\d:\d\d  [\d,]+ tokens/s \xc2\xb7 [\d.,]+ tokens/J"
+        rb" \xc2\xb7 \$[\d.,]+ per M tokens",
+        rest,
+    )
+    for tenant in (b"research", b"support", b"tokenmaxx"):  # each one's spend and waste share
+        assert re.search(rb"\n  " + tenant + rb" +\$[\d.,]+ spent \xc2\xb7 [\d.]+ ?% wasted", rest)
+    assert b"Traceback" not in rest
     # Its ledger stays where `meterproxy usage` (the command it prints) reads it.
     ledger = tmp_path / "state" / "meterproxy-usage.db"
     assert f"meterproxy usage --ledger {ledger}".encode() in banner

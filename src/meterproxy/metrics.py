@@ -7,7 +7,7 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -99,6 +99,7 @@ class Metrics:
         self._series: dict[tuple[str, str, str, str, str], _Series] = {}
         self._inflight: dict[str, InFlight] = {}
         self._energy: dict[tuple[str, str], Histogram] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "meterproxy_requests",
             "Requests settled, by outcome status.",
@@ -456,11 +457,11 @@ class Metrics:
         if record.estimated:
             series.estimates.inc()
         if record.waste_reason is not None and usage.completion:
-            self.wasted.labels(record.model, record.tenant, record.waste_reason).inc(
+            self.child(self.wasted, record.model, record.tenant, record.waste_reason).inc(
                 usage.completion
             )
         if record.upstream_error is not None:
-            self.upstream_errors.labels(record.upstream, record.upstream_error).inc()
+            self.child(self.upstream_errors, record.upstream, record.upstream_error).inc()
         if record.reached_upstream:
             series.cost.inc(record.cost_usd)
             if not record.priced:
@@ -478,6 +479,15 @@ class Metrics:
             tpot_ns = record.tpot_ns
             if tpot_ns is not None:
                 series.tpot.observe(tpot_ns / 1e9)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, resolved once per label set (labels come from configuration and
+        enums, so the set is bounded)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def inflight_for(self, upstream: str) -> InFlight:
         found = self._inflight.get(upstream)

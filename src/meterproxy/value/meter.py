@@ -85,9 +85,6 @@ class ValueMeter:
         self.salt = current.salt or secrets.token_hex(32)
         self._key = salt_key(self.salt)
         self.salt_stored = store is None or current.salt is not None
-        # Label children resolved once per label set (labels() costs microseconds a call).
-        self._task_series: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
-        self._duplicate_series: dict[tuple[str, str], Any] = {}
 
     async def open(self) -> None:
         if self.store is not None:
@@ -154,12 +151,7 @@ class ValueMeter:
         if task is None:
             return  # refused before its tenant was known: nobody's task
         if s.duplicate:
-            series = self._duplicate_series.get((s.tenant, s.model))
-            if series is None:
-                series = self._duplicate_series[s.tenant, s.model] = (
-                    self._metrics.duplicates.labels(s.tenant, s.model)
-                )
-            series.inc()
+            self._metrics.child(self._metrics.duplicates, s.tenant, s.model).inc()
         usage = s.usage
         late = self.book.settled(
             Settled(
@@ -192,22 +184,12 @@ class ValueMeter:
             self._count(figures)
 
     def _count(self, f: Figures) -> None:
-        labels = (f.tenant, f.model, f.result.value)
-        series = self._task_series.get(labels)
-        if series is None:
-            m = self._metrics
-            series = self._task_series[labels] = (
-                m.task_outcomes.labels(*labels),
-                m.task_cost.labels(*labels),
-                m.task_energy.labels(*labels),
-                m.task_tokens.labels(*labels),
-            )
-        outcomes, cost, energy, tokens = series
+        m, labels = self._metrics, (f.tenant, f.model, f.result.value)
         if f.closes:
-            outcomes.inc()
-        cost.inc(f.cost_usd)
-        energy.inc(f.energy_j)
-        tokens.inc(f.tokens)
+            m.child(m.task_outcomes, *labels).inc()
+        m.child(m.task_cost, *labels).inc(f.cost_usd)
+        m.child(m.task_energy, *labels).inc(f.energy_j)
+        m.child(m.task_tokens, *labels).inc(f.tokens)
 
     # -- feedback -------------------------------------------------------------------------
 
