@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
+
+from .missing import missing
 
 FLAGS = (
     "--headless",
@@ -35,10 +35,7 @@ FLAGS = (
 def chromium_or_skip() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        reason = "needs Debian's `chromium` (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: {reason}")
-        pytest.skip(reason)
+        missing("needs Debian's `chromium` (apt-get install chromium)")
     return found
 
 

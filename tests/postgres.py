@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
+
+from .missing import missing
 
 _names = itertools.count()
 
@@ -44,17 +45,12 @@ def find_bindir() -> Path | str:
 def require_bindir() -> Path:
     found = find_bindir()
     if isinstance(found, str):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {found}", pytrace=False)
-        pytest.skip(found)
+        missing(found)
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            reason = "running as root needs a `postgres` user to run the server as"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true: {reason}", pytrace=False)
-            pytest.skip(reason)
+            missing("running as root needs a `postgres` user to run the server as")
     return found
 
 

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from .missing import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_overhead_harness_runs() -> None:
     if shutil.which("wrk") is None:
-        if os.environ.get("CI"):
-            pytest.fail("wrk is missing; .ci/run installs the Debian package `wrk`")
-        pytest.skip("wrk is not installed (apt-get install -y wrk)")
+        missing("wrk is not installed (apt-get install -y wrk)")
     result = subprocess.run(
         [
             sys.executable,

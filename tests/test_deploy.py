@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
@@ -24,6 +23,8 @@ from meterproxy import demo
 from meterproxy.energy.simulated import SimulatedGpus
 from meterproxy.keys import RUNTIME
 
+from .missing import missing
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY, GRAFANA = ROOT / "deploy", ROOT / "grafana"
 
@@ -32,9 +33,7 @@ def binary(name: str) -> str:
     """A Debian `prometheus` binary: skipped with a reason on a laptop, a failure in CI."""
     found = shutil.which(name)
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing; .ci/run installs the Debian package `prometheus`")
-        pytest.skip(f"{name} is not installed (apt-get install -y prometheus)")
+        missing(f"{name} is not installed (apt-get install -y prometheus)")
     return found
 
 

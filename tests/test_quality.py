@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from .missing import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def tool(name: str) -> list[str]:
-    if shutil.which(name) is None and not os.environ.get("CI"):
-        pytest.skip(f"{name} is not installed; `pip install -e '.[dev]'` provides it")
+    if shutil.which(name) is None:
+        missing(f"{name} is not installed; `pip install -e '.[dev]'` provides it")
     return [sys.executable, "-m", name]
 
 
