@@ -20,7 +20,7 @@ from meterproxy.routing import Route
 from meterproxy.settlement import Settlement, Settler
 from meterproxy.usage import Source, Usage
 from meterproxy.value.feedback import Feedback
-from meterproxy.value.meter import INLINE_HASH_BYTES, ValueMeter
+from meterproxy.value.meter import INLINE_HASH_BYTES, SWEEP_BATCH, ValueMeter
 from meterproxy.value.settings import ValueSettings
 from meterproxy.value.tasks import Report
 
@@ -137,3 +137,30 @@ async def test_a_zero_window_turns_duplicate_detection_off() -> None:
         assert meter.completer(ex, lambda: None) is False
         assert not ex.duplicate
     assert len(meter.repeats) == 0
+
+
+async def test_the_sweeper_closes_a_crowd_of_tasks_a_batch_per_turn_of_the_loop() -> None:
+    registry, clock, spawned = CollectorRegistry(), Clock(), []
+    settler, meter, _ = build(registry, clock, spawned)
+    crowd = 3 * SWEEP_BATCH + 5  # requests sent alone: each its own task, due together
+    for i in range(crowd):
+        ex = request(f"r{i}", f"question {i}")
+        settler.opened(ex)
+        ex.answered(200)
+        ex.account(Usage(10, 5, None, None, Source.UPSTREAM))
+        settler.settle(ex)
+    clock.ns = int(2e9)  # past the grace (1 s): all due
+    labels = {"tenant": "a", "model": "m", "result": "unknown"}
+    seen: list[float] = []
+
+    async def watch() -> None:  # runs between the sweeper's batches, if it yields
+        while not seen or seen[-1] < crowd:
+            seen.append(registry.get_sample_value("meterproxy_task_outcomes_total", labels) or 0)
+            await asyncio.sleep(0)
+
+    sweeper = asyncio.create_task(meter.run())
+    await asyncio.wait_for(watch(), 5)
+    sweeper.cancel()
+    assert seen[-1] == crowd
+    steps = sorted({n for n in seen if 0 < n < crowd})
+    assert steps[:3] == [SWEEP_BATCH, 2 * SWEEP_BATCH, 3 * SWEEP_BATCH]

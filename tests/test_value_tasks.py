@@ -57,11 +57,39 @@ def test_nothing_closes_while_a_request_is_in_flight() -> None:
 def test_an_unrated_task_closes_unknown_after_the_idle_window() -> None:
     book = TaskBook(max_open=100)
     run(book, "r1", "T", 0.0)
-    run(book, "r2", "r2", 10.0)  # a request sent alone is its own task
+    run(book, "r2", "T2", 10.0)
     assert book.due(IDLE_S - 1, IDLE_S, GRACE_S) == []
     [first] = book.due(IDLE_S, IDLE_S, GRACE_S)
     [second] = book.due(IDLE_S + 10, IDLE_S, GRACE_S)
     assert (first.result, second.result) == (Result.UNKNOWN, Result.UNKNOWN)
+
+
+def test_a_request_sent_alone_is_its_own_task_and_closes_after_the_grace() -> None:
+    # Nothing can join a task without an id: it waits only for a report, like a rated task.
+    book = TaskBook(max_open=100)
+    book.opened("r1", "t", None, 0.0)
+    assert book.request("r1") == ("t", "r1")  # named by the request's key
+    book.settled(settled("r1", "r1", model="small"), 1.0)
+    book.opened("r2", "t", None, 2.0)
+    book.settled(settled("r2", "r2"), 3.0)
+    assert book.report(("t", "r2"), Report(True), 4.0)  # by request id, within the grace
+    assert book.due(1.0 + GRACE_S - 0.1, IDLE_S, GRACE_S) == []
+    [unrated] = book.due(1.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert (unrated.model, unrated.result, unrated.closes) == ("small", Result.UNKNOWN, True)
+    [rated] = book.due(4.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert rated.result is Result.SUCCESS and book.open_tasks == 0
+    assert not book.report(("t", "r1"), Report(True), 20.0)  # closed: the tables only
+
+
+def test_due_closes_at_most_its_limit_and_the_rest_next_time() -> None:
+    book = TaskBook(max_open=100)
+    for i in range(5):
+        book.opened(f"r{i}", "t", None, 0.0)
+        book.settled(settled(f"r{i}", f"r{i}"), 0.0)
+    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 2
+    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 2
+    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 1
+    assert book.open_tasks == 0 and book.due(GRACE_S, IDLE_S, GRACE_S, limit=2) == []
 
 
 def test_a_late_request_adds_to_the_closed_result_without_counting_the_task_again() -> None:
@@ -98,6 +126,12 @@ def test_a_request_never_opened_is_nobodys_and_tenants_are_apart() -> None:
     book.settled(settled("b1", "T", tenant="b"), 0.0)
     assert len(book.due(IDLE_S, IDLE_S, GRACE_S)) == 2
     assert book.tenants("T") == set() and book.knows(("a", "T"))
+    book.opened("a2", "a", "U", 0.0)
+    book.opened("b2", "b", "U", 0.0)
+    book.settled(settled("a2", "U", tenant="a"), 0.0)
+    book.report(("a", "U"), Report(True), 0.0)  # a's task closes first
+    assert len(book.due(GRACE_S, IDLE_S, GRACE_S)) == 1
+    assert book.tenants("U") == {"b"} and book.is_open(("b", "U"))
 
 
 def test_past_max_open_the_longest_idle_task_closes_early() -> None:

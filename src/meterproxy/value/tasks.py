@@ -3,17 +3,20 @@ last outcome reported for it, and when it closes. Pure: no I/O, times passed in.
 
 A task is counted exactly once, when it closes: a rated task `outcome_grace_s` after its last
 request or report, an unrated one (`unknown`) `task_idle_s` after its last request, never while
-one of its requests is in flight. Its figures are those of every settled request that reached
-an upstream (failed, retried and duplicate attempts included). A request that settles after its
-task closed adds its figures under the result the task closed with, and the task is not
-counted again; a report that arrives after it closed reaches the tables, not the counters.
+one of its requests is in flight. A request sent without a task id is a task of its own that no
+other request can join: it closes `outcome_grace_s` after it settles, rated or not (waiting
+`task_idle_s` for requests that cannot come would only hold it). A task's figures are those of
+every settled request that reached an upstream (failed, retried and duplicate attempts
+included). A request that settles after its task closed adds its figures under the result the
+task closed with, and the task is not counted again; a report that arrives after it closed
+reaches the tables, not the counters.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 TaskKey = tuple[str, str]  # (tenant, task id)
@@ -59,15 +62,17 @@ class _Task:
     cost_usd: float = 0.0
     energy_j: float = 0.0
     tokens: int = 0
-    tokens_by_model: dict[str, int] = field(default_factory=dict)
+    tokens_by_model: dict[str, int] | None = None  # made on the first settled request
     report: Report | None = None
     last_s: float = 0.0
+    alone: bool = False  # a request's own task (no task id): nothing else can join it
 
     def model(self) -> str:
-        if not self.tokens_by_model:
+        by_model = self.tokens_by_model
+        if not by_model:
             return NO_MODEL
         # Most tokens; the first model used wins a tie (dicts keep insertion order).
-        return max(self.tokens_by_model, key=lambda m: self.tokens_by_model[m])
+        return max(by_model, key=lambda m: by_model[m])
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +96,16 @@ class TaskBook:
         self._unrated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
         self._rated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
         self._in_flight: dict[str, TaskKey] = {}  # request key -> its task
-        self._tenants: dict[str, set[str]] = {}  # task id -> tenants with an open task so named
+        # Task id -> the tenant (or, rarely, the tenants) with an open task so named. What the
+        # book holds at tens of thousands of requests a second stays out of the garbage
+        # collector's walk where it can: plain strings and tuples of them, no set or dict per
+        # task unless needed (a full collection walks every container, with the loop stopped).
+        self._tenants: dict[str, str | set[str]] = {}
         # Recently settled requests and closed tasks, for feedback and late requests.
         self._settled: collections.OrderedDict[str, TaskKey] = collections.OrderedDict()
-        self._closed: collections.OrderedDict[TaskKey, tuple[Result, str]] = (
+        self._closed: collections.OrderedDict[TaskKey, tuple[str, str]] = (
             collections.OrderedDict()
-        )
+        )  # -> (result's value, model)
 
     @property
     def open_tasks(self) -> int:
@@ -104,15 +113,25 @@ class TaskBook:
 
     # -- requests -------------------------------------------------------------------------
 
-    def opened(self, key: str, tenant: str, task_id: str, now_s: float) -> None:
+    def opened(self, key: str, tenant: str, task_id: str | None, now_s: float) -> None:
+        """A request of `task_id` (None: the request is its own task, named by its key)."""
+        alone = task_id is None
+        task_id = key if task_id is None else task_id
         task_key = (tenant, task_id)
         self._in_flight[key] = task_key
         task = self._tasks.get(task_key)
         if task is None and task_key in self._closed:
             return  # a late request of a closed task: counted under its result as it settles
         if task is None:
-            task = self._tasks[task_key] = _Task(last_s=now_s)
-            self._tenants.setdefault(task_id, set()).add(tenant)
+            task = self._tasks[task_key] = _Task(last_s=now_s, alone=alone)
+            named = self._tenants.get(task_id)
+            if named is None:
+                self._tenants[task_id] = tenant
+            elif isinstance(named, str):
+                if named != tenant:
+                    self._tenants[task_id] = {named, tenant}
+            else:
+                named.add(tenant)
         task.in_flight += 1
         self._unrated.pop(task_key, None)
         self._rated.pop(task_key, None)
@@ -131,14 +150,18 @@ class TaskBook:
             if closed is None or not s.reached_upstream:
                 return None
             result, model = closed
-            return Figures(s.tenant, model, result, s.cost_usd, s.energy_j, s.tokens, False)
+            return Figures(s.tenant, model, Result(result), s.cost_usd, s.energy_j, s.tokens, False)
         task.in_flight -= 1
         if s.reached_upstream:
             task.reached += 1
             task.cost_usd += s.cost_usd
             task.energy_j += s.energy_j
             task.tokens += s.tokens
-            task.tokens_by_model[s.model] = task.tokens_by_model.get(s.model, 0) + s.tokens
+            by_model = task.tokens_by_model
+            if by_model is None:
+                task.tokens_by_model = {s.model: s.tokens}
+            else:
+                by_model[s.model] = by_model.get(s.model, 0) + s.tokens
         task.last_s = now_s
         if task.in_flight == 0:
             self._quiet(task_key, task)
@@ -156,7 +179,10 @@ class TaskBook:
 
     def tenants(self, task_id: str) -> set[str]:
         """The tenants with an open task of this id (closed ones: ask the store)."""
-        return set(self._tenants.get(task_id, ()))
+        named = self._tenants.get(task_id)
+        if named is None:
+            return set()
+        return {named} if isinstance(named, str) else set(named)
 
     def in_flight(self, task_key: TaskKey) -> int:
         task = self._tasks.get(task_key)
@@ -179,16 +205,19 @@ class TaskBook:
 
     # -- closing --------------------------------------------------------------------------
 
-    def due(self, now_s: float, idle_s: float, grace_s: float) -> list[Figures]:
-        """Close every task quiet long enough (and the longest idle beyond `max_open`)."""
+    def due(
+        self, now_s: float, idle_s: float, grace_s: float, limit: int | None = None
+    ) -> list[Figures]:
+        """Close every task quiet long enough (and the longest idle beyond `max_open`); at most
+        `limit` of them, the rest left for the next call."""
         closed: list[Figures] = []
         for queue, wait_s in ((self._rated, grace_s), (self._unrated, idle_s)):
-            while queue:
+            while queue and (limit is None or len(closed) < limit):
                 task_key = next(iter(queue))
                 if self._tasks[task_key].last_s > now_s - wait_s:
                     break
                 closed.extend(self._close(task_key))
-        while len(self._tasks) > self._max_open:
+        while len(self._tasks) > self._max_open and (limit is None or len(closed) < limit):
             queue = self._unrated or self._rated
             if not queue:
                 break  # every open task has a request in flight
@@ -196,24 +225,28 @@ class TaskBook:
         return closed
 
     def _quiet(self, task_key: TaskKey, task: _Task) -> None:
-        queue = self._rated if task.report is not None else self._unrated
+        # A task of one request waits only for its report, like a rated one.
+        queue = self._rated if task.report is not None or task.alone else self._unrated
         queue[task_key] = None
         queue.move_to_end(task_key)
 
     def _close(self, task_key: TaskKey) -> list[Figures]:
         task = self._tasks.pop(task_key)
-        tenants = self._tenants.get(task_key[1])
-        if tenants is not None:
-            tenants.discard(task_key[0])
-            if not tenants:
+        named = self._tenants.get(task_key[1])
+        if isinstance(named, str):
+            if named == task_key[0]:
                 del self._tenants[task_key[1]]
+        elif named is not None:
+            named.discard(task_key[0])
+            if len(named) == 1:
+                self._tenants[task_key[1]] = next(iter(named))
         self._unrated.pop(task_key, None)
         self._rated.pop(task_key, None)
         if task.reached == 0 and task.report is None:
             return []  # only refusals, and nobody asked: not a task anyone ran (yet)
         result = task.report.result if task.report is not None else Result.UNKNOWN
         model = task.model()
-        _remember(self._closed, task_key, (result, model), self._max_remembered)
+        _remember(self._closed, task_key, (result.value, model), self._max_remembered)
         return [
             Figures(task_key[0], model, result, task.cost_usd, task.energy_j, task.tokens, True)
         ]
