@@ -18,6 +18,7 @@ from meterproxy import config
 from meterproxy.app import create_app, start, stop
 from meterproxy.energy.dcgm import DcgmSource, parse
 from meterproxy.energy.factory import open_source
+from meterproxy.energy.local import LocalEnergy
 from meterproxy.energy.nvml import NvmlSource
 from meterproxy.energy.settings import EnergySettings
 from meterproxy.energy.sources import SourceUnavailable
@@ -279,3 +280,53 @@ async def test_a_stalled_source_is_down_and_a_counter_reset_is_a_counted_gap(
         assert value(registry, "meterproxy_energy_source_up", source="nvml") == 0
     finally:
         await stop(server)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "openai"])
+async def test_a_streams_first_token_and_every_token_reach_the_attribution(
+    start_upstream: StartUpstream, tmp_path: Path, flavor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attribution learns a stream's progress from the relay: its first token (prefill has
+    # ended) and each token decoded. Whole chunks (vLLM's, relayed as they are) and cut ones
+    # (OpenAI's, `"usage": null` left out) must both report it.
+    firsts: dict[str, int] = {}
+    decoded: dict[str, int] = {}
+    real_first, real_decoded = LocalEnergy.first_token, LocalEnergy.decoded
+
+    def first_token(self: LocalEnergy, key: str, t_ns: int) -> None:
+        firsts[key] = firsts.get(key, 0) + 1
+        real_first(self, key, t_ns)
+
+    def decoded_tokens(self: LocalEnergy, key: str, tokens: int) -> None:
+        decoded[key] = decoded.get(key, 0) + tokens
+        real_decoded(self, key, tokens)
+
+    monkeypatch.setattr(LocalEnergy, "first_token", first_token)
+    monkeypatch.setattr(LocalEnergy, "decoded", decoded_tokens)
+    up = await start_upstream({"sim-llama": Behavior(tokens=24, pace_s=0.002)}, flavor=flavor)
+    fake = FakeNvml({"0": watts(300.0, time.monotonic())})
+    server, _, settled = await serve(up, tmp_path, NvmlSource(fake, ["0"]))
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1",
+            api_key="k",
+            max_retries=0,  # type: ignore[attr-defined]
+        ) as c:
+            stream = await c.chat.completions.create(
+                model="sim-llama", messages=MESSAGES, stream=True
+            )
+            async for _ in stream:
+                pass
+        for _ in range(60):
+            if settled:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await stop(server)  # type: ignore[arg-type]
+    [record] = settled
+    assert record.usage.completion == 24
+    assert firsts == {record.request_id: 1}
+    # About one token per event from the first token on: the finishing chunk counts too, and
+    # (OpenAI's bytes) the usage chunk the proxy left out. Before the relay fix: 0 and none.
+    assert list(decoded) == [record.request_id]
+    assert 24 <= decoded[record.request_id] <= 26

@@ -86,10 +86,16 @@ def test_due_closes_at_most_its_limit_and_the_rest_next_time() -> None:
     for i in range(5):
         book.opened(f"r{i}", "t", None, 0.0)
         book.settled(settled(f"r{i}", f"r{i}"), 0.0)
-    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 2
-    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 2
-    assert len(book.due(GRACE_S, IDLE_S, GRACE_S, limit=2)) == 1
-    assert book.open_tasks == 0 and book.due(GRACE_S, IDLE_S, GRACE_S, limit=2) == []
+    book.opened("refused", "t", None, 0.0)  # refused before the upstream: closes, uncounted
+    book.settled(settled("refused", "refused", reached_upstream=False), 0.0)
+    sizes = []
+    while True:
+        figures, more = book.close_due(GRACE_S, IDLE_S, GRACE_S, 2)
+        sizes.append(len(figures))
+        if not more:
+            break
+    assert sizes == [2, 2, 1]  # six closes, two a call; the refused one counts no figures
+    assert book.open_tasks == 0 and book.close_due(GRACE_S, IDLE_S, GRACE_S, 2) == ([], False)
 
 
 def test_a_late_request_adds_to_the_closed_result_without_counting_the_task_again() -> None:

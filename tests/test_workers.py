@@ -28,6 +28,7 @@ from .redis_support import redis_running
 from .test_cli_serve import Process, launch
 
 KEY = "workers-research-key"
+OPS_KEY = "workers-ops-key"
 MESSAGES = [{"role": "user", "content": "count the foxes"}]
 
 
@@ -140,7 +141,12 @@ async def two_workers(
     quota: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    up: Upstream = await start_upstream({"sim-llama": Behavior(tokens=12, pace_s=0.01)})
+    up: Upstream = await start_upstream(
+        {
+            "sim-llama": Behavior(tokens=12, pace_s=0.01),
+            "sim-slow": Behavior(tokens=300, pace_s=0.01),
+        }
+    )
     cfg = tmp_path / "meterproxy.yaml"
     cfg.write_text(
         f"upstreams: [{{name: gpu, url: '{up.url}', kind: vllm, gpus: [0]}}]\n"
@@ -150,8 +156,10 @@ async def two_workers(
         f"quota: {quota}\n"
         "tenants:\n"
         "  research: {keys: ['env:RESEARCH_KEY'], limits: {requests_per_minute: 40}}\n"
+        "  ops: {keys: ['env:OPS_KEY']}\n"
     )
     monkeypatch.setenv("RESEARCH_KEY", KEY)  # read by the child processes at start
+    monkeypatch.setenv("OPS_KEY", OPS_KEY)
     proxy = await launch("--config", str(cfg), cwd=tmp_path)
     processes.append(proxy)
     await all_workers_listening(proxy)
@@ -196,10 +204,26 @@ async def two_workers(
         assert sorted(requests.values()) == [20.0, 40.0], requests
     assert (await traffic(proxy.url, 5)).count(429) == 5  # the minute's 40 are still spent
 
+    # Requests in flight, whichever worker relays them, are in the host's gauge (written to
+    # the shared files once a second).
+    async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
+        body = {"model": "sim-slow", "messages": MESSAGES, "stream": True}
+        auth = {"Authorization": f"Bearer {OPS_KEY}"}
+        slow = [
+            await stack.enter_async_context(
+                http.post(proxy.url + "/v1/chat/completions", json=body, headers=auth)
+            )
+            for _ in range(3)
+        ]
+        assert [r.status for r in slow] == [200, 200, 200]
+        await asyncio.sleep(1.5)
+        inflight = samples(await scrape(proxy.url), "meterproxy_inflight_requests")
+        assert sum(inflight.values()) == 3, inflight
+
     proxy.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proxy.proc.wait(), 20) == 0
     assert children(proxy.proc.pid) == {}
-    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 65
+    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 68  # 60 + 5 + 3 slow
 
 
 def test_a_port_another_reuseport_process_holds_is_refused_not_joined() -> None:

@@ -493,7 +493,7 @@ class Metrics:
         found = self._inflight.get(upstream)
         if found is None:
             found = self._inflight[upstream] = InFlight()
-            self.inflight.labels(upstream).set_function(found.get)
+            self.track(self.inflight.labels(upstream), found.get)  # workers: written each second
         return found
 
     def exposition(self) -> bytes:

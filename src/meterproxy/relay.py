@@ -161,6 +161,9 @@ async def relay_stream(
     try:
         async for chunk in response.content.iter_any():
             guard.last_ns = runtime.clock()
+            # Before the watch sees this chunk's events (a whole chunk is counted as it is
+            # taken): what it adds goes to the energy attribution below.
+            seen, had_first = watch.content_events, watch.first_token_ns is not None
             if secret is not None and secret in chunk:
                 chunk = chunk.replace(secret, REDACTED)
             if not watch.strip_usage:
@@ -184,7 +187,6 @@ async def relay_stream(
             else:
                 # Whole events only, so that the usage the proxy asked for can be left out.
                 events = await _cut_and_write(out, cut, scanner.feed(chunk))
-            seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in events:
                 watch.on_event(event)
             if watch.ended:
@@ -193,12 +195,16 @@ async def relay_stream(
                 energy.first_token(key, watch.first_token_ns)
             energy.decoded(key, watch.content_events - seen)
         else:
+            seen, had_first = watch.content_events, watch.first_token_ns is not None
             for event in scanner.flush():
                 watch.on_event(event)
                 for kept_raw in cut.feed(event) if watch.strip_usage else [event.raw]:
                     await out.write(kept_raw)
             for kept_raw in cut.flush():
                 await out.write(kept_raw)
+            if not had_first and watch.first_token_ns is not None:
+                energy.first_token(key, watch.first_token_ns)
+            energy.decoded(key, watch.content_events - seen)
     except ConnectionResetError:
         accounting.client_left(ex, watch)
         return out

@@ -232,11 +232,16 @@ class EnergyTracker:
         I/O in between (all at once where no loop runs)."""
         self._draining = False
         completions = self._completions
-        for _ in range(min(len(completions), COMPLETIONS_PER_TURN)):
-            done, joules, gpu_seconds = completions.popleft()
-            done(joules, gpu_seconds)
-        if not completions:
-            return
+        try:
+            for _ in range(min(len(completions), COMPLETIONS_PER_TURN)):
+                done, joules, gpu_seconds = completions.popleft()
+                done(joules, gpu_seconds)
+        finally:  # even if a settlement raised: the others still get theirs
+            if completions:
+                self._schedule_hand_over()
+
+    def _schedule_hand_over(self) -> None:
+        completions = self._completions
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -181,17 +181,19 @@ class ValueMeter:
             # Thousands of tasks may be due at once (a second of traffic at thousands of
             # requests a second): closed a batch per turn of the loop, never in one stall.
             while True:
-                if self.sweep(SWEEP_BATCH) < SWEEP_BATCH:
+                if not self.sweep(SWEEP_BATCH):
                     break
                 await asyncio.sleep(0)
 
-    def sweep(self, limit: int | None = None) -> int:
-        """Count the tasks due (at most `limit`); returns how many closed or were counted."""
+    def sweep(self, limit: int | None = None) -> bool:
+        """Close the tasks due (at most `limit`) into the counters; whether more may be due."""
         current = self._settings()
-        due = self.book.due(self._now_s(), current.task_idle_s, current.outcome_grace_s, limit)
+        due, more = self.book.close_due(
+            self._now_s(), current.task_idle_s, current.outcome_grace_s, limit
+        )
         for figures in due:
             self._count(figures)
-        return len(due)
+        return more
 
     def _count(self, f: Figures) -> None:
         m, labels = self._metrics, (f.tenant, f.model, f.result.value)

@@ -205,24 +205,35 @@ class TaskBook:
 
     # -- closing --------------------------------------------------------------------------
 
-    def due(
-        self, now_s: float, idle_s: float, grace_s: float, limit: int | None = None
-    ) -> list[Figures]:
-        """Close every task quiet long enough (and the longest idle beyond `max_open`); at most
-        `limit` of them, the rest left for the next call."""
+    def due(self, now_s: float, idle_s: float, grace_s: float) -> list[Figures]:
+        """Close every task quiet long enough (and the longest idle beyond `max_open`)."""
+        return self.close_due(now_s, idle_s, grace_s, None)[0]
+
+    def close_due(
+        self, now_s: float, idle_s: float, grace_s: float, limit: int | None
+    ) -> tuple[list[Figures], bool]:
+        """As `due`, closing at most `limit` tasks (counted or not: a task of refusals alone
+        closes without figures); also whether more may be due."""
         closed: list[Figures] = []
+        n = 0
         for queue, wait_s in ((self._rated, grace_s), (self._unrated, idle_s)):
-            while queue and (limit is None or len(closed) < limit):
+            while queue:
+                if limit is not None and n >= limit:
+                    return closed, True
                 task_key = next(iter(queue))
                 if self._tasks[task_key].last_s > now_s - wait_s:
                     break
                 closed.extend(self._close(task_key))
-        while len(self._tasks) > self._max_open and (limit is None or len(closed) < limit):
+                n += 1
+        while len(self._tasks) > self._max_open:
+            if limit is not None and n >= limit:
+                return closed, True
             queue = self._unrated or self._rated
             if not queue:
                 break  # every open task has a request in flight
             closed.extend(self._close(next(iter(queue))))
-        return closed
+            n += 1
+        return closed, False
 
     def _quiet(self, task_key: TaskKey, task: _Task) -> None:
         # A task of one request waits only for its report, like a rated one.
