@@ -149,6 +149,26 @@ def test_past_max_open_the_longest_idle_task_closes_early() -> None:
     assert not book.is_open(("t", "T0")) and book.is_open(("t", "T2"))
 
 
+def test_past_max_open_the_longest_quiet_task_goes_first_named_or_not() -> None:
+    # Requests sent alone wait in another queue than named tasks; eviction still takes the
+    # longest quiet of both, so a burst of lone requests does not push out an older named task
+    # before its own older lone ones.
+    book = TaskBook(max_open=3)
+    book.opened("a1", "t", None, 0.0)
+    book.settled(settled("a1", "a1"), 0.0)
+    run(book, "n1", "T", 1.0)
+    book.opened("a2", "t", None, 2.0)
+    book.settled(settled("a2", "a2"), 2.0)
+    book.opened("a3", "t", None, 3.0)
+    book.settled(settled("a3", "a3"), 3.0)
+    book.due(3.0, IDLE_S, GRACE_S)
+    assert not book.is_open(("t", "a1")) and book.is_open(("t", "T"))
+    book.opened("a4", "t", None, 3.5)
+    book.settled(settled("a4", "a4"), 3.5)
+    book.due(3.5, IDLE_S, GRACE_S)
+    assert not book.is_open(("t", "T")) and book.is_open(("t", "a2"))
+
+
 def test_a_task_of_refusals_alone_is_forgotten_so_its_retry_starts_afresh() -> None:
     book = TaskBook(max_open=100)
     run(book, "r1", "T", 0.0, reached_upstream=False)  # a 429, then a long back-off

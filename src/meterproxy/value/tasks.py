@@ -228,12 +228,20 @@ class TaskBook:
         while len(self._tasks) > self._max_open:
             if limit is not None and n >= limit:
                 return closed, True
-            queue = self._unrated or self._rated
-            if not queue:
+            quiet = self._longest_quiet()
+            if quiet is None:
                 break  # every open task has a request in flight
-            closed.extend(self._close(next(iter(queue))))
+            closed.extend(self._close(next(iter(quiet))))
             n += 1
         return closed, False
+
+    def _longest_quiet(self) -> collections.OrderedDict[TaskKey, None] | None:
+        """The queue whose first task has been quiet longest (None: no task is quiet)."""
+        rated, unrated = self._rated, self._unrated
+        if not rated or not unrated:
+            return rated or unrated or None
+        oldest_rated = self._tasks[next(iter(rated))].last_s
+        return rated if oldest_rated < self._tasks[next(iter(unrated))].last_s else unrated
 
     def _quiet(self, task_key: TaskKey, task: _Task) -> None:
         # A task of one request waits only for its report, like a rated one.
