@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry
 from meterproxy import cli, config
 from meterproxy.app import create_app, start, stop
 from meterproxy.policy import hash_key
+from meterproxy.quota_local import LocalQuota
 from meterproxy.sim.upstream import Behavior, with_failure
+from meterproxy.tokens import LEARNED_FROM_BYTES, RATIO_SAMPLES, TokenCounter
 
 from .conftest import Proxy, StartProxy, StartUpstream, Upstream
 
@@ -356,3 +358,42 @@ def test_tenant_config_errors_name_their_paths() -> None:
         "auth.mode: open",
         "quota.timezone: unknown time zone 'Mars/Olympus' (e.g. UTC, Europe/Paris)",
     ]
+
+
+async def test_large_prompts_are_estimated_from_bytes_once_the_upstream_taught_the_ratio(
+    start_upstream: StartUpstream, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counting a 20 KB prompt with tiktoken for its reservation costs milliseconds of CPU; once
+    # the upstream's own counts of RATIO_SAMPLES large prompts are known, the reservation uses
+    # the highest tokens per byte seen instead (the settlement is exact either way).
+    counted: list[int] = []
+    reserved: list[int] = []
+    real_count, real_admit = TokenCounter.count_prompt, LocalQuota.admit
+
+    def count_prompt(self: TokenCounter, model: str, endpoint: Any, body: Any) -> int:
+        counted.append(len(str(body)))
+        return real_count(self, model, endpoint, body)
+
+    async def admit(self: LocalQuota, tenant: Any, estimate: int, key: str, **kw: Any) -> Any:
+        reserved.append(estimate)
+        return await real_admit(self, tenant, estimate, key, **kw)
+
+    monkeypatch.setattr(TokenCounter, "count_prompt", count_prompt)
+    monkeypatch.setattr(LocalQuota, "admit", admit)
+    _, proxy = await start_tenants(
+        start_upstream, start_proxy, tokens_per_minute=10_000_000, max_tokens_per_request=16
+    )
+    words = "the quick brown fox jumps over the lazy dog while the cat watches closely".split()
+    prompts = [" ".join(words[(i + j) % len(words)] for j in range(4000)) for i in range(18)]
+    usages = []
+    async with sdk(proxy, RESEARCH_KEY) as c:
+        for text in prompts:
+            reply = await c.chat.completions.create(
+                model="llama-3.1-8b", messages=[{"role": "user", "content": text}]
+            )
+            assert reply.usage is not None
+            usages.append(reply.usage.prompt_tokens)
+    assert len(prompts[0]) > LEARNED_FROM_BYTES
+    assert len(counted) == RATIO_SAMPLES  # the first ones counted; the rest estimated
+    for estimate, prompt in zip(reserved[RATIO_SAMPLES:], usages[RATIO_SAMPLES:], strict=True):
+        assert prompt <= estimate - 16 <= 1.05 * prompt + 10  # the cap of 16 reserved too

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -12,7 +13,16 @@ import pytest
 import tiktoken_ext
 
 from meterproxy import endpoints
-from meterproxy.tokens import BYTE_ESTIMATE, OFFLINE, TokenCounter, off_loop
+from meterproxy.endpoints import CHAT, COMPLETIONS
+from meterproxy.tokens import (
+    BYTE_ESTIMATE,
+    LEARNED_FROM_BYTES,
+    OFFLINE,
+    RATIO_SAMPLES,
+    TokenCounter,
+    off_loop,
+    prompt_text,
+)
 
 # OpenAI cookbook's example: 129 prompt tokens, as counted by the API for gpt-4 (cl100k).
 COOKBOOK = [
@@ -133,3 +143,26 @@ async def test_a_count_whose_encoding_is_not_loaded_yet_runs_off_the_loop() -> N
     assert threads[-1] != threading.get_ident() and counter.ready("gpt-4o-mini")
     assert await off_loop(20, count, ready=counter.ready("gpt-4o-mini")) == 2
     assert threads[-1] == threading.get_ident()  # loaded: a short count stays on the loop
+
+
+def test_a_prompts_text_is_measured_apart_from_its_framing_and_token_ids() -> None:
+    body = {"messages": [{"role": "user", "content": "héllo"}, {"role": "system", "name": "x"}]}
+    # Two messages (3 each), a name (1), the reply priming (3); "user" + "héllo" + "system" + "x".
+    assert prompt_text(CHAT, body) == (3 + 3 + 1 + 3, 4 + 6 + 6 + 1)
+    assert prompt_text(COMPLETIONS, {"prompt": [101, 102, 103]}) == (3, 0)
+
+
+def test_large_prompts_are_estimated_from_the_highest_learned_ratio() -> None:
+    counter = TokenCounter(None)
+    body = {"messages": [{"role": "user", "content": "é" * LEARNED_FROM_BYTES}]}
+    fixed, text_bytes = prompt_text(CHAT, body)
+    assert counter.learned_estimate("m", CHAT, body) == (None, text_bytes)  # nothing learned
+    counter.learn("m", LEARNED_FROM_BYTES - 1, 10_000)  # a small prompt teaches nothing
+    for i in range(RATIO_SAMPLES):
+        assert counter.learned_estimate("m", CHAT, body)[0] is None
+        counter.learn("m", 40_000, 8_000 + i)  # tokens per byte 0.2 .. 0.2 + 15 / 40,000
+    estimate, _ = counter.learned_estimate("m", CHAT, body)
+    assert estimate == fixed + math.ceil(text_bytes * (8_000 + RATIO_SAMPLES - 1) / 40_000)
+    small = {"messages": [{"role": "user", "content": "hi"}]}
+    assert counter.learned_estimate("m", CHAT, small)[0] is None  # small: counted, not guessed
+    assert counter.learned_estimate("other", CHAT, body)[0] is None  # ratios are per model

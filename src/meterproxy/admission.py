@@ -3,7 +3,8 @@
 Model allow-list (403), max_tokens_per_request (400, or the limit filled in when the client set
 none), then the quota: a reservation of the prompt estimate plus, for each answer asked for
 (`n`, `best_of`), the output cap — the client's, else the tenant's, else the configured
-default reservation for the model (429 on refusal).
+default reservation for the model (429 on refusal). A large prompt is estimated from its text's
+bytes once the upstream's own counts have taught the model's tokens per byte (tokens.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .exchange import Exchange
 from .intake import output_cap
 from .policy import Limits
 from .runtime import Runtime
-from .tokens import off_loop
+from .tokens import LEARNED_FROM_BYTES, off_loop
 
 _NO_LIMITS = Limits()
 
@@ -52,11 +53,15 @@ async def admit(runtime: Runtime, ex: Exchange) -> bool:
     estimate = 0
     if limits.tokens_per_minute is not None or limits.tokens_per_day is not None:
         counter, model = runtime.tokens, route.model
-        prompt = await off_loop(
-            ex.body_bytes,
-            lambda: counter.count_prompt(model, endpoint, body),
-            ready=counter.ready(model),
-        )
+        prompt = None
+        if ex.body_bytes >= LEARNED_FROM_BYTES:  # its text cannot be larger than its JSON
+            prompt, ex.prompt_text_bytes = counter.learned_estimate(model, endpoint, body)
+        if prompt is None:
+            prompt = await off_loop(
+                ex.body_bytes,
+                lambda: counter.count_prompt(model, endpoint, body),
+                ready=counter.ready(model),
+            )
         if endpoint.generates:
             output = max_tokens
             if output is None:

@@ -77,6 +77,7 @@ class Exchange:
     client_user: str | None = None  # the body's `user`, bounded and sanitized
     task_id: str | None = None  # x-meterproxy-task, bounded and sanitized (None: its own task)
     ticket: Ticket | None = None  # what quota admission reserved
+    prompt_text_bytes: int = 0  # the prompt's text, measured when admission estimated it
     reached_upstream: bool = False  # a byte of the request may have reached the upstream
     upstream_request_id: str | None = None  # the upstream's own x-request-id
     first_token_ns: int | None = None

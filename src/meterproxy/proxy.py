@@ -30,7 +30,7 @@ from .proxy_headers import REQUEST_DROP
 from .relay import ClientGone, client_headers, redact, relay_body, relay_stream
 from .routing import Route
 from .runtime import Runtime
-from .usage import loads
+from .usage import Source, loads
 from .watch import StreamWatch
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,8 @@ async def _forward(
         usage = ex.usage
         if usage.known:  # the upstream's own counts correct the request's work
             energy.usage(ex.key, usage.prompt, usage.cached_prompt, usage.completion)
+            if ex.prompt_text_bytes and usage.prompt and usage.source is Source.UPSTREAM:
+                runtime.tokens.learn(ex.model, ex.prompt_text_bytes, usage.prompt)
         energy.end(ex.key)
         if response is not None:
             response.close()  # a no-op after a full read; otherwise the upstream sees a close
