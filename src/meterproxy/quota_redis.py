@@ -145,6 +145,7 @@ class RedisQuota:
         self._wake = asyncio.Event()
         self._rebuilding: dict[str, asyncio.Lock] = {}
         self.up = True
+        self._reset_idle: asyncio.Task[None] | None = None
         self._up = metrics.quota_backend_up.labels("redis")
         self._up.set(1)
         self._client: aioredis.Redis = aioredis.Redis.from_url(
@@ -640,6 +641,12 @@ class RedisQuota:
             self.up = True
             self._up.set(1)
             log.info("quota: Redis at %s is answering again", self.settings.redis_location)
+            # Connections left idle in the pool from before the outage are dead: each would fail
+            # one admission when next used (no retry: it could charge twice). Closed now, so
+            # the next use opens a fresh one.
+            self._reset_idle = asyncio.get_running_loop().create_task(
+                self._client.connection_pool.disconnect(inuse_connections=False)
+            )
 
 
 def _modes(settings: QuotaBackendSettings) -> str:
