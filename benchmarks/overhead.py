@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -54,6 +53,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import wrk_load  # beside this script: the benchmarks' shared wrk driver
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Benchmark the proxy, please."}]
@@ -186,36 +186,9 @@ async def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-_WRK_SCRIPT = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
-f:close()
-"""
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
 def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str, float]:
-    script = Path(tempfile.gettempdir()) / "meterproxy-bench.lua"
-    script.write_text(_WRK_SCRIPT)
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
-    out = subprocess.run(
-        pinned(0, [*argv, "-s", str(script), url + "/chat/completions"]),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "BENCH_BODY": body_path, "BENCH_KEY": BENCH_KEY},
-        check=True,
-    ).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
-    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    for pct in ("50", "99"):
-        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
-        result[f"p{pct}_ms"] = float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result["errors"] = float(errors.group(1)) if errors else 0.0
-    return result
+    return wrk_load.run(pinned(0, argv), url + "/chat/completions", body_path, BENCH_KEY)
 
 
 def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> Any:

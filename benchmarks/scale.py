@@ -35,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import wrk_load  # beside this script: the benchmarks' shared wrk driver
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -194,49 +195,14 @@ async def admission_in_process(redis_url: str, n: int) -> list[str]:
 
 # -- through the proxy ---------------------------------------------------------------------------
 
-_WRK = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
-f:close()
-"""
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
 
 def wrk(
     url: str, connections: int, seconds: float, cpus: str | None, threads: int
 ) -> dict[str, float]:
-    workdir = Path(tempfile.gettempdir())
-    (workdir / "meterproxy-scale.lua").write_text(_WRK)
-    (workdir / "meterproxy-scale.json").write_bytes(orjson.dumps(BODY))
-    out = subprocess.run(
-        pinned(
-            cpus,
-            [
-                "wrk",
-                f"-t{threads}",
-                f"-c{connections}",
-                f"-d{round(seconds)}s",
-                "--latency",
-                "-s",
-                str(workdir / "meterproxy-scale.lua"),
-                url + "/v1/chat/completions",
-            ],
-        ),
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "BENCH_BODY": str(workdir / "meterproxy-scale.json"), "BENCH_KEY": KEY},
-    ).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
-    for q in ("50", "99"):
-        m = re.search(rf"\s{q}%\s+([\d.]+)(us|ms|s)\b", out)
-        result[f"p{q}_ms"] = float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result["errors"] = float(errors.group(1)) if errors else 0.0
-    return result
+    body = Path(tempfile.gettempdir()) / "meterproxy-scale.json"
+    body.write_bytes(orjson.dumps(BODY))
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--latency"]
+    return wrk_load.run(pinned(cpus, argv), url + "/v1/chat/completions", body, KEY)
 
 
 def write_config(workdir: Path, upstream_port: int, quota: str, redis_url: str | None) -> Path:
