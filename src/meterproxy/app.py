@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -274,42 +274,41 @@ def _energy_completer(energy: EnergyBackend) -> Callable[[Exchange, Callable[[],
     return complete
 
 
-async def _ledger(app: web.Application) -> AsyncIterator[None]:
-    ledger, runtime = app[LEDGER], app[RUNTIME]
-    await ledger.open()
-    crashes = runtime.metrics.background_crashes.labels("ledger-writer")
-    writer = runtime.tasks.supervise("ledger-writer", ledger.run, crashes.inc)
-    yield
-    # Handlers have drained and energy has closed; let late settlements reach the queue.
-    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
-        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
-    await runtime.tasks.cancel(writer)
-    await ledger.close()
+class _Background(Protocol):
+    """A part that opens, runs in the background (supervised) and closes: the ledger's writer,
+    the CloudEvents exporter, the quota backend."""
+
+    async def open(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
-async def _export(app: web.Application) -> AsyncIterator[None]:
-    exporter, runtime = app[EXPORT], app[RUNTIME]
-    await exporter.open()
-    crashes = runtime.metrics.background_crashes.labels("export")
-    task = runtime.tasks.supervise("export", exporter.run, crashes.inc)
-    yield
-    # After the ledger's cleanup, which waited for late settlements: they are queued by now.
-    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
-        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
-    await runtime.tasks.cancel(task)
-    await exporter.close()
+def _supervised(
+    name: str, part: Callable[[web.Application], _Background]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The lifetime of a background part: open, run supervised (crashes counted under `name`);
+    at shutdown, once late settlements have reached it, stopped and closed."""
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        runtime, background = app[RUNTIME], part(app)
+        await background.open()
+        crashes = runtime.metrics.background_crashes.labels(name)
+        task = runtime.tasks.supervise(name, background.run, crashes.inc)
+        yield
+        # Handlers have drained and energy has closed; let late settlements reach it.
+        if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
+            log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
+        await runtime.tasks.cancel(task)
+        await background.close()
+
+    return lifetime
 
 
-async def _quota(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    await runtime.quota.open()
-    crashes = runtime.metrics.background_crashes.labels("quota")
-    task = runtime.tasks.supervise("quota", runtime.quota.run, crashes.inc)
-    yield
-    if not await runtime.settler.wait_idle(_SETTLE_WAIT_S):
-        log.error("shutdown: %d settlements did not complete in time", runtime.settler.pending)
-    await runtime.tasks.cancel(task)
-    await runtime.quota.close()
+_ledger = _supervised("ledger-writer", lambda app: app[LEDGER])
+_export = _supervised("export", lambda app: app[EXPORT])  # its wait comes after the ledger's
+_quota = _supervised("quota", lambda app: app[RUNTIME].quota)
 
 
 def _linked(link: HostLink) -> Callable[[web.Application], AsyncIterator[None]]:
