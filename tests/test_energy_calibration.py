@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from meterproxy.energy.calibration import Calibration, EnergyModel
+from meterproxy.energy.calibration import Calibration, EnergyModel, Prior
 
 TRUE = EnergyModel(
     idle_w=80.0, floor_w=250.0, step_j=1.2, prefill_j=0.012, decode_j=0.05, context_j=0.03
@@ -47,15 +47,16 @@ def test_recovers_a_known_model_despite_noise_and_glitches(glitches: bool, withi
 
 
 def test_not_trusted_before_enough_windows_or_when_nothing_explains_the_energy() -> None:
+    """Trusted means backed by data; the fit is used (shrunk to the defaults) before that."""
     fit = Calibration()
     for row in list(intervals(random.Random(2), 60)):  # 6 windows
         fit.add(*row)
-    assert fit.state.model is not None and not fit.state.trusted
+    assert fit.state.model is not None and not fit.state.trusted and fit.state.usable
     noise = Calibration()
     rng = random.Random(3)
     for _, busy, steps, prefill, decode, context, _ in intervals(rng, 2000):
         noise.add(0.1, busy, steps, prefill, decode, context, rng.uniform(5, 70))
-    assert not noise.state.trusted  # no work term explains any of it
+    assert not noise.state.trusted and not noise.state.usable  # no work term explains any of it
 
 
 def test_memory_is_bounded() -> None:
@@ -65,3 +66,76 @@ def test_memory_is_bounded() -> None:
         fit.add(*row)
     assert sorted(vars(fit)) == before
     assert all(len(r) == 6 for r in fit._xtx) and len(fit._xty) == 6
+
+
+def decode_windows(rng: random.Random, n: int):  # type: ignore[no-untyped-def]
+    """Busy windows of decoding only (no prompt ever), batch size and context varying."""
+    for _ in range(n):
+        for _ in range(10):
+            busy = rng.uniform(0.05, 0.1)
+            steps = busy / 0.02
+            decode = steps * rng.randrange(1, 64)
+            context = decode * rng.uniform(0.1, 8.0)
+            energy = (
+                TRUE.idle_w * 0.1
+                + TRUE.floor_w * busy
+                + TRUE.step_j * steps
+                + TRUE.decode_j * decode
+                + TRUE.context_j * context
+            ) * rng.gauss(1.0, 0.01)
+            yield 0.1, busy, steps, 0.0, decode, context, energy
+        yield 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, TRUE.idle_w * 0.001  # closes the window
+
+
+def predict(model: EnergyModel, row: tuple[float, ...]) -> float:
+    dt, busy, steps, prefill, decode, context, _ = row
+    return (
+        model.idle_w * dt
+        + model.floor_w * busy
+        + model.step_j * steps
+        + model.prefill_j * prefill
+        + model.decode_j * decode
+        + model.context_j * context
+    )
+
+
+def test_what_the_data_pins_down_is_used_before_trust() -> None:
+    fit = Calibration()
+    for row in decode_windows(random.Random(6), 5):
+        fit.add(*row)
+    state = fit.state
+    assert state.usable and not state.trusted and state.model is not None
+    # Five windows (half of what trust needs) pin the energy: a fresh one is predicted within 5 %
+    fresh = list(decode_windows(random.Random(7), 1))
+    got = sum(predict(state.model, r) for r in fresh)
+    want = sum(r[-1] for r in fresh)
+    assert got == pytest.approx(want, rel=0.05)
+    # and context, which varies across them, has moved from the default of 0 to near the truth.
+    assert state.model.context_j == pytest.approx(TRUE.context_j, rel=0.2)
+
+
+def test_a_term_the_data_cannot_see_stays_at_its_default() -> None:
+    prior = Prior(prefill_per_decode=0.03, context_per_decode=0.0)
+    fit = Calibration(prior=prior)
+    rows = list(decode_windows(random.Random(8), 6))
+    for row in rows:
+        fit.add(*row)
+    model = fit.state.model
+    assert model is not None and fit.state.usable
+    # No prompt was ever prefilled: a prompt token costs what the defaults say, 3 % of a
+    # decoded token's whole energy above idle (its own, plus its part of floor and steps).
+    busy = [r for r in rows if r[1] > 0.0]
+    per_token = (
+        model.decode_j
+        + model.floor_w * sum(r[1] for r in busy) / sum(r[4] for r in busy)
+        + model.step_j * sum(r[2] for r in busy) / sum(r[4] for r in busy)
+    )
+    assert model.prefill_j == pytest.approx(0.03 * per_token, rel=0.25)
+
+
+def test_a_fit_that_predicts_badly_is_not_used() -> None:
+    noise = Calibration()
+    rng = random.Random(3)
+    for _, busy, steps, prefill, decode, context, _ in intervals(rng, 2000):
+        noise.add(0.1, busy, steps, prefill, decode, context, rng.uniform(5, 70))
+    assert noise.state.windows >= 10 and not noise.state.usable and not noise.state.trusted

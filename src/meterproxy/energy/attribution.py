@@ -10,8 +10,10 @@ terms) predicts the interval as
     static      (idle_w + floor_w) x busy time                    -> split by residency
     dynamic     prefill_j x p + decode_j x d + context_j x c      -> each request its own
 
-and E is split in those proportions (scaled so they sum to E). Until the fit is trusted, the
-configured defaults apply: the static level is the idle baseline (a low percentile of idle
+and E is split in those proportions (scaled so they sum to E). The fit is used from the first
+busy window (it starts from the defaults and moves each term as the data pins it down, see
+calibration.py) unless it has been shown to predict badly; before that, or with calibration off,
+the configured defaults apply: the static level is the idle baseline (a low percentile of idle
 power), and whatever E holds above it is split by relative work weights. Conservation is exact
 per GPU: attributed + idle == measured. The same shares split the interval's busy time into
 GPU-seconds.
@@ -28,19 +30,28 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .calibration import Calibration, EnergyModel, FitState
+from .calibration import Calibration, EnergyModel, FitState, Prior
 from .workload import NEVER, Group, Habits, Pace, Share
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Defaults, used until a GPU's own fit is trusted."""
+    """Defaults: used before a GPU's fit has seen work, and as the fit's starting point."""
 
     # Relative energy of one prompt token and one generated token. Prefill is compute-bound
     # and batched (~20-40 mJ/token for an 8B model on an H100-class GPU); a decode step streams
     # all weights for one token per sequence (~0.4-1 J/token at typical batch sizes).
     prefill: float = 0.03
     decode: float = 1.0
+    # Per decoded token per 1000 tokens of its context (reading its KV cache). Left to the
+    # fit: the KV bytes an 8B-70B GQA model reads per 1000 tokens of context are 0.07-0.5 of
+    # the weight bytes a decoded token's share of a step streams, depending on model and batch,
+    # and some engines show no context cost at all; a guess either way costs more than it saves.
+    context: float = 0.0
+    # What the weights above weigh in the fit, in busy windows: a tie-breaker for what the data
+    # cannot yet tell apart, not a belief (on a GPU unlike the one they came from they are
+    # wrong, and even one window's weight would hold its fit back).
+    prior_windows: float = 0.001
     # Prefill time per uncached prompt token (25k tokens/s), until streams show the real speed.
     prefill_s_per_token: float = 0.00004
     step_s: float = 0.025  # decode step time, until streams show it
@@ -49,7 +60,7 @@ class Weights:
     prefill_time_share: float = 0.5
     baseline_percentile: float = 0.1  # of power seen while idle: the static (idle) level
     default_baseline_w: float = 0.0  # until an idle interval has been seen
-    calibrate: bool = True  # fit each GPU's model online and use it once trusted
+    calibrate: bool = True  # fit each GPU's model online and use it
 
 
 _MAX_CARRY_S = 2.0  # energy above the board limit is carried at most this long's worth
@@ -94,7 +105,8 @@ class Engine:
         if found is None:
             w = self.weights
             pace = Pace(w.step_s * 1e9, 1.0 / (w.prefill_s_per_token * 1e9))
-            found = self.books[gpu] = GpuBook(gpu, pace, Calibration())
+            prior = Prior(w.prefill / w.decode, w.context / w.decode, w.prior_windows)
+            found = self.books[gpu] = GpuBook(gpu, pace, Calibration(prior=prior))
         return found
 
     def fit(self, gpu: str) -> FitState:
@@ -267,7 +279,7 @@ class Engine:
         if model is not None:
             wp, wd, wc = model.prefill_j * 1000, model.decode_j * 1000, model.context_j * 1000
         else:
-            wp, wd, wc = w.prefill, w.decode, 0.0
+            wp, wd, wc = w.prefill, w.decode, w.context
         if dt:
             self._place(book, t0, t1)
         for share in book.live.values():
@@ -456,7 +468,7 @@ class Engine:
 
     def _model(self, book: GpuBook) -> EnergyModel | None:
         state = book.fit.state
-        return state.model if state.trusted else None
+        return state.model if state.usable else None
 
     def _idle_w(self, book: GpuBook) -> float:
         model = self._model(book)

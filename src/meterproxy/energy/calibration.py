@@ -10,8 +10,18 @@ idle whenever it runs, whatever the batch. `steps` are engine steps (each stream
 once, whatever the batch); without them a long prefill step, which displaces decode steps, would
 look cheaper per token than it is. Rows are weighted down when their residual is far
 outside the running residual scale (Huber), so a counter glitch or a missed reading cannot drag
-the fit. The model is trusted only once enough busy windows have been predicted within
-`max_error` (out of sample: each window is scored before it is learned).
+the fit.
+
+The fit starts from the configured defaults (`Prior`): no engine floor or per-step term above
+idle, prefill and context costing fixed fractions of a decoded token. Each statement is added to
+the normal matrix with the weight of `windows` typical busy windows (a ridge centred on the
+defaults, not on zero), so a direction the data pins down moves from the first window while one
+it cannot yet tell apart (a single window; a floor beside per-step energy; prefill before any
+prompt was seen) stays where the defaults put it. The model is `usable` (attribution uses it)
+from the first busy window unless it has been shown to predict badly (past `max_error` once
+backed by `min_windows`), and `trusted` once `min_windows` busy windows have been predicted
+within `max_error` (out of sample: each window is scored before it is learned): trusted says the
+data, not the defaults, backs it.
 """
 
 from __future__ import annotations
@@ -46,13 +56,26 @@ class EnergyModel:
 
 
 @dataclass(frozen=True)
+class Prior:
+    """The configured defaults as a statement about the fit: no energy above idle but the
+    tokens' (no floor, no per-step term), a prefilled token and context (per decoded token per
+    1000 tokens) costing these fractions of a decoded token's whole energy above idle. Each of
+    the four weighs as much as `windows` typical busy windows."""
+
+    prefill_per_decode: float = 0.03
+    context_per_decode: float = 0.0
+    windows: float = 0.001
+
+
+@dataclass(frozen=True)
 class FitState:
     """What the metrics and `meterproxy energy` show."""
 
     model: EnergyModel | None  # the latest fit (None before the first solve)
-    trusted: bool  # attribution uses `model` (else the configured defaults)
+    trusted: bool  # backed by data: `min_windows` busy windows predicted within `max_error`
     error_ratio: float | None  # robust out-of-sample error / mean window energy
     windows: float  # effective number of busy windows in the fit
+    usable: bool = False  # attribution uses `model` (else the configured defaults)
 
 
 class Calibration:
@@ -63,8 +86,10 @@ class Calibration:
         min_windows: int = 10,
         max_error: float = 0.15,
         error_half_life_windows: float = 30.0,
+        prior: Prior | None = None,
     ) -> None:
         self.window_s, self.min_windows, self.max_error = window_s, min_windows, max_error
+        self.prior = prior or Prior()
         self._decay = 0.5 ** (1.0 / half_life_windows)
         self._error_decay = 0.5 ** (1.0 / error_half_life_windows)
         self._xtx = [[0.0] * _N for _ in range(_N)]
@@ -136,17 +161,56 @@ class Calibration:
                 row[j] = row[j] * d + xi * x[j]
         if busy:
             self._busy_windows = self._busy_windows * d + 1.0
-        self._beta = _nonnegative_solve(self._xtx, self._xty)
+        self._beta = _nonnegative_solve(self._with_prior(), self._xty)
         model = EnergyModel(*(b / s for b, s in zip(self._beta, _SCALE, strict=True)))
         error = self._abs_res / self._abs_y if self._abs_y > 0 else None
-        trusted = (
-            self._busy_windows >= self.min_windows
-            and error is not None
-            and error <= self.max_error
-            and model.floor_w + model.idle_w > 0.0
-            and (model.decode_j > 0.0 or model.context_j > 0.0)
+        # Tokens must explain some of the energy: with the prior, a term the data does not
+        # support is small but never exactly 0. XtX's first row holds each feature's sum (x dt).
+        total = sum(b * v for b, v in zip(self._beta, self._xtx[0], strict=True))
+        work = sum(self._beta[k] * self._xtx[0][k] for k in (3, 4, 5))
+        sane = model.floor_w + model.idle_w > 0.0 and total > 0.0 and work >= 0.02 * total
+        backed = self._busy_windows >= self.min_windows
+        good = error is None or error <= self.max_error
+        usable = sane and self._busy_windows > 0.0 and (good or not backed)
+        trusted = usable and backed and error is not None
+        self.state = FitState(model, trusted, error, self._busy_windows, usable)
+
+    def _with_prior(self) -> list[list[float]]:
+        """The normal matrix plus the prior: each statement `a . beta = 0` adds
+        m x (a . x)^2 x a a^T, with (a . x)^2 averaged over the busy windows seen, so that it
+        weighs as m typical windows whatever the GPU's scale, and nothing before any work."""
+        n = self._busy_windows
+        xtx = [row[:] for row in self._xtx]
+        if n <= 0.0:
+            return xtx
+        for a in self._statements():
+            typical = sum(ai * aj * self._xtx[i][j] for i, ai in a.items() for j, aj in a.items())
+            weight = self.prior.windows * typical / n
+            for i, ai in a.items():
+                for j, aj in a.items():
+                    xtx[i][j] += weight * ai * aj
+        return xtx
+
+    def _statements(self) -> tuple[dict[int, float], ...]:
+        """The defaults as linear statements on the scaled coefficients (index: factor)."""
+        x = self._xtx
+        # Busy time and steps per decoded token, as seen (least squares through 0), scaled.
+        busy_per = x[1][4] / x[4][4] if x[4][4] > 0 else 0.0
+        steps_per = x[2][4] / x[4][4] if x[4][4] > 0 else 0.0
+
+        def all_in(k: int, ratio: float) -> dict[int, float]:
+            # coef_k = ratio x (decode_j + floor_w x busy/token + step_j x steps/token): the
+            # defaults' weights are relative to a decoded token's whole energy above idle
+            r = ratio * _SCALE[k] / _SCALE[4]
+            return {k: 1.0, 4: -r, 1: -r * busy_per, 2: -r * steps_per}
+
+        p = self.prior
+        return (
+            {1: 1.0},  # floor_w = 0: the defaults' static level is idle
+            {2: 1.0},  # step_j = 0
+            all_in(3, p.prefill_per_decode),
+            all_in(5, p.context_per_decode),
         )
-        self.state = FitState(model, trusted, error, self._busy_windows)
 
 
 def _nonnegative_solve(xtx: list[list[float]], xty: list[float]) -> list[float]:
