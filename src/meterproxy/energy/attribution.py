@@ -421,10 +421,12 @@ class Engine:
         residency = sum(r[1] for r in rows)
         work = sum(r[2] for r in rows)
         if model is not None:
-            idle = model.idle_w * (dt - busy) / 1e6
+            # The idle part of the interval is idle at the level the fit says: only what the
+            # requests drew takes the fit's error (scaled so the whole adds up to the reading).
+            idle = min(model.idle_w * (dt - busy) / 1e6, energy)
             static = (model.idle_w + model.floor_w) * busy / 1e6 + model.step_j * steps * 1000
-            scale = energy / (idle + static + work) if idle + static + work > 0 else 0.0
-            idle, static, dynamic = idle * scale, static * scale, work * scale
+            scale = (energy - idle) / (static + work) if static + work > 0 else 0.0
+            static, dynamic = static * scale, work * scale
         else:
             level = self._baseline_w(book)
             idle, static = level * (dt - busy) / 1e6, level * busy / 1e6
