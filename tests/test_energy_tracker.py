@@ -102,3 +102,41 @@ async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loo
     for _ in range(200 // COMPLETIONS_PER_TURN + 1):
         await asyncio.sleep(0)
     assert sorted(done) == sorted(f"k{i}" for i in range(200))
+
+
+def test_the_fit_is_exported_in_use_from_the_first_busy_window_and_trusted_later() -> None:
+    now, tokens = [0], [0]
+    registry = CollectorRegistry()
+    # 100 W idle, 2 J per decoded token: energy that follows the work the proxy sees.
+    fake = FakeNvml(
+        {"0": lambda t: t * 100_000.0 + tokens[0] * 2_000.0}, clock=lambda: now[0] / 1e9
+    )
+    source = NvmlSource(fake, ["0"], lambda: now[0])
+    energy = EnergyTracker(source, {"u": ("0",)}, Metrics(registry), lambda: now[0], Weights(), 0.1)
+
+    def gauge(name: str) -> float | None:
+        return registry.get_sample_value(f"meterproxy_gpu_energy_model_{name}", {"gpu": "0"})
+
+    seen: list[tuple[float | None, float | None]] = []
+    for step in range(200):  # 20 s: a request streams for 0.7 s of every second
+        now[0] = step * 100 * MS
+        if step % 10 == 0:
+            energy.start(f"k{step}", "u", ("m", "u", "t"), 50, True)
+            energy.first_token(f"k{step}", now[0])
+        elif step % 10 < 8:
+            n = 5 + step % 7
+            energy.decoded(f"k{step - step % 10}", n)
+            tokens[0] += n
+        elif step % 10 == 8:
+            energy.end(f"k{step - 8}")
+        energy.on_readings(source.read())
+        seen.append((gauge("in_use"), gauge("trusted")))
+    first_use = next(i for i, (in_use, _) in enumerate(seen) if in_use == 1.0)
+    first_trust = next(i for i, (_, trusted) in enumerate(seen) if trusted == 1.0)
+    assert first_use <= 20  # within the first two windows of work
+    assert seen[first_use][1] == 0.0  # in use while still young
+    assert first_trust > first_use + 80  # backed by data only after 10 busy windows
+    decode = registry.get_sample_value(
+        "meterproxy_gpu_energy_model", {"gpu": "0", "term": "decode_j"}
+    )
+    assert decode is not None and abs(decode - 2.0) < 0.2

@@ -296,7 +296,15 @@ class Metrics:
         )
         self.energy_model_trusted = Gauge(
             "meterproxy_gpu_energy_model_trusted",
-            "1 while attribution uses the fitted model, 0 while it uses the defaults.",
+            "1 once the fit is backed by data (10 busy windows predicted within 15 %).",
+            ["gpu"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.energy_model_in_use = Gauge(
+            "meterproxy_gpu_energy_model_in_use",
+            "1 while attribution uses the fitted model (from the first busy window, unless it "
+            "predicts badly), 0 while it uses the configured defaults.",
             ["gpu"],
             multiprocess_mode="livemostrecent",
             registry=registry,

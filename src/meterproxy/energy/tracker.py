@@ -172,6 +172,7 @@ class EnergyTracker:
     def _export_fit(self, gpu: str, state: FitState) -> None:
         m = self.metrics
         m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
+        m.energy_model_in_use.labels(gpu).set(1 if state.usable else 0)
         m.energy_model_windows.labels(gpu).set(state.windows)
         if state.error_ratio is not None:
             m.energy_model_error.labels(gpu).set(state.error_ratio)

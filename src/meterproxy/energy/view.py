@@ -28,6 +28,7 @@ HEADINGS = {
 class GpuView:
     terms: dict[str, float] = field(default_factory=dict)
     trusted: bool = False
+    in_use: bool = False
     error_ratio: float | None = None
     windows: float = 0.0
     power_w: float | None = None
@@ -52,6 +53,8 @@ def parse(text: str) -> dict[str, GpuView]:
             view.terms[labels["term"]] = value
         elif name == "meterproxy_gpu_energy_model_trusted":
             view.trusted = value == 1.0
+        elif name == "meterproxy_gpu_energy_model_in_use":
+            view.in_use = value == 1.0
         elif name == "meterproxy_gpu_energy_model_error_ratio":
             view.error_ratio = value
         elif name == "meterproxy_gpu_energy_model_windows":
@@ -71,7 +74,10 @@ def render(gpus: dict[str, GpuView]) -> str:
     head = ["GPU", "attribution uses", *HEADINGS.values(), "fit error", "windows", "power W"]
     rows = [head]
     for gpu, v in sorted(gpus.items()):
-        uses = "the fit" if v.trusted else ("defaults (fitting)" if v.terms else "defaults")
+        if v.in_use:
+            uses = "the fit" if v.trusted else "the fit (young)"
+        else:
+            uses = "defaults (fitting)" if v.terms else "defaults"
         terms = [f"{v.terms[t]:.4g}" if t in v.terms else "-" for t in HEADINGS]
         error = "-" if v.error_ratio is None else f"{v.error_ratio:.1%}"
         power = "-" if v.power_w is None else f"{v.power_w:.0f}"
@@ -86,8 +92,9 @@ def render(gpus: dict[str, GpuView]) -> str:
             f"{v.idle_j:.0f} J idle"
         )
     lines.append(
-        "The fit is trusted after 10 busy windows (~1 s each) predicted within 15 %; until then "
-        "attribution uses the configured defaults."
+        "Attribution uses a GPU's fit from its first busy window (~1 s), starting from the "
+        "configured defaults; young until 10 busy windows are predicted within 15 %, and set "
+        "aside for the defaults if it predicts worse than that."
     )
     return "\n".join(lines) + "\n"
 
