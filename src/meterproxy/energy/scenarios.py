@@ -69,6 +69,11 @@ class Result:
     unknown: int  # requests whose energy is unknown (the source had failed): never a guess
     target_p90: float
     fit_trusted: bool
+    # What the two truths' disagreement alone costs (see `both_truths_floor`): the p90 of the
+    # per-request least error any attribution can have against the worse of the two, and the
+    # lowest max(p90 residency, p90 work) any attribution can reach.
+    gap_p90: float = 0.0
+    floor_p90: float = 0.0
 
     def meets_targets(self) -> bool:
         return (
@@ -89,6 +94,26 @@ def _pct(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def truth_gap(residency: float, work: float) -> float:
+    """The least error any one figure x can have against both truths of a request:
+    min over x of max(|x - r| / r, |x - w| / w). Between r and w one error rises as the other
+    falls; they meet at the harmonic mean 2rw / (r + w), where both are |w - r| / (w + r)."""
+    return abs(work - residency) / (work + residency)
+
+
+def both_truths_floor(truths: list[tuple[float, float]], q: float = 0.9) -> float:
+    """The lowest T such that some attribution has p90 <= T under both truths at once (p90 as
+    `_pct` takes it): a request whose gap exceeds T misses T under at least one truth, and can
+    be put exactly on the other, so it costs one of the few misses that truth's p90 allows.
+    With k misses allowed per truth, T is the (2k+1)-th largest gap."""
+    if not truths:
+        return 0.0
+    gaps = sorted(truth_gap(r, w) for r, w in truths)
+    n = len(gaps)
+    allowed = n - 1 - min(int(q * n), n - 1)  # values above the p90 that `_pct` tolerates
+    return gaps[n - 1 - 2 * allowed] if 2 * allowed < n else 0.0
 
 
 def _observe_twin(s: Scenario, rng: random.Random) -> tuple[list[Seen], Callable[[float], int]]:
@@ -213,6 +238,7 @@ def _score(s: Scenario, engine: Engine, seen: list[Seen]) -> Result:
             max(errors),
         )
         naive50[truth], naive90[truth] = statistics.median(naive), _pct(naive, 0.9)
+    pairs = [(r.truth_mj["residency"], r.truth_mj["work"]) for r in known]
     truth_total = sum(r.truth_mj["residency"] for r in known)
     return Result(
         name=s.name,
@@ -228,6 +254,8 @@ def _score(s: Scenario, engine: Engine, seen: list[Seen]) -> Result:
         unknown=unknown,
         target_p90=s.target_p90,
         fit_trusted=engine.fit("gpu0").trusted,
+        gap_p90=_pct([truth_gap(r, w) for r, w in pairs], 0.9),
+        floor_p90=both_truths_floor(pairs),
     )
 
 
