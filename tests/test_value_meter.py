@@ -162,5 +162,7 @@ async def test_the_sweeper_closes_a_crowd_of_tasks_a_batch_per_turn_of_the_loop(
     await asyncio.wait_for(watch(), 5)
     sweeper.cancel()
     assert seen[-1] == crowd
+    # Summed per series before counting: every task's figures still arrive, once.
+    assert registry.get_sample_value("meterproxy_task_tokens_total", labels) == 15 * crowd
     steps = sorted({n for n in seen if 0 < n < crowd})
     assert steps[:3] == [SWEEP_BATCH, 2 * SWEEP_BATCH, 3 * SWEEP_BATCH]

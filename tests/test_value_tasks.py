@@ -81,6 +81,36 @@ def test_a_request_sent_alone_is_its_own_task_and_closes_after_the_grace() -> No
     assert not book.report(("t", "r1"), Report(True), 20.0)  # closed: the tables only
 
 
+def test_a_request_alone_reported_while_in_flight_keeps_the_report() -> None:
+    book = TaskBook(max_open=100)
+    book.opened("r1", "t", None, 0.0)
+    assert book.is_open(("t", "r1")) and book.in_flight(("t", "r1")) == 1
+    assert not book.is_open(("u", "r1"))  # another tenant's name for it: not theirs
+    assert not book.report(("u", "r1"), Report(True), 0.5)
+    assert book.report(("t", "r1"), Report(False, 0.1), 1.0)  # before it settles: kept
+    assert book.open_tasks == 1
+    book.settled(settled("r1", "r1", model="small", tokens=7), 2.0)
+    assert book.in_flight(("t", "r1")) == 0 and book.is_open(("t", "r1"))
+    assert book.due(2.0 + GRACE_S - 0.1, IDLE_S, GRACE_S) == []
+    [closed] = book.due(2.0 + GRACE_S, IDLE_S, GRACE_S)
+    assert closed == Figures("t", "small", Result.FAILURE, 0.01, 2.0, 7, True)
+    assert book.open_tasks == 0 and not book.is_open(("t", "r1"))
+    assert book.knows(("t", "r1")) and not book.knows(("u", "r1"))  # recent: for feedback
+    assert book.request("r1") == ("t", "r1")
+
+
+def test_a_refusal_alone_closes_uncounted_unless_reported() -> None:
+    book = TaskBook(max_open=100)
+    for key in ("a", "b"):
+        book.opened(key, "t", None, 0.0)
+        book.settled(settled(key, key, reached_upstream=False), 0.0)
+    assert book.report(("t", "b"), Report(False), 1.0)
+    assert book.due(1.0 + GRACE_S, IDLE_S, GRACE_S) == [
+        Figures("t", NO_MODEL, Result.FAILURE, 0.0, 0.0, 0, True)
+    ]
+    assert book.open_tasks == 0
+
+
 def test_due_closes_at_most_its_limit_and_the_rest_next_time() -> None:
     book = TaskBook(max_open=100)
     for i in range(5):

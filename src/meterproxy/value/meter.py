@@ -149,17 +149,15 @@ class ValueMeter:
 
     def settled(self, s: Settlement) -> None:
         """Settlement sink: the request joins its task's figures; rows queue for the store."""
-        task = self.book.request(s.request_id)
-        if task is None:
-            return  # refused before its tenant was known: nobody's task
-        if s.duplicate:
-            self._metrics.child(self._metrics.duplicates, s.tenant, s.model).inc()
+        key = s.request_id
+        # Only a request of a named task, or a repeat, is stored: its task is looked up then.
+        task = self.book.request(key) if s.task_id is not None or s.duplicate else None
         usage = s.usage
         late = self.book.settled(
             Settled(
-                key=s.request_id,
+                key=key,
                 tenant=s.tenant,
-                task_id=task[1],
+                task_id=key if s.task_id is None else s.task_id,
                 model=s.model,
                 reached_upstream=s.reached_upstream,
                 cost_usd=s.cost_usd,
@@ -169,9 +167,13 @@ class ValueMeter:
             self._now_s(),
         )
         if late is not None:
-            self._count(late)
-        if self.store is not None and (s.task_id is not None or s.duplicate):
-            self.store.add(RequestRow(s.request_id, s.tenant, task[1], s.ts, s.duplicate))
+            self._count([late])
+        if task is None:
+            return  # not stored, or refused before its tenant was known: nobody's task
+        if s.duplicate:
+            self._metrics.child(self._metrics.duplicates, s.tenant, s.model).inc()
+        if self.store is not None:
+            self.store.add(RequestRow(key, s.tenant, task[1], s.ts, s.duplicate))
 
     # -- closing tasks --------------------------------------------------------------------
 
@@ -191,17 +193,31 @@ class ValueMeter:
         due, more = self.book.close_due(
             self._now_s(), current.task_idle_s, current.outcome_grace_s, limit
         )
-        for figures in due:
-            self._count(figures)
+        if due:
+            self._count(due)
         return more
 
-    def _count(self, f: Figures) -> None:
-        m, labels = self._metrics, (f.tenant, f.model, f.result.value)
-        if f.closes:
-            m.child(m.task_outcomes, *labels).inc()
-        m.child(m.task_cost, *labels).inc(f.cost_usd)
-        m.child(m.task_energy, *labels).inc(f.energy_j)
-        m.child(m.task_tokens, *labels).inc(f.tokens)
+    def _count(self, figures: list[Figures]) -> None:
+        """Into the counters, summed per series first: a sweep closes thousands of tasks a
+        second, mostly under a handful of (tenant, model, result) series."""
+        sums: dict[tuple[str, str, str], list[float]] = {}
+        for f in figures:
+            labels = (f.tenant, f.model, f.result.value)
+            acc = sums.get(labels)
+            if acc is None:
+                sums[labels] = [float(f.closes), f.cost_usd, f.energy_j, float(f.tokens)]
+            else:
+                acc[0] += f.closes
+                acc[1] += f.cost_usd
+                acc[2] += f.energy_j
+                acc[3] += f.tokens
+        m = self._metrics
+        for labels, (tasks, cost_usd, energy_j, tokens) in sums.items():
+            if tasks:
+                m.child(m.task_outcomes, *labels).inc(tasks)
+            m.child(m.task_cost, *labels).inc(cost_usd)
+            m.child(m.task_energy, *labels).inc(energy_j)
+            m.child(m.task_tokens, *labels).inc(tokens)
 
     # -- feedback -------------------------------------------------------------------------
 

@@ -65,7 +65,6 @@ class _Task:
     tokens_by_model: dict[str, int] | None = None  # made on the first settled request
     report: Report | None = None
     last_s: float = 0.0
-    alone: bool = False  # a request's own task (no task id): nothing else can join it
 
     def model(self) -> str:
         by_model = self.tokens_by_model
@@ -73,6 +72,21 @@ class _Task:
             return NO_MODEL
         # Most tokens; the first model used wins a tie (dicts keep insertion order).
         return max(by_model, key=lambda m: by_model[m])
+
+
+@dataclass(slots=True, eq=False)
+class _Alone:
+    """A request sent alone, settled, its task not yet closed: a plain record, no queues or
+    maps of its own (most traffic is requests alone, thousands a second)."""
+
+    tenant: str
+    model: str  # NO_MODEL when it did not reach an upstream
+    reached: bool
+    cost_usd: float
+    energy_j: float
+    tokens: int
+    report: Report | None
+    last_s: float  # settled, or last reported: it closes `grace_s` after
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,35 +109,45 @@ class TaskBook:
         # Quiet open tasks (nothing in flight), least recently active first.
         self._unrated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
         self._rated: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
-        self._in_flight: dict[str, TaskKey] = {}  # request key -> its task
+        # Request key -> its task; a request alone (its own task, named by its key) -> its
+        # tenant, a string rather than a tuple made per request.
+        self._in_flight: dict[str, TaskKey | str] = {}
+        self._alone_in_flight = 0
+        # Requests alone, settled, not yet closed; and the order they close in: (last_s, key)
+        # (an entry whose record has moved on since, by a report, is stale and skipped).
+        self._alone: dict[str, _Alone] = {}
+        self._alone_queue: collections.deque[tuple[float, str]] = collections.deque()
+        self._early: dict[str, Report] = {}  # reports on requests alone still in flight
         # Task id -> the tenant (or, rarely, the tenants) with an open task so named. What the
         # book holds at tens of thousands of requests a second stays out of the garbage
         # collector's walk where it can: plain strings and tuples of them, no set or dict per
         # task unless needed (a full collection walks every container, with the loop stopped).
         self._tenants: dict[str, str | set[str]] = {}
         # Recently settled requests and closed tasks, for feedback and late requests.
-        self._settled: collections.OrderedDict[str, TaskKey] = collections.OrderedDict()
+        self._settled: collections.OrderedDict[str, TaskKey | str] = collections.OrderedDict()
         self._closed: collections.OrderedDict[TaskKey, tuple[str, str]] = (
             collections.OrderedDict()
         )  # -> (result's value, model)
 
     @property
     def open_tasks(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self._alone) + self._alone_in_flight
 
     # -- requests -------------------------------------------------------------------------
 
     def opened(self, key: str, tenant: str, task_id: str | None, now_s: float) -> None:
         """A request of `task_id` (None: the request is its own task, named by its key)."""
-        alone = task_id is None
-        task_id = key if task_id is None else task_id
+        if task_id is None:
+            self._in_flight[key] = tenant
+            self._alone_in_flight += 1
+            return
         task_key = (tenant, task_id)
         self._in_flight[key] = task_key
         task = self._tasks.get(task_key)
         if task is None and task_key in self._closed:
             return  # a late request of a closed task: counted under its result as it settles
         if task is None:
-            task = self._tasks[task_key] = _Task(last_s=now_s, alone=alone)
+            task = self._tasks[task_key] = _Task(last_s=now_s)
             named = self._tenants.get(task_id)
             if named is None:
                 self._tenants[task_id] = tenant
@@ -144,6 +168,21 @@ class TaskBook:
         if task_key is None:
             return None
         _remember(self._settled, s.key, task_key, self._max_remembered)
+        if isinstance(task_key, str):  # alone: its task closes `grace_s` after this
+            self._alone_in_flight -= 1
+            reached = s.reached_upstream
+            self._alone[s.key] = _Alone(
+                task_key,
+                s.model if reached else NO_MODEL,
+                reached,
+                s.cost_usd if reached else 0.0,
+                s.energy_j if reached else 0.0,
+                s.tokens if reached else 0,
+                self._early.pop(s.key, None) if self._early else None,
+                now_s,
+            )
+            self._alone_queue.append((now_s, s.key))
+            return None
         task = self._tasks.get(task_key)
         if task is None:  # closed while this request was in flight (evicted), or long ago
             closed = self._closed.get(task_key)
@@ -169,13 +208,24 @@ class TaskBook:
 
     def request(self, key: str) -> TaskKey | None:
         """The task of a request in flight or settled recently."""
-        return self._in_flight.get(key) or self._settled.get(key)
+        found = self._in_flight.get(key) or self._settled.get(key)
+        return (found, key) if isinstance(found, str) else found
+
+    def _alone_tenant(self, key: str) -> str | None:
+        """The tenant of a request alone still open (in flight, or settled and not closed)."""
+        found = self._alone.get(key)
+        if found is not None:
+            return found.tenant
+        flying = self._in_flight.get(key)
+        return flying if isinstance(flying, str) else None
 
     def is_open(self, task_key: TaskKey) -> bool:
-        return task_key in self._tasks
+        return task_key in self._tasks or self._alone_tenant(task_key[1]) == task_key[0]
 
     def knows(self, task_key: TaskKey) -> bool:
-        return task_key in self._tasks or task_key in self._closed
+        if task_key in self._tasks or task_key in self._closed:
+            return True
+        return self.request(task_key[1]) == task_key  # a request alone, open or recent
 
     def tenants(self, task_id: str) -> set[str]:
         """The tenants with an open task of this id (closed ones: ask the store)."""
@@ -186,7 +236,9 @@ class TaskBook:
 
     def in_flight(self, task_key: TaskKey) -> int:
         task = self._tasks.get(task_key)
-        return 0 if task is None else task.in_flight
+        if task is None:
+            return int(self._in_flight.get(task_key[1]) == task_key[0])
+        return task.in_flight
 
     # -- reports --------------------------------------------------------------------------
 
@@ -194,7 +246,7 @@ class TaskBook:
         """The last report wins. False when the task has closed already (counted as it was)."""
         task = self._tasks.get(task_key)
         if task is None:
-            return False
+            return self._report_alone(task_key, report, now_s)
         task.report = report
         task.last_s = now_s
         if task.in_flight == 0:
@@ -202,6 +254,18 @@ class TaskBook:
             self._rated.pop(task_key, None)
             self._quiet(task_key, task)
         return True
+
+    def _report_alone(self, task_key: TaskKey, report: Report, now_s: float) -> bool:
+        tenant, key = task_key
+        found = self._alone.get(key)
+        if found is not None and found.tenant == tenant:
+            found.report, found.last_s = report, now_s
+            self._alone_queue.append((now_s, key))  # its earlier place goes stale
+            return True
+        if self._in_flight.get(key) == tenant:
+            self._early[key] = report
+            return True
+        return False
 
     # -- closing --------------------------------------------------------------------------
 
@@ -225,29 +289,73 @@ class TaskBook:
                     break
                 closed.extend(self._close(task_key))
                 n += 1
-        while len(self._tasks) > self._max_open:
+        cut_s = now_s - grace_s  # a request alone waits only for its report, like a rated task
+        while (head := self._alone_head()) is not None and head[0] <= cut_s:
+            if limit is not None and n >= limit:
+                return closed, True
+            closed.extend(self._close_alone(head[1]))
+            n += 1
+        while self.open_tasks > self._max_open:
             if limit is not None and n >= limit:
                 return closed, True
             quiet = self._longest_quiet()
             if quiet is None:
                 break  # every open task has a request in flight
-            closed.extend(self._close(next(iter(quiet))))
+            if isinstance(quiet, str):
+                closed.extend(self._close_alone(quiet))
+            else:
+                closed.extend(self._close(quiet))
             n += 1
         return closed, False
 
-    def _longest_quiet(self) -> collections.OrderedDict[TaskKey, None] | None:
-        """The queue whose first task has been quiet longest (None: no task is quiet)."""
-        rated, unrated = self._rated, self._unrated
-        if not rated or not unrated:
-            return rated or unrated or None
-        oldest_rated = self._tasks[next(iter(rated))].last_s
-        return rated if oldest_rated < self._tasks[next(iter(unrated))].last_s else unrated
+    def _alone_head(self) -> tuple[float, str] | None:
+        """The request alone quiet longest (stale places dropped on the way)."""
+        queue = self._alone_queue
+        while queue:
+            last_s, key = queue[0]
+            found = self._alone.get(key)
+            if found is not None and found.last_s == last_s:
+                return last_s, key
+            queue.popleft()
+        return None
+
+    def _longest_quiet(self) -> TaskKey | str | None:
+        """The task quiet longest: a named task's key, a request alone's (a string), or None
+        when no task is quiet."""
+        heads: list[tuple[float, TaskKey | str]] = [
+            (self._tasks[key].last_s, key)
+            for queue in (self._rated, self._unrated)
+            if queue
+            for key in (next(iter(queue)),)
+        ]
+        alone = self._alone_head()
+        if alone is not None:
+            heads.append(alone)
+        return min(heads, key=lambda head: head[0])[1] if heads else None
 
     def _quiet(self, task_key: TaskKey, task: _Task) -> None:
-        # A task of one request waits only for its report, like a rated one.
-        queue = self._rated if task.report is not None or task.alone else self._unrated
+        queue = self._rated if task.report is not None else self._unrated
         queue[task_key] = None
         queue.move_to_end(task_key)
+
+    def _close_alone(self, key: str) -> list[Figures]:
+        """Close the request alone at the head of its queue (see `_alone_head`)."""
+        self._alone_queue.popleft()
+        found = self._alone.pop(key)
+        if not found.reached and found.report is None:
+            return []  # a refusal nobody rated: not a task anyone ran
+        result = found.report.result if found.report is not None else Result.UNKNOWN
+        return [
+            Figures(
+                found.tenant,
+                found.model,
+                result,
+                found.cost_usd,
+                found.energy_j,
+                found.tokens,
+                True,
+            )
+        ]
 
     def _close(self, task_key: TaskKey) -> list[Figures]:
         task = self._tasks.pop(task_key)
