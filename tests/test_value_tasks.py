@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from meterproxy.value.tasks import NO_MODEL, Figures, Report, Result, Settled, TaskBook
+from meterproxy.exchange import RequestKeys
+from meterproxy.value.tasks import (
+    NO_MODEL,
+    Figures,
+    RecentAlone,
+    Report,
+    Result,
+    Settled,
+    TaskBook,
+)
 
 IDLE_S, GRACE_S = 60.0, 5.0
 
@@ -207,3 +216,27 @@ def test_a_task_of_refusals_alone_is_forgotten_so_its_retry_starts_afresh() -> N
     book.report(("t", "T"), Report(True), 101.0)
     [closed] = book.due(101.0 + GRACE_S, IDLE_S, GRACE_S)
     assert (closed.result, closed.model, closed.closes) == (Result.SUCCESS, "m", True)
+
+
+def test_recent_requests_alone_are_remembered_by_their_number_in_a_ring() -> None:
+    keys, other = RequestKeys(), RequestKeys()
+    recent = RecentAlone(5000)
+    made = [keys.new() for _ in range(12_000)]
+    assert recent.get(made[0]) is None  # nothing yet (and a lookup learns no prefix)
+    for i, key in enumerate(made):
+        assert recent.add(key, f"tenant{i % 3}")
+    assert recent.get(made[-1]) == "tenant2" and recent.get(made[-5000]) == "tenant1"
+    assert recent.get(made[-5001]) is None  # the ring holds the last 5000
+    assert recent.get(made[0]) is None  # older than the last 5000: forgotten
+    assert recent.get(other.new()) is None  # another process's key with a number held here
+    assert not recent.add("r1", "t") and recent.get("r1") is None  # not a proxy key: elsewhere
+
+
+def test_a_settled_request_alone_is_found_by_its_proxy_key() -> None:
+    keys = RequestKeys()
+    book = TaskBook(max_open=100)
+    key = keys.new()
+    book.opened(key, "t", None, 0.0)
+    book.settled(settled(key, key), 0.0)
+    book.due(GRACE_S, IDLE_S, GRACE_S)
+    assert book.request(key) == ("t", key) and book.knows(("t", key))

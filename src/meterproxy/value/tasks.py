@@ -14,6 +14,7 @@ reaches the tables, not the counters.
 
 from __future__ import annotations
 
+import array
 import collections
 import enum
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class TaskBook:
         self._tenants: dict[str, str | set[str]] = {}
         # Recently settled requests and closed tasks, for feedback and late requests.
         self._settled: collections.OrderedDict[str, TaskKey | str] = collections.OrderedDict()
+        self._recent = RecentAlone(self._max_remembered)  # the same for requests alone
         self._closed: collections.OrderedDict[TaskKey, tuple[str, str]] = (
             collections.OrderedDict()
         )  # -> (result's value, model)
@@ -167,8 +169,9 @@ class TaskBook:
         task_key = self._in_flight.pop(s.key, None)
         if task_key is None:
             return None
-        _remember(self._settled, s.key, task_key, self._max_remembered)
         if isinstance(task_key, str):  # alone: its task closes `grace_s` after this
+            if not self._recent.add(s.key, task_key):
+                _remember(self._settled, s.key, task_key, self._max_remembered)
             self._alone_in_flight -= 1
             reached = s.reached_upstream
             self._alone[s.key] = _Alone(
@@ -183,6 +186,7 @@ class TaskBook:
             )
             self._alone_queue.append((now_s, s.key))
             return None
+        _remember(self._settled, s.key, task_key, self._max_remembered)
         task = self._tasks.get(task_key)
         if task is None:  # closed while this request was in flight (evicted), or long ago
             closed = self._closed.get(task_key)
@@ -208,7 +212,7 @@ class TaskBook:
 
     def request(self, key: str) -> TaskKey | None:
         """The task of a request in flight or settled recently."""
-        found = self._in_flight.get(key) or self._settled.get(key)
+        found = self._in_flight.get(key) or self._settled.get(key) or self._recent.get(key)
         return (found, key) if isinstance(found, str) else found
 
     def _alone_tenant(self, key: str) -> str | None:
@@ -384,3 +388,63 @@ def _remember(into: collections.OrderedDict[K, V], key: K, value: V, limit: int)
     into.move_to_end(key)
     while len(into) > limit:
         into.popitem(last=False)
+
+
+class RecentAlone:
+    """The tenants of recently settled requests sent alone, without an object per request:
+    the proxy's request keys are a process prefix and a sequence number, so the last `size`
+    of them sit in a ring of machine integers (a tenant index per slot, checked by the number)
+    that grows with the traffic. A key of another form or process is not kept here (`add`
+    returns False)."""
+
+    def __init__(self, size: int) -> None:
+        self._max = size
+        self._prefix: str | None = None
+        self._numbers = array.array("q")  # slot -> the sequence number it holds (0: none)
+        self._tenants = array.array("H")  # slot -> index into _names
+        self._names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def _number(self, key: str, learn: bool = False) -> int | None:
+        prefix, _, digits = key.rpartition("-")
+        if not digits.isdigit() or not prefix:
+            return None
+        if self._prefix is None and learn:  # the first key settled here names the process
+            self._prefix = prefix
+        return int(digits) if prefix == self._prefix else None
+
+    def add(self, key: str, tenant: str) -> bool:
+        number = self._number(key, learn=True)
+        if number is None or number <= 0:
+            return False
+        index = self._index.get(tenant)
+        if index is None:
+            if len(self._names) > 0xFFFF:
+                return False
+            index = self._index[tenant] = len(self._names)
+            self._names.append(tenant)
+        if number >= len(self._numbers) and len(self._numbers) < self._max:
+            self._grow(number)
+        slot = number % len(self._numbers)
+        self._numbers[slot] = number
+        self._tenants[slot] = index
+        return True
+
+    def _grow(self, number: int) -> None:
+        old_numbers, old_tenants = self._numbers, self._tenants
+        size = max(1024, len(old_numbers))
+        while size <= number and size < self._max:
+            size *= 2
+        size = min(size, self._max)
+        self._numbers = array.array("q", bytes(8 * size))
+        self._tenants = array.array("H", bytes(2 * size))
+        for n, t in zip(old_numbers, old_tenants, strict=True):
+            if n:
+                self._numbers[n % size], self._tenants[n % size] = n, t
+
+    def get(self, key: str) -> str | None:
+        number = self._number(key)
+        if number is None or not self._numbers:
+            return None
+        slot = number % len(self._numbers)
+        return self._names[self._tenants[slot]] if self._numbers[slot] == number else None
