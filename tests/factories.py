@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from meterproxy.endpoints import CHAT
@@ -40,7 +39,7 @@ _BASE = Settlement(
 
 
 def settlement(**changes: Any) -> Settlement:
-    return dataclasses.replace(_BASE, **changes)
+    return _BASE._replace(**changes)
 
 
 def exchange(**fields: Any) -> Exchange:
