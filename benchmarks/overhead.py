@@ -186,6 +186,13 @@ async def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def distinct(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with a number unique to each request in its last message (wrk_load.UNIQUE)."""
+    messages = [dict(m) for m in body["messages"]]
+    messages[-1]["content"] = f"{messages[-1]['content']} ({wrk_load.UNIQUE})"
+    return {**body, "messages": messages}
+
+
 def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str, float]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     return wrk_load.run(pinned(0, argv), url + "/chat/completions", body_path, BENCH_KEY)
@@ -665,7 +672,7 @@ def run(args: argparse.Namespace) -> str:
             bodies = {}
             for name, body in SCENARIOS.items():
                 path = work / f"{name}.json"
-                path.write_bytes(orjson.dumps(body))
+                path.write_bytes(orjson.dumps(distinct(body)))
                 bodies[name] = str(path)
             if args.soak:
                 meters = next(t for t in targets if t.name == ALL_METERS)

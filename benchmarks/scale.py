@@ -44,7 +44,11 @@ from meterproxy.policy import Limits, Tenancy, Tenant  # noqa: E402
 from meterproxy.usage import Source, Usage  # noqa: E402
 
 KEY = "bench-tenant-key-0123456789"
-BODY = {"model": "bench-small", "messages": [{"role": "user", "content": "Benchmark, please."}]}
+# Each request distinct (wrk_load.UNIQUE): not a workload of repeats only.
+BODY = {
+    "model": "bench-small",
+    "messages": [{"role": "user", "content": "Benchmark, please. (__N__)"}],
+}
 LIMITS = Limits(
     requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**15, max_concurrent=10**6
 )

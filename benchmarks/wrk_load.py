@@ -1,5 +1,11 @@
 """wrk, as the benchmarks drive it: one POST body read from a file, a bearer key, the summary
-wrk prints parsed into numbers. Shared by overhead.py and scale.py."""
+wrk prints parsed into numbers. Shared by overhead.py and scale.py.
+
+A body that holds `__N__` is sent with a number there unique to each request (per wrk thread
+and run): real traffic is not one request repeated, and a proxy that recognizes repeated
+prompts (meterproxy's value meter flags them as waste and stores a row for each) would
+otherwise be measured on a workload of nothing but duplicates.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,29 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+UNIQUE = "__N__"  # in a body: replaced by a number unique to each request
 SCRIPT = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
+local body = f:read("*a")
+f:close()
 wrk.method = "POST"
-wrk.body = f:read("*a")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
-f:close()
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local head, tail = body:match("^(.-)__N__(.*)$")
+if head then
+  local n = (os.time() % 100000) * 100000  -- a fresh range each run (a run lasts < 1e5 s)
+  request = function()
+    n = n + 1
+    return wrk.format(nil, nil, nil, head .. (tid or 0) .. "-" .. n .. tail)
+  end
+else
+  wrk.body = body
+end
 """
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 

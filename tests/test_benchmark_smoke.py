@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import orjson
+from aiohttp import web
 
 from .missing import missing
 
@@ -44,3 +48,42 @@ def test_overhead_harness_runs() -> None:
     assert "open loop p50 ms" in result.stdout
     assert "KiB per slowly-read stream" in result.stdout
     assert "| no open-loop request above 50 ms |" in result.stdout
+
+
+async def test_the_wrk_driver_sends_each_request_distinct(tmp_path: Path) -> None:
+    """A body holding __N__ goes out with a number unique to each request, across wrk's
+    threads: the benchmarks measure traffic, not one request repeated."""
+    if shutil.which("wrk") is None:
+        missing("wrk is not installed (apt-get install -y wrk)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import wrk_load
+
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    body = tmp_path / "body.json"
+    body.write_text('{"messages": [{"role": "user", "content": "hi (__N__)"}]}')
+    try:
+        result = await asyncio.to_thread(
+            wrk_load.run,
+            ["wrk", "-t2", "-c4", "-d1s"],
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            body,
+            "key",
+        )
+    finally:
+        await runner.cleanup()
+    assert result["requests"] > 10 and result["errors"] == 0
+    assert len(seen) >= result["requests"]
+    assert len(set(seen)) == len(seen)  # no two alike
+    assert all(b"__N__" not in b and orjson.loads(b)["messages"] for b in seen)
