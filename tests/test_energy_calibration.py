@@ -14,6 +14,18 @@ TRUE = EnergyModel(
 )
 
 
+def true_j(busy: float, steps: float, prefill: float, decode: float, context: float) -> float:
+    """What the GPU drew in a 100 ms interval, by the true model."""
+    return (
+        TRUE.idle_w * 0.1
+        + TRUE.floor_w * busy
+        + TRUE.step_j * steps
+        + TRUE.prefill_j * prefill
+        + TRUE.decode_j * decode
+        + TRUE.context_j * context
+    )
+
+
 def intervals(rng: random.Random, n: int, glitches: bool = False):  # type: ignore[no-untyped-def]
     for k in range(n):
         busy = 0.0 if k % 7 == 0 else rng.uniform(0.02, 0.1)
@@ -21,14 +33,7 @@ def intervals(rng: random.Random, n: int, glitches: bool = False):  # type: igno
         prefill = rng.choice((0.0, 0.0, rng.uniform(0, 2000))) if busy else 0.0
         decode = steps * rng.randrange(1, 64) if busy else 0.0
         context = decode * rng.uniform(0.1, 8.0)
-        energy = (
-            TRUE.idle_w * 0.1
-            + TRUE.floor_w * busy
-            + TRUE.step_j * steps
-            + TRUE.prefill_j * prefill
-            + TRUE.decode_j * decode
-            + TRUE.context_j * context
-        ) * rng.gauss(1.0, 0.02)
+        energy = true_j(busy, steps, prefill, decode, context) * rng.gauss(1.0, 0.02)
         if glitches and rng.random() < 0.02:
             energy *= 5  # a counter lump or a missed reading
         yield 0.1, busy, steps, prefill, decode, context, energy
@@ -76,13 +81,7 @@ def decode_windows(rng: random.Random, n: int):  # type: ignore[no-untyped-def]
             steps = busy / 0.02
             decode = steps * rng.randrange(1, 64)
             context = decode * rng.uniform(0.1, 8.0)
-            energy = (
-                TRUE.idle_w * 0.1
-                + TRUE.floor_w * busy
-                + TRUE.step_j * steps
-                + TRUE.decode_j * decode
-                + TRUE.context_j * context
-            ) * rng.gauss(1.0, 0.01)
+            energy = true_j(busy, steps, 0.0, decode, context) * rng.gauss(1.0, 0.01)
             yield 0.1, busy, steps, 0.0, decode, context, energy
         yield 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, TRUE.idle_w * 0.001  # closes the window
 
