@@ -240,3 +240,29 @@ def test_a_settled_request_alone_is_found_by_its_proxy_key() -> None:
     book.settled(settled(key, key), 0.0)
     book.due(GRACE_S, IDLE_S, GRACE_S)
     assert book.request(key) == ("t", key) and book.knows(("t", key))
+
+
+def test_a_ring_slot_taken_by_a_newer_request_leaves_an_older_one_findable() -> None:
+    keys = RequestKeys()
+    book = TaskBook(max_open=100, max_remembered=8)
+    made = [keys.new() for _ in range(10)]
+    book.opened(made[0], "t", None, 0.0)  # a long stream
+    for key in made[1:]:
+        book.opened(key, "t", None, 1.0)
+        book.settled(settled(key, key), 1.0)
+    book.settled(settled(made[0], made[0]), 2.0)  # its slot went to a newer number
+    for key in made:
+        assert book.request(key) == ("t", key) and book.knows(("t", key)), key
+    book.due(2.0 + GRACE_S, IDLE_S, GRACE_S)  # closed: found by the ring or the fallback
+    assert book.request(made[0]) == ("t", made[0]) and book.request(made[-1]) == ("t", made[-1])
+
+
+def test_only_the_keys_own_spelling_is_a_number() -> None:
+    keys = RequestKeys()
+    recent = RecentAlone(100)
+    key = keys.new()
+    assert recent.add(key, "t")
+    prefix = key.rpartition("-")[0]
+    for spelling in ("\u00b2", "\u2460", "\u0661", "01", "0", "", "1x"):
+        assert recent.get(f"{prefix}-{spelling}") is None, spelling  # no error, no alias
+    assert recent.get(key) == "t"

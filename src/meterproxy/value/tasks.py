@@ -212,7 +212,11 @@ class TaskBook:
 
     def request(self, key: str) -> TaskKey | None:
         """The task of a request in flight or settled recently."""
-        found = self._in_flight.get(key) or self._settled.get(key) or self._recent.get(key)
+        found = self._in_flight.get(key)
+        if found is None:
+            found = self._settled.get(key)
+        if found is None:
+            found = self._alone_tenant(key) or self._recent.get(key)
         return (found, key) if isinstance(found, str) else found
 
     def _alone_tenant(self, key: str) -> str | None:
@@ -407,7 +411,9 @@ class RecentAlone:
 
     def _number(self, key: str, learn: bool = False) -> int | None:
         prefix, _, digits = key.rpartition("-")
-        if not digits.isdigit() or not prefix:
+        # The keys' own form only (ASCII, no leading zero): a client's "-²" or "-0001" is not
+        # a number here, and no other spelling aliases a key.
+        if not prefix or not digits.isascii() or not digits.isdigit() or digits[0] == "0":
             return None
         if self._prefix is None and learn:  # the first key settled here names the process
             self._prefix = prefix
@@ -426,6 +432,8 @@ class RecentAlone:
         if number >= len(self._numbers) and len(self._numbers) < self._max:
             self._grow(number)
         slot = number % len(self._numbers)
+        if self._numbers[slot] > number:
+            return False  # a long request settling after a newer one took its slot: elsewhere
         self._numbers[slot] = number
         self._tenants[slot] = index
         return True
