@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -56,7 +57,9 @@ import orjson
 import wrk_load  # beside this script: the benchmarks' shared wrk driver
 
 ROOT = Path(__file__).resolve().parent.parent
-MESSAGES = [{"role": "user", "content": "Benchmark the proxy, please."}]
+# A number of its own in every request sent (wrk_load.UNIQUE): real traffic is not one request
+# repeated, and the value meter flags repeats (a duplicate row each).
+MESSAGES = [{"role": "user", "content": "Benchmark the proxy, please. (__N__)"}]
 STREAM_TOKENS = 256
 SCENARIOS = {
     "chat": {"model": "bench-small", "messages": MESSAGES},
@@ -189,7 +192,8 @@ async def wait_up(url: str) -> None:
 def distinct(body: dict[str, Any]) -> dict[str, Any]:
     """The body with a number unique to each request in its last message (wrk_load.UNIQUE)."""
     messages = [dict(m) for m in body["messages"]]
-    messages[-1]["content"] = f"{messages[-1]['content']} ({wrk_load.UNIQUE})"
+    if wrk_load.UNIQUE not in messages[-1]["content"]:
+        messages[-1]["content"] = f"{messages[-1]['content']} ({wrk_load.UNIQUE})"
     return {**body, "messages": messages}
 
 
@@ -198,7 +202,15 @@ def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str,
     return wrk_load.run(pinned(0, argv), url + "/chat/completions", body_path, BENCH_KEY)
 
 
+_SENT = itertools.count(1)
+
+
 def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> Any:
+    """POST a body as is, except that its placeholder (wrk_load.UNIQUE), if any, gets a number
+    of its own: the client-driven measurements send distinct requests too."""
+    unique = wrk_load.UNIQUE.encode()
+    if unique in body:
+        body = body.replace(unique, f"c{next(_SENT)}-{os.getpid()}".encode(), 1)
     return http.post(
         url + "/chat/completions",
         data=body,
