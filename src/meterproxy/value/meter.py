@@ -157,7 +157,6 @@ class ValueMeter:
             Settled(
                 key=key,
                 tenant=s.tenant,
-                task_id=key if s.task_id is None else s.task_id,
                 model=s.model,
                 reached_upstream=s.reached_upstream,
                 cost_usd=s.cost_usd,

@@ -92,9 +92,8 @@ class _Alone:
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    key: str  # the proxy's request key
+    key: str  # the proxy's request key (its task is what it was opened under)
     tenant: str
-    task_id: str
     model: str
     reached_upstream: bool
     cost_usd: float
