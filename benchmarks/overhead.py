@@ -57,8 +57,8 @@ import orjson
 import wrk_load  # beside this script: the benchmarks' shared wrk driver
 
 ROOT = Path(__file__).resolve().parent.parent
-# A number of its own in every request sent (wrk_load.UNIQUE): real traffic is not one request
-# repeated, and the value meter flags repeats (a duplicate row each).
+# Every prompt holds wrk_load.UNIQUE: each request sent gets a number of its own there (real
+# traffic is not one request repeated, and the value meter flags repeats, a duplicate row each).
 MESSAGES = [{"role": "user", "content": "Benchmark the proxy, please. (__N__)"}]
 STREAM_TOKENS = 256
 SCENARIOS = {
@@ -67,7 +67,7 @@ SCENARIOS = {
     "stream256-openai": {"model": "bench-openai", "messages": MESSAGES, "stream": True},
     "prompt100k": {
         "model": "bench-small",
-        "messages": [{"role": "user", "content": "lorem ipsum " * 8533}],
+        "messages": [{"role": "user", "content": "lorem ipsum " * 8533 + "(__N__)"}],
     },
 }
 STREAMS = ("stream256", "stream256-openai")
@@ -187,14 +187,6 @@ async def wait_up(url: str) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
-
-
-def distinct(body: dict[str, Any]) -> dict[str, Any]:
-    """The body with a number unique to each request in its last message (wrk_load.UNIQUE)."""
-    messages = [dict(m) for m in body["messages"]]
-    if wrk_load.UNIQUE not in messages[-1]["content"]:
-        messages[-1]["content"] = f"{messages[-1]['content']} ({wrk_load.UNIQUE})"
-    return {**body, "messages": messages}
 
 
 def wrk(url: str, body_path: str, connections: int, seconds: float) -> dict[str, float]:
@@ -684,7 +676,7 @@ def run(args: argparse.Namespace) -> str:
             bodies = {}
             for name, body in SCENARIOS.items():
                 path = work / f"{name}.json"
-                path.write_bytes(orjson.dumps(distinct(body)))
+                path.write_bytes(orjson.dumps(body))
                 bodies[name] = str(path)
             if args.soak:
                 meters = next(t for t in targets if t.name == ALL_METERS)

@@ -30,7 +30,8 @@ function setup(thread)
 end
 local head, tail = body:match("^(.-)__N__(.*)$")
 if head then
-  local n = (os.time() % 100000) * 100000  -- a fresh range each run (a run lasts < 1e5 s)
+  -- a fresh range each run: runs a second apart overlap only past 100,000 requests a second
+  local n = (os.time() % 100000) * 100000
   request = function()
     n = n + 1
     return wrk.format(nil, nil, nil, head .. (tid or 0) .. "-" .. n .. tail)
