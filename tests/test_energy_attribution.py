@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from meterproxy.energy.attribution import Engine, Weights
+from meterproxy.energy.attribution import Engine, Weights, _queued
 from meterproxy.energy.calibration import EnergyModel, FitState
 
 MS = 1_000_000
@@ -231,6 +231,42 @@ def test_a_first_token_shows_every_earlier_prefill_done() -> None:
     n, s = final(e, "n"), final(e, "s")
     assert n + s == pytest.approx(counter)
     assert n == pytest.approx(s, rel=0.05)  # with the queue spread over a second: 1 : 3
+
+
+def test_a_busy_period_starts_only_when_no_live_request_is_in_the_prefill_queue() -> None:
+    """Random traffic: at every start the engine begins a new busy period exactly when a look at
+    every live request finds none queued (the engine keeps an index instead of looking)."""
+    rng = random.Random(7)
+    e = engine()
+    e.reading("gpu0", 0, 0)
+    book = e.books["gpu0"]
+    live: list[str] = []
+    t, counter, n, resets = 0, 0, 0, 0
+    for step in range(3000):
+        t += rng.randint(1, 4) * MS
+        roll = rng.random()
+        if roll < 0.2 or not live:
+            n += 1
+            key = f"r{n}"
+            empty = not any(_queued(s) for s in book.live.values())
+            before = book.pace.period_ns
+            e.start(key, G, "A", t, rng.choice((10, 100, 1000)), rng.random() < 0.5)
+            assert book.pace.period_ns == (t if empty else before), step
+            resets += empty
+            live.append(key)
+        elif roll < 0.4:
+            e.first_token(rng.choice(live), G, t)
+        elif roll < 0.55:
+            e.decoded(rng.choice(live), G, t, 1)
+        elif roll < 0.8:
+            key = live.pop(rng.randrange(len(live)))
+            e.usage(key, G, rng.randint(1, 4000), 0, rng.randint(1, 50))
+            e.end(key, G, t)
+        else:
+            counter += rng.randint(0, 40_000)
+            e.reading("gpu0", t, counter)
+        assert set(book.queued) <= set(book.live)  # the index never outlives a live request
+    assert 50 < resets < n  # both answers were exercised
 
 
 def test_two_counter_updates_in_one_interval_are_carried_not_dropped() -> None:

@@ -84,6 +84,44 @@ def test_a_request_whose_gpu_stops_reporting_completes_unknown_at_its_deadline()
     assert done == [None]
 
 
+def test_a_request_whose_other_gpu_stops_reporting_completes_unknown_at_its_deadline() -> None:
+    """The source is up (GPU 0 reports), but the request's GPU 1 never closes its interval: the
+    next reading after its deadline completes it, energy unknown, and leaves the rest parked."""
+    now = [0]
+    clock = lambda: now[0]  # noqa: E731
+    fake = FakeNvml(
+        {"0": lambda t: t * 300_000.0, "1": lambda t: t * 300_000.0}, clock=lambda: now[0] / 1e9
+    )
+    source = NvmlSource(fake, ["0", "1"], clock)
+    energy = EnergyTracker(
+        source, {"u": ("0", "1")}, Metrics(CollectorRegistry()), clock, Weights(), 0.1
+    )
+
+    def sample(gpus: tuple[str, ...] = ("0", "1")) -> None:
+        energy.on_readings([r for r in source.read() if r.gpu in gpus])
+
+    sample()
+    done: dict[str, float | None] = {}
+    energy.start("a", "u", ("m", "u", "t"), 10, False)
+    now[0] = 50 * MS
+    energy.end("a")
+    assert energy.defer("a", lambda j, g: done.__setitem__("a", j))
+    for k in range(1, 20):  # to 1.9 s: GPU 1 has stopped; the deadline (2 s) is not reached
+        now[0] = k * 100 * MS
+        sample(("0",))
+    energy.start("b", "u", ("m", "u", "t"), 10, False)
+    energy.end("b")
+    assert energy.defer("b", lambda j, g: done.__setitem__("b", j))
+    assert not done
+    now[0] = 2100 * MS
+    sample(("0",))
+    assert done == {"a": None}  # b's deadline is still ahead
+    for k in (22, 23):
+        now[0] = k * 100 * MS
+        sample()  # GPU 1 is back: b's interval closes on both GPUs
+    assert done["b"] is not None and done["b"] > 0
+
+
 async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loop() -> None:
     """Hundreds of requests made final by one reading are settled a slice at a time, so the
     loop serves other requests in between."""

@@ -81,6 +81,12 @@ class GpuBook:
     clamped: int = 0  # readings past any plausible power: dropped as a glitch
     carry_mj: int = 0  # measured above the board limit, spread over the next intervals
     live: dict[str, Share] = field(default_factory=dict)  # in flight
+    # Live shares that may still be in the prefill queue, oldest first (a subset of `live`).
+    # Leaving the queue is for good (prefill only shrinks; a first token and an end come
+    # once), so `start` drops the ones that left from the front while it asks "is the queue
+    # empty?": O(1) amortized, where looking at every live share cost O(in flight + ended this
+    # interval) a request (~12 us a request at 16 in flight).
+    queued: dict[str, Share] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)  # live, with an end
     glow: dict[str, Share] = field(default_factory=dict)  # ended last interval
     done: dict[str, Share] = field(default_factory=dict)  # final, not yet read
@@ -96,6 +102,9 @@ class Engine:
         self.weights = weights
         self._board_w = board_w  # the GPU's power limit
         self.books: dict[str, GpuBook] = {}
+        # Keys whose share some GPU made final since the last `take_final` (a request is final
+        # once all of its GPUs have): the tracker looks at these, not at every parked request.
+        self._final: list[str] = []
         self.habits: dict[Group, Habits] = {}
         # Live attribution by group since the last drain (for counters that stay current).
         self.live_mj: collections.defaultdict[Group, float] = collections.defaultdict(float)
@@ -131,10 +140,11 @@ class Engine:
         uncached = prompt * (1.0 - habits.cached_share)
         for gpu in gpus:
             book = self.book(gpu)
-            if not any(_queued(s) for s in book.live.values()):  # the queue was empty
+            if _queue_empty(book):
                 pace = book.pace
                 pace.period_ns, pace.period_tok, pace.period_tok_per_ns = t_ns, 0.0, 0.0
-            book.live[key] = Share(group, streamed, t_ns, prompt_tokens, prompt, uncached)
+            share = Share(group, streamed, t_ns, prompt_tokens, prompt, uncached)
+            book.live[key] = book.queued[key] = share
 
     def first_token(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         """Prefill is over: it cannot have been more than the time since the start allows."""
@@ -215,12 +225,18 @@ class Engine:
             del self.books[gpu].done[key]
         return total_mj, total_ns
 
+    def take_final(self) -> list[str]:
+        """The keys some GPU made final since the last call (each request once per GPU)."""
+        final, self._final = self._final, []
+        return final
+
     def abandon(self, key: str, gpus: tuple[str, ...]) -> tuple[float, float]:
         """What a request has so far, when its GPUs stopped reporting; it is forgotten."""
         total_mj = total_ns = 0.0
         for gpu in gpus:
             book = self.books[gpu]
             book.ended.discard(key)
+            book.queued.pop(key, None)
             share = book.live.pop(key, None) or book.glow.pop(key, None) or book.done.pop(key, None)
             if share is not None:
                 total_mj += share.energy_mj
@@ -311,11 +327,11 @@ class Engine:
             self._idle(book, dt, energy, counted)
         else:
             self._split(book, rows, dt, busy, steps, energy, model)
-            book.done.update(book.glow)
-            book.glow.clear()
+            self._make_final(book)
         if book.ended:
             for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
                 book.glow[key] = book.live.pop(key)
+                book.queued.pop(key, None)
                 book.ended.discard(key)
         book.t_ns = t1
 
@@ -402,11 +418,19 @@ class Engine:
                 book.attributed_mj += owed
         else:
             owed = 0.0
-        book.done.update(glow)
-        glow.clear()
+        self._make_final(book)
         book.idle_mj += energy - owed
         if counted and dt and not book.live:
             book.idle_power_w.append(energy * 1e6 / dt)
+
+    def _make_final(self, book: GpuBook) -> None:
+        """The requests that ended in the interval before the one just closed are final here
+        (the counter has caught up with their work)."""
+        glow = book.glow
+        if glow:
+            book.done.update(glow)
+            self._final.extend(glow)
+            glow.clear()
 
     def _split(
         self,
@@ -489,6 +513,21 @@ class Engine:
     def drain_live(self) -> dict[Group, float]:
         live, self.live_mj = self.live_mj, collections.defaultdict(float)
         return live
+
+
+def _queue_empty(book: GpuBook) -> bool:
+    """Whether no live share is in the prefill queue; drops the front ones that left it."""
+    queued, live = book.queued, book.live
+    left = []
+    empty = True
+    for key, share in queued.items():
+        if _queued(share) and live.get(key) is share:
+            empty = False
+            break
+        left.append(key)
+    for key in left:
+        del queued[key]
+    return empty
 
 
 def _queued(share: Share) -> bool:
