@@ -138,6 +138,34 @@ async def test_a_refusing_store_is_retried_with_a_backoff(tmp_path: Path) -> Non
     await w.close()
 
 
+async def test_the_interval_flush_writes_what_was_queued_when_it_began(tmp_path: Path) -> None:
+    """Rows that arrive while a batch is being written wait for the next interval: one
+    transaction an interval, not a chain of small ones behind a busy proxy."""
+    w = ledger(tmp_path, [], [], interval_s=0.05)
+    await w.open()
+    batches: list[int] = []
+    insert = w.store.insert
+
+    async def busy(table: object, rows: list[object]) -> object:
+        batches.append(len(rows))
+        add(w, 1000 + len(batches) * 10, 3)  # the proxy settles more meanwhile
+        return await insert(table, rows)  # type: ignore[arg-type]
+
+    w.store.insert = busy  # type: ignore[method-assign]
+    add(w, 0, 100)
+    assert await w.flush(whole=False)
+    assert batches == [100] and w.queued == 3  # the 3 that came during the write wait
+    writer = asyncio.create_task(w.run())
+    await asyncio.sleep(0.3)
+    writer.cancel()
+    # An interval each (~6 in 0.3 s), where draining until empty would never stop writing.
+    assert 3 <= len(batches) <= 10 and set(batches[1:]) == {3}
+    w.store.insert = insert  # type: ignore[method-assign]
+    assert await w.flush()  # an explicit flush writes until nothing is left
+    assert w.queued == 0 and len(keys(tmp_path / "ledger.db")) == 100 + 3 * len(batches)
+    await w.close()
+
+
 async def test_rows_are_lost_and_counted_only_when_the_spill_file_fails_too(
     tmp_path: Path,
 ) -> None:

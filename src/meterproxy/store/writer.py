@@ -127,7 +127,7 @@ class Writer:
                 async with self._lock:
                     await self._spill_overflow()
                 continue
-            ok = await self.flush()
+            ok = await self.flush(whole=False)
             retry_at = 0.0 if ok else time.monotonic() + self._delay_s() - self.interval_s
 
     def _delay_s(self) -> float:
@@ -135,27 +135,37 @@ class Writer:
             return self.interval_s
         return min(self._retry_max_s, self.interval_s * 2.0 ** min(self._failures, 30))
 
-    async def flush(self) -> bool:
-        """Write everything queued, then drain one batch of the spill file; False (rows kept)
-        if the store refused."""
+    async def flush(self, *, whole: bool = True) -> bool:
+        """Write everything queued (`whole=False`, the interval's flush: what was queued when
+        the write began), then drain one batch of the spill file; False (rows kept) if the
+        store refused."""
         async with self._lock:
             await self._spill_overflow()
-            ok = await self._write_queue()
+            ok = await self._write_queue(None if whole else len(self._queue))
             if ok:
                 ok = await self._drain_spill()
             else:
                 await self._spill_overflow()  # rows put back may have pushed others out
             return ok
 
-    async def _write_queue(self) -> bool:
+    async def _write_queue(self, limit: int | None) -> bool:
+        """Batches of the queue to the store: all of it, or its first `limit` rows. The
+        interval's flush stops at what was there when it began: rows that arrive while a batch
+        is written wait for the next interval, so a busy proxy writes one large transaction an
+        interval, not a chain of small ones (each small batch commits on its own, and the store's
+        thread woke a dozen times an interval: ~15 us a row instead of ~9 at 2,400 rows/s)."""
         if not self._queue and self._failures:  # idle after an outage: is the store back?
             try:
                 await self.store.open()
             except StoreUnavailable as exc:
                 self._refused(exc)
                 return False
-        while self._queue:
+        left = limit
+        while self._queue and (left is None or left > 0):
             n = min(len(self._queue), self._batch_rows)
+            if left is not None:
+                n = min(n, left)
+                left -= n
             batch = [self._queue.popleft() for _ in range(n)]
             try:
                 rejected = await self.store.insert(self.table, batch)
