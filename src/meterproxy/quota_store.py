@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 
 from .quota import Quota
-from .storage import open_wal
+from .storage import open_wal, writer_thread
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ CREATE TABLE IF NOT EXISTS spend (
 class QuotaStore:
     def __init__(self, path: str, quota: Quota, interval_s: float = 1.0) -> None:
         self.path, self.quota, self.interval_s = path, quota, interval_s
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quota-store")
+        self._thread = writer_thread("quota-store")
         self._db: sqlite3.Connection | None = None
 
     async def open(self, now_s: float) -> None:

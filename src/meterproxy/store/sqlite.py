@@ -13,10 +13,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..storage import open_wal
+from ..storage import open_wal, writer_thread
 from .base import Rejected, StoreUnavailable
 from .dialect import SQLITE
 from .schema import Row, Schema, SchemaTooNew, Table
@@ -144,7 +143,7 @@ class SqliteStore:
     def __init__(self, path: str, schema: Schema) -> None:
         self.path = self.where = path
         self._schema = schema
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._thread = writer_thread("sqlite")
         self._db: sqlite3.Connection | None = None
 
     @property
