@@ -356,20 +356,22 @@ class Engine:
         ]  # not yet reached, prompt left to place, or a stream without its first token
         if not queue:
             return
+        shown = [_done_at(share, t1) for share in queue]
         last_done, closed = -1, t1  # the last request shown done, and when
-        for k, share in enumerate(queue):
-            done = _done_at(share, t1)
+        for k, done in enumerate(shown):
             if done is not None:
                 last_done, closed = k, done
         speed = max(pace.prefill_tok_per_ns, pace.period_tok_per_ns)
         clock = t0  # how far the engine's prefill has come, in time
         behind = pace.period_tok  # the period's prefill queued ahead of this request
         for k, share in enumerate(queue):
-            clock = max(clock, share.started_ns)
+            if share.started_ns > clock:
+                clock = share.started_ns
             if k <= last_done:
-                own = _done_at(share, t1)
+                own = shown[k]
                 done = closed if own is None or own > closed else own
-                done = max(done, t0)  # an event seen after its interval closed
+                if done < t0:
+                    done = t0  # an event seen after its interval closed
                 if share.enter_ns == NEVER:
                     share.enter_ns = min(clock, done)
                 part = share.prefill_left
@@ -539,9 +541,12 @@ def _queued(share: Share) -> bool:
 
 def _done_at(share: Share, t_ns: int) -> int | None:
     """When its prefill was shown done (its first token, else its end), if by `t_ns`."""
-    for at in (share.first_ns, share.end_ns):
-        if at is not None and at <= t_ns:
-            return at
+    at = share.first_ns
+    if at is not None and at <= t_ns:
+        return at
+    at = share.end_ns
+    if at is not None and at <= t_ns:
+        return at
     return None
 
 
