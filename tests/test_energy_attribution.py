@@ -94,6 +94,27 @@ def test_with_a_fit_the_idle_part_of_an_interval_is_idle_at_its_level_not_its_er
     assert final(e, "a") == pytest.approx(45_000)
 
 
+def test_a_fit_whose_idle_level_is_too_high_does_not_take_what_a_request_drew() -> None:
+    """The fit says 150 W idle, the idle intervals measured 100 W: the idle half of a partly
+    busy interval is idle at 100 W, and the request alone gets all of the energy above it."""
+    e = engine(calibrate=True)
+    for k in range(6):  # 100 W idle
+        e.reading("gpu0", k * 100 * MS, k * 10_000)
+    book = e.books["gpu0"]
+    model = EnergyModel(
+        idle_w=150.0, floor_w=100.0, step_j=0.0, prefill_j=0.0, decode_j=0.0, context_j=0.0
+    )
+    book.fit.state = FitState(model, trusted=False, error_ratio=None, windows=1.0, usable=True)
+    e.start("a", G, "A", 550 * MS, 0, True)  # busy for the second half of the interval
+    e.first_token("a", G, 560 * MS)
+    e.decoded("a", G, 560 * MS, 1)
+    e.reading("gpu0", 600 * MS, 50_000 + 5_000 + 45_000)  # 5 J idle half, 45 J busy half
+    e.end("a", G, 600 * MS)
+    e.reading("gpu0", 700 * MS, 110_000)  # idle again
+    e.reading("gpu0", 800 * MS, 120_000)
+    assert final(e, "a") == pytest.approx(45_000)  # at the fit's 150 W it would get 42.5 J
+
+
 def test_energy_is_final_after_the_interval_that_follows_the_end() -> None:
     e = engine()
     e.reading("gpu0", 0, 0)

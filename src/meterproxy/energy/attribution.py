@@ -95,6 +95,7 @@ class GpuBook:
     )
     power_w: float = 0.0
     _baseline: tuple[int, float] = (-1, 0.0)  # (samples seen, percentile) cache
+    _idle_median: tuple[int, float] = (-1, 0.0)  # (samples seen, median) cache
 
 
 class Engine:
@@ -449,7 +450,10 @@ class Engine:
         if model is not None:
             # The idle part of the interval is idle at the level the fit says: only what the
             # requests drew takes the fit's error (scaled so the whole adds up to the reading).
-            idle = min(model.idle_w * (dt - busy) / 1e6, energy)
+            # Never above the idle power seen, though: a young fit whose idle level is too high
+            # would take what the requests drew for idle.
+            idle_w = min(model.idle_w, self._idle_seen_w(book, model.idle_w))
+            idle = min(idle_w * (dt - busy) / 1e6, energy)
             static = (model.idle_w + model.floor_w) * busy / 1e6 + model.step_j * steps * 1000
             scale = (energy - idle) / (static + work) if static + work > 0 else 0.0
             static, dynamic = static * scale, work * scale
@@ -501,6 +505,17 @@ class Engine:
     def _idle_w(self, book: GpuBook) -> float:
         model = self._model(book)
         return model.idle_w if model is not None else self._baseline_w(book)
+
+    def _idle_seen_w(self, book: GpuBook, otherwise: float) -> float:
+        """The median power of the idle intervals seen (`otherwise` before any)."""
+        seen = book.idle_power_w
+        if not seen:
+            return otherwise
+        count = len(seen)
+        if book._idle_median[0] != count or count == seen.maxlen:
+            ordered = sorted(seen)
+            book._idle_median = (count, ordered[count // 2])
+        return book._idle_median[1]
 
     def _baseline_w(self, book: GpuBook) -> float:
         seen = book.idle_power_w
