@@ -24,13 +24,13 @@ DAY = "2026-03-14"
 S = 1_000_000_000
 
 
-def tenancy(path: Path, tokens_per_day: int = 1_000, zone: str = "UTC") -> Tenancy:
+def tenancy(path: Path, tokens_per_day: int = 1_000, zone: str = "UTC", **limits: int) -> Tenancy:
     tree = {
         "upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1"}],
         "tenants": {
             "research": {
                 "keys": [f"sha256:{hash_key('k')}"],
-                "limits": {"tokens_per_day": tokens_per_day, "max_concurrent": 2},
+                "limits": {"tokens_per_day": tokens_per_day, "max_concurrent": 2, **limits},
             }
         },
         "quota": {"state_path": str(path), "timezone": zone},
@@ -78,6 +78,30 @@ async def test_a_ticket_is_settled_to_the_real_usage(tmp_path: Path) -> None:
     assert quota.quota.used("research", "joules", DAY) == 350.0
     assert ratio(registry, "tokens_per_day") == pytest.approx(0.2)
     assert ratio(registry, "max_concurrent") == 0.0
+
+
+async def test_the_usage_ratios_are_read_when_scraped(tmp_path: Path) -> None:
+    """A ratio is what is used at the scrape, not at the last settlement: a request admitted
+    since shows, and a sliding window empties with time; a limit a reload adds gets its gauge."""
+    registry, clocks = CollectorRegistry(), Clocks()
+    quota = backend(tmp_path / "q.db", registry, clocks)
+    tenant = tenancy(tmp_path / "q.db").tenants["research"]
+    first = await quota.admit(tenant, 10, "mp-1", capped=True)
+    assert ratio(registry, "max_concurrent") is None  # no gauge before a first settlement
+    quota.settle(settlement(tenant="research", ticket=first, usage=Usage(5, 5)))
+    assert ratio(registry, "max_concurrent") == 0.0
+    second = await quota.admit(tenant, 10, "mp-2", capped=True)
+    await quota.admit(tenant, 10, "mp-3", capped=True)
+    assert ratio(registry, "max_concurrent") == 1.0  # two in flight of two, none settled
+    assert ratio(registry, "requests_per_minute") is None  # not a limit of this tenant
+    reloaded = tenancy(tmp_path / "q.db", requests_per_minute=10)
+    quota.reconfigure(reloaded)
+    assert ratio(registry, "requests_per_minute") == 0.0
+    quota.settle(settlement(tenant="research", ticket=second, usage=Usage(5, 5)))
+    await quota.admit(reloaded.tenants["research"], 10, "mp-4", capped=True)
+    assert ratio(registry, "requests_per_minute") == pytest.approx(0.1)
+    clocks.now_ns += 61 * S
+    assert ratio(registry, "requests_per_minute") == 0.0  # the minute has passed
 
 
 async def test_a_settlement_without_a_ticket_changes_nothing(tmp_path: Path) -> None:

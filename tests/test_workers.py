@@ -180,6 +180,9 @@ async def two_workers(
         requests = samples(text, "meterproxy_requests_total")
         assert sorted(requests.values()) == [20.0, 40.0], requests
     text = texts[-1]
+    # The minute's 40 of 40 requests, from the quota's one process (the host's, or Redis).
+    rpm = '{limit="requests_per_minute",tenant="research"}'
+    assert samples(text, "meterproxy_quota_usage_ratio").get(rpm) == 1.0, text
     measured = sum(samples(text, "meterproxy_gpu_energy_joules_total").values())
     idle = sum(samples(text, "meterproxy_gpu_idle_energy_joules_total").values())
     attributed = sum(samples(text, "meterproxy_energy_joules_total").values())

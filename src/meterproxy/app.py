@@ -314,20 +314,13 @@ _quota = _supervised("quota", lambda app: app[RUNTIME].quota)
 def _linked(link: HostLink) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await link.open()
-        refresh = app[RUNTIME].tasks.spawn("tracked-gauges", _tracked(app[RUNTIME].metrics))
+        refresh = app[RUNTIME].tasks.spawn("tracked-gauges", app[RUNTIME].metrics.keep_tracked())
         yield
         await app[RUNTIME].tasks.cancel(refresh)
         await app[RUNTIME].settler.wait_idle(_SETTLE_WAIT_S)
         await link.close()
 
     return lifetime
-
-
-async def _tracked(metrics: Metrics) -> None:
-    """A worker's gauges read from functions: written to the shared files once a second."""
-    while True:
-        metrics.refresh_tracked()
-        await asyncio.sleep(1.0)
 
 
 def new_session(upstream: Upstream) -> aiohttp.ClientSession:

@@ -208,6 +208,8 @@ async def serve(
     if host.quota is not None:
         await host.quota.open()
         background.append(asyncio.create_task(host.quota.run(), name="quota-store"))
+    if metrics.multiprocess:  # the quota's usage ratios, read when written
+        background.append(asyncio.create_task(metrics.keep_tracked(), name="tracked-gauges"))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     server = await asyncio.start_unix_server(host.connection, path=path, limit=2**20)

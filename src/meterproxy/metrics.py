@@ -6,6 +6,7 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -435,9 +436,9 @@ class Metrics:
         )
 
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """A gauge whose value is read from a function when scraped; in a worker of
+        """A gauge whose value is read from a function when scraped; in a process of
         `serve --workers` (whose scrape reads the shared files), written there once a second
-        by `refresh_tracked`."""
+        by `keep_tracked`."""
         if self.multiprocess:
             self._tracked.append((gauge, read))
         else:
@@ -446,6 +447,12 @@ class Metrics:
     def refresh_tracked(self) -> None:
         for gauge, read in self._tracked:
             gauge.set(read())
+
+    async def keep_tracked(self) -> None:
+        """A worker's or the host's tracked gauges, written to the shared files once a second."""
+        while True:
+            self.refresh_tracked()
+            await asyncio.sleep(1.0)
 
     def observe(self, record: Settlement) -> None:
         key = (record.endpoint, record.model, record.upstream, record.tenant, record.status)

@@ -209,6 +209,17 @@ def calendar(zone: ZoneInfo, now_s: float) -> Periods:
     return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month
 
 
+# The limits a usage ratio is exported for (`Quota.ratios`); max_tokens_per_request is per request.
+RATIO_LIMITS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "usd_per_month",
+    "joules_per_day",
+    "max_concurrent",
+)
+
+
 class Quota:
     def __init__(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)

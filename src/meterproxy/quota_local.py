@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .policy import Tenancy, Tenant
-from .quota import Quota, Ticket
+from .quota import RATIO_LIMITS, Quota, Ticket
 from .quota_store import QuotaStore
 
 if TYPE_CHECKING:
-    from prometheus_client import Gauge
-
     from .metrics import Metrics
     from .settlement import Settlement
 
@@ -31,12 +30,15 @@ class LocalQuota:
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
-        self._gauges: dict[tuple[str, str], Gauge] = {}  # (tenant, limit) -> its child
+        self._gauged: set[str] = set()  # tenants whose usage-ratio gauges exist
+        self._tracked: set[tuple[str, str]] = set()  # (tenant, limit) read when scraped
 
     def reconfigure(self, tenancy: Tenancy) -> None:
         """A reload: new tenants and limits, maybe a new time zone; spend is kept."""
         self._tenancy = tenancy
         self.quota.set_timezone(tenancy.timezone)
+        for name in self._gauged:  # limits added to a tenant already gauged
+            self._gauge(name)
 
     def clock(self) -> int:
         return self._clock()
@@ -53,17 +55,28 @@ class LocalQuota:
         self.settle_amounts(ticket, tokens, settlement.cost_usd, settlement.energy_j or 0.0)
 
     def settle_amounts(self, ticket: Ticket, tokens: int, usd: float, joules: float) -> None:
-        now_ns, now_s = self._clock(), self._wall_clock()
-        self.quota.settle(ticket, tokens, usd, joules, now_ns, now_s)
-        tenant = self._tenancy.tenant(ticket.tenant)
-        gauges = self._gauges
-        for limit, ratio in self.quota.ratios(tenant, now_ns, now_s).items():
-            gauge = gauges.get((tenant.name, limit))
-            if gauge is None:  # labels() costs microseconds: resolved once per label set
-                gauge = gauges[tenant.name, limit] = self._metrics.quota_usage_ratio.labels(
-                    tenant.name, limit
+        self.quota.settle(ticket, tokens, usd, joules, self._clock(), self._wall_clock())
+        if ticket.tenant not in self._gauged:
+            self._gauged.add(ticket.tenant)
+            self._gauge(ticket.tenant)
+
+    def _gauge(self, name: str) -> None:
+        """The tenant's usage-ratio gauges, one per limit it has, read when scraped (so the
+        sliding windows show their current state; computing all six at each settlement cost
+        ~10 us a request)."""
+        tenant = self._tenancy.tenant(name)
+        for limit in RATIO_LIMITS:
+            if getattr(tenant.limits, limit) and (name, limit) not in self._tracked:
+                self._tracked.add((name, limit))
+                self._metrics.track(
+                    self._metrics.quota_usage_ratio.labels(name, limit),
+                    functools.partial(self._ratio, name, limit),
                 )
-            gauge.set(ratio)
+
+    def _ratio(self, name: str, limit: str) -> float:
+        """Used / limit now (0 once the tenant or the limit is gone from the configuration)."""
+        tenant = self._tenancy.tenant(name)
+        return self.quota.ratios(tenant, self._clock(), self._wall_clock()).get(limit, 0.0)
 
     async def open(self) -> None:
         await self._store.open(self._wall_clock())
