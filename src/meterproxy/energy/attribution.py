@@ -105,6 +105,8 @@ class Engine:
         self.books: dict[str, GpuBook] = {}
         # Keys whose share some GPU made final since the last `take_final` (a request is final
         # once all of its GPUs have): the tracker looks at these, not at every parked request.
+        # It drains them at every reading; a caller that never does (a benchmark's scenario)
+        # holds one key per request per GPU here until it drops the engine.
         self._final: list[str] = []
         self.habits: dict[Group, Habits] = {}
         # Live attribution by group since the last drain (for counters that stay current).
