@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 # the thread a few milliseconds; at the loop's priority it held a request arriving meanwhile
 # for about that long (the ledger's flush, ten times a second, was the p99 at one request in
 # flight). At +10 the thread still gets ~10 % of a core the loop keeps busy, several times what
-# a few thousand rows a second need.
+# a few thousand rows a second need (+5 helped the p99 less, +0 not at all). The cost: on a host
+# whose CPUs other processes saturate, the thread waits longer for a core, and with it the rows
+# (and a loop that wants the GIL while the thread holds it binding a row).
 WRITER_NICE = 10
 
 
