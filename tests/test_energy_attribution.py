@@ -71,48 +71,41 @@ def test_idle_at_the_edges_of_a_busy_period_is_not_billed() -> None:
     assert final(e, "a") == pytest.approx(20_000)
 
 
-def test_with_a_fit_the_idle_part_of_an_interval_is_idle_at_its_level_not_its_error() -> None:
-    """A young fit mispredicts what a request draws (here by half); that error is the
-    request's, not the idle half of the interval's: a request alone still gets all of the
-    energy above idle, whatever the fit's terms."""
+def alone_in_a_half_busy_interval(fit_idle_w: float) -> float:
+    """A request alone, busy for the second half of an interval after 100 W idle ones, under
+    a young fit (idle level as given, floor 100 W, no per-token terms): its energy (mJ). The
+    interval holds 5 J idle and 45 J busy, where the fit says floor and idle give 10 J."""
     e = engine(calibrate=True)
     for k in range(6):  # 100 W idle
         e.reading("gpu0", k * 100 * MS, k * 10_000)
-    book = e.books["gpu0"]
     model = EnergyModel(
-        idle_w=100.0, floor_w=100.0, step_j=0.0, prefill_j=0.0, decode_j=0.0, context_j=0.0
+        idle_w=fit_idle_w, floor_w=100.0, step_j=0.0, prefill_j=0.0, decode_j=0.0, context_j=0.0
     )
-    book.fit.state = FitState(model, trusted=False, error_ratio=None, windows=1.0, usable=True)
-    e.start("a", G, "A", 550 * MS, 0, True)  # busy for the second half of the interval
+    e.books["gpu0"].fit.state = FitState(
+        model, trusted=False, error_ratio=None, windows=1.0, usable=True
+    )
+    e.start("a", G, "A", 550 * MS, 0, True)
     e.first_token("a", G, 560 * MS)
     e.decoded("a", G, 560 * MS, 1)
-    # 5 J idle half, 45 J busy half (the fit says 10 J: floor and idle over 50 ms)
     e.reading("gpu0", 600 * MS, 50_000 + 5_000 + 45_000)
     e.end("a", G, 600 * MS)
     e.reading("gpu0", 700 * MS, 110_000)  # idle again
     e.reading("gpu0", 800 * MS, 120_000)
-    assert final(e, "a") == pytest.approx(45_000)
+    return final(e, "a")
+
+
+def test_with_a_fit_the_idle_part_of_an_interval_is_idle_at_its_level_not_its_error() -> None:
+    """A young fit mispredicts what a request draws (here by half); that error is the
+    request's, not the idle half of the interval's: a request alone still gets all of the
+    energy above idle, whatever the fit's terms."""
+    assert alone_in_a_half_busy_interval(100.0) == pytest.approx(45_000)
 
 
 def test_a_fit_whose_idle_level_is_too_high_does_not_take_what_a_request_drew() -> None:
     """The fit says 150 W idle, the idle intervals measured 100 W: the idle half of a partly
-    busy interval is idle at 100 W, and the request alone gets all of the energy above it."""
-    e = engine(calibrate=True)
-    for k in range(6):  # 100 W idle
-        e.reading("gpu0", k * 100 * MS, k * 10_000)
-    book = e.books["gpu0"]
-    model = EnergyModel(
-        idle_w=150.0, floor_w=100.0, step_j=0.0, prefill_j=0.0, decode_j=0.0, context_j=0.0
-    )
-    book.fit.state = FitState(model, trusted=False, error_ratio=None, windows=1.0, usable=True)
-    e.start("a", G, "A", 550 * MS, 0, True)  # busy for the second half of the interval
-    e.first_token("a", G, 560 * MS)
-    e.decoded("a", G, 560 * MS, 1)
-    e.reading("gpu0", 600 * MS, 50_000 + 5_000 + 45_000)  # 5 J idle half, 45 J busy half
-    e.end("a", G, 600 * MS)
-    e.reading("gpu0", 700 * MS, 110_000)  # idle again
-    e.reading("gpu0", 800 * MS, 120_000)
-    assert final(e, "a") == pytest.approx(45_000)  # at the fit's 150 W it would get 42.5 J
+    busy interval is idle at 100 W, and the request alone gets all of the energy above it
+    (at the fit's 150 W it would get 42.5 J)."""
+    assert alone_in_a_half_busy_interval(150.0) == pytest.approx(45_000)
 
 
 def test_energy_is_final_after_the_interval_that_follows_the_end() -> None:
