@@ -208,7 +208,7 @@ async def serve(
     if host.quota is not None:
         await host.quota.open()
         background.append(asyncio.create_task(host.quota.run(), name="quota-store"))
-    if metrics.multiprocess:  # the quota's usage ratios, read when written
+    if metrics.multiprocess:  # gauges read from functions (the quota's usage ratios)
         background.append(asyncio.create_task(metrics.keep_tracked(), name="tracked-gauges"))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
