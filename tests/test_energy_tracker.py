@@ -10,7 +10,12 @@ from prometheus_client import CollectorRegistry
 
 from meterproxy.energy.attribution import Weights
 from meterproxy.energy.nvml import NvmlSource
-from meterproxy.energy.tracker import COMPLETIONS_PER_TURN, EnergyTracker
+from meterproxy.energy.tracker import (
+    BACKLOG_TURNS,
+    COMPLETIONS_PER_TURN,
+    EnergyTracker,
+    handed_per_turn,
+)
 from meterproxy.metrics import Metrics
 from meterproxy.sim.pynvml_fake import FakeNvml
 
@@ -136,10 +141,22 @@ async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loo
     for k in (1, 2):
         now[0] = k * 100 * MS
         sample()
-    assert len(done) == COMPLETIONS_PER_TURN  # the rest wait for the next turns
+    assert len(done) == handed_per_turn(200)  # the rest wait for the next turns
     for _ in range(200 // COMPLETIONS_PER_TURN + 1):
         await asyncio.sleep(0)
     assert sorted(done) == sorted(f"k{i}" for i in range(200))
+
+
+def test_a_turn_hands_over_one_completion_or_a_share_of_a_long_backlog() -> None:
+    """One a turn at the pace of a request in flight; under load, where one a turn could fall
+    behind the requests that end, at least a BACKLOG_TURNS-th of the backlog."""
+    assert handed_per_turn(1) == handed_per_turn(BACKLOG_TURNS - 1) == COMPLETIONS_PER_TURN == 1
+    assert handed_per_turn(100 * BACKLOG_TURNS) == 100
+    backlog, turns = 100_000, 0
+    while backlog:
+        backlog -= min(backlog, handed_per_turn(backlog))
+        turns += 1
+    assert turns < 12 * BACKLOG_TURNS  # ~ BACKLOG_TURNS x (ln(100,000 / 64) + 1), not 100,000
 
 
 def test_the_fit_is_exported_in_use_from_the_first_busy_window_and_trusted_later() -> None:

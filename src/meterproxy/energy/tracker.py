@@ -29,12 +29,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Completions handed to their settlements per turn of the event loop (~0.1 ms of settling).
-# A reading can make hundreds of requests final at once; settling them all in one callback
-# stopped the loop for milliseconds, ten times a second (the p99 of requests arriving then).
-# Eight a turn still added ~1.7 ms to the p99 at one request in flight (a request waits a
-# batch at each of its turns); two a turn leave it where it is without energy.
-COMPLETIONS_PER_TURN = 2
+# Completions handed to their settlements per turn of the event loop (~60 us of settling
+# each). A reading can make hundreds of requests final at once; settling them all in one
+# callback stopped the loop for milliseconds, ten times a second (the p99 of requests arriving
+# then). A request in flight waits a slice at each of its turns: eight a turn added ~1.7 ms to
+# the p99 at one request in flight, two 0.1-0.2 ms more than one (10 s runs, six pairs).
+COMPLETIONS_PER_TURN = 1
+# But at least this fraction of the backlog a turn: under load a turn serves many requests, so
+# one completion a turn could fall behind the requests that end; a backlog of n drains in
+# O(BACKLOG_TURNS x log n) turns whatever the rate.
+BACKLOG_TURNS = 64
 
 
 class EnergyTracker:
@@ -256,12 +260,12 @@ class EnergyTracker:
         return True
 
     def _hand_over(self) -> None:
-        """Completions to their settlements, COMPLETIONS_PER_TURN at a time, the loop serving
-        I/O in between (all at once where no loop runs)."""
+        """Completions to their settlements, a slice a turn (`handed_per_turn`), the loop
+        serving I/O in between (all at once where no loop runs)."""
         self._draining = False
         completions = self._completions
         try:
-            for _ in range(min(len(completions), COMPLETIONS_PER_TURN)):
+            for _ in range(min(len(completions), handed_per_turn(len(completions)))):
                 done, joules, gpu_seconds = completions.popleft()
                 done(joules, gpu_seconds)
         finally:  # even if a settlement raised: the others still get theirs
@@ -284,3 +288,8 @@ class EnergyTracker:
         """At shutdown: complete every parked request with what is known."""
         self.up = False
         self._finish_ready()
+
+
+def handed_per_turn(backlog: int) -> int:
+    """How many completions one turn of the loop hands over, of a backlog this long."""
+    return max(COMPLETIONS_PER_TURN, backlog // BACKLOG_TURNS)
