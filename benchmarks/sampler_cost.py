@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +29,8 @@ from meterproxy.energy.sources import Reading
 from meterproxy.energy.tracker import EnergyTracker
 from meterproxy.metrics import Metrics
 from meterproxy.sim.pynvml_fake import FakeNvml
+
+T = TypeVar("T")
 
 GPUS = [str(i) for i in range(8)]
 STEP_S = 0.02
@@ -106,7 +109,31 @@ async def measure(streams: int, seconds: float) -> dict[str, float]:
     t0 = time.monotonic()
     fake = FakeNvml({g: (lambda t, w=300 + 10 * int(g): (t - t0) * w * 1000) for g in GPUS})
     source = TimedSource(NvmlSource(fake, GPUS))
-    tracker = EnergyTracker(
+    spent = [0.0]
+    depth = [0]
+
+    class TimedTracker(EnergyTracker):
+        """Times the readings and the pulses that close their intervals and hand completions
+        over (later turns of the loop), each once."""
+
+        def on_readings(self, readings: list[Reading]) -> None:
+            self._timed(super().on_readings, readings)
+
+        def _pulse(self, soon: bool = False) -> None:
+            self._timed(super()._pulse, soon)
+
+        @staticmethod
+        def _timed(fn: Callable[[T], None], arg: T) -> None:
+            depth[0] += 1
+            t = time.thread_time()
+            try:
+                fn(arg)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[0] += time.thread_time() - t
+
+    tracker = TimedTracker(
         source,
         {f"up{g}": (g,) for g in GPUS},
         Metrics(CollectorRegistry()),
@@ -114,15 +141,8 @@ async def measure(streams: int, seconds: float) -> dict[str, float]:
         Weights(),
         0.1,
     )
-    spent = [0.0]
-
-    def on_readings(readings: list[Reading]) -> None:
-        t = time.thread_time()
-        tracker.on_readings(readings)
-        spent[0] += time.thread_time() - t
-
     loop = asyncio.get_running_loop()
-    sampler = Sampler(source, 0.1, loop, on_readings, tracker.on_error)
+    sampler = Sampler(source, 0.1, loop, tracker.on_readings, tracker.on_error)
     sampler.start()
     await asyncio.sleep(0.5)
     out: dict[str, float] = {}

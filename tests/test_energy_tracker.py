@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from meterproxy.energy.attribution import Weights
+from meterproxy.energy.attribution import SHARES_PER_STEP, Weights
 from meterproxy.energy.nvml import NvmlSource
 from meterproxy.energy.tracker import (
     BACKLOG_TURNS,
     COMPLETIONS_PER_TURN,
+    PULSE_S,
     EnergyTracker,
     handed_per_turn,
 )
@@ -127,9 +128,10 @@ def test_a_request_whose_other_gpu_stops_reporting_completes_unknown_at_its_dead
     assert done["b"] is not None and done["b"] > 0
 
 
-async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loop() -> None:
-    """Hundreds of requests made final by one reading are settled a slice at a time, so the
-    loop serves other requests in between."""
+async def test_a_burst_of_completions_is_handed_over_a_slice_per_pulse() -> None:
+    """Hundreds of requests made final by one reading are settled a slice at a time: one soon
+    after each metered request ends, else one every PULSE_S, so the loop serves other requests
+    in between and no request in flight meets a slice at every turn of the loop."""
     now = [0]
     energy, sample = tracker(now)
     sample()
@@ -141,10 +143,78 @@ async def test_a_burst_of_completions_is_handed_over_a_slice_per_turn_of_the_loo
     for k in (1, 2):
         now[0] = k * 100 * MS
         sample()
-    assert len(done) == handed_per_turn(200)  # the rest wait for the next turns
-    for _ in range(200 // COMPLETIONS_PER_TURN + 1):
+    assert not done  # the closing was the reading's pulse
+    for _ in range(5):
         await asyncio.sleep(0)
+    assert not done  # turns of the loop alone hand nothing over
+    for n in range(3):  # a request ends: a slice at the next turn
+        energy.start(f"r{n}", "u", ("m", "u", "t"), 10, False)
+        energy.end(f"r{n}")
+        before = len(done)
+        assert energy.defer(f"r{n}", lambda j, g: None)
+        assert len(done) == before  # not in the request's own callback
+        await asyncio.sleep(0)
+        assert len(done) == before + handed_per_turn(200 - before)
+    handed = len(done)
+    await asyncio.sleep(3 * PULSE_S)  # no request ends: the idle pulse goes on
+    assert handed < len(done) < 200
+    for _ in range(2000):
+        if len(done) == 200:
+            break
+        await asyncio.sleep(PULSE_S)
     assert sorted(done) == sorted(f"k{i}" for i in range(200))
+
+
+def test_a_busy_interval_closes_a_step_at_a_time_to_the_same_joules() -> None:
+    """On the loop a reading closes SHARES_PER_STEP shares a pulse; requests that start, end
+    or stream meanwhile change nothing it closes, and the joules are those of the same events
+    with the whole interval closed at once (no loop)."""
+
+    def run() -> tuple[dict[str, float | None], list[bool]]:
+        now = [0]
+        energy, sample = tracker(now)
+        sample()
+        joules: dict[str, float | None] = {}
+        closing: list[bool] = []
+        n = 3 * SHARES_PER_STEP + 5
+        for i in range(n):
+            energy.start(f"k{i}", "u", ("m", "u", "t"), 10 + i, i % 2 == 0)
+            if i % 2 == 0:
+                energy.first_token(f"k{i}", now[0] + i * 1000)
+        now[0] = 60 * MS
+        for i in range(0, n, 2):
+            energy.decoded(f"k{i}", 1 + i % 5)
+        for i in range(n // 2):
+            energy.end(f"k{i}")
+            assert energy.defer(f"k{i}", lambda j, g, i=i: joules.__setitem__(f"k{i}", j))
+        for k in (1, 2, 3, 4):
+            now[0] = k * 100 * MS
+            sample()
+            closing.append(energy.engine.closing)
+            # A request starts and streams: between two of the closing's steps on the loop,
+            # after the whole closing without one.
+            energy.start(f"x{k}", "u", ("m", "u", "t"), 10, True)
+            energy.decoded(f"x{k}", 3)
+            energy.engine.finish_closing()
+            energy.end(f"x{k}")
+            if k == 2:
+                for i in range(n // 2, n):
+                    energy.end(f"k{i}")
+                    assert energy.defer(f"k{i}", lambda j, g, i=i: joules.__setitem__(f"k{i}", j))
+        energy.close()
+        return {k: v for k, v in joules.items() if k.startswith("k")}, closing
+
+    async def on_the_loop() -> tuple[dict[str, float | None], list[bool]]:
+        return run()
+
+    whole, closing_whole = run()
+    stepped, closing_stepped = asyncio.run(on_the_loop())
+    assert not any(closing_whole)  # without a loop a reading closes its interval at once
+    assert closing_stepped[0]  # on the loop the first busy interval is still closing
+    assert len(whole) == len(stepped) == 3 * SHARES_PER_STEP + 5
+    for key, j in whole.items():
+        assert j is not None and stepped[key] is not None
+        assert abs(stepped[key] - j) < 1e-9, key
 
 
 def test_a_turn_hands_over_one_completion_or_a_share_of_a_long_backlog() -> None:

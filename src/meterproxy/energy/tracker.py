@@ -29,15 +29,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Completions handed to their settlements per turn of the event loop (~60 us of settling
-# each). A reading can make hundreds of requests final at once; settling them all in one
-# callback stopped the loop for milliseconds, ten times a second (the p99 of requests arriving
-# then). A request in flight waits a slice at each of its turns: eight a turn added ~1.7 ms to
-# the p99 at one request in flight, two 0.1-0.2 ms more than one (10 s runs, six pairs).
+# Background work (closing the intervals a reading ends, handing completions to their
+# settlements) runs in pulses, each one closing step (`Engine.step`, ~0.1 ms) or one hand-over
+# slice (~60 us of settling a completion): one soon after each metered request ends (once
+# its answer is written: the loop runs it after the handler's callback), so the work keeps pace
+# with the requests that make it, and one every PULSE_S while work is left and requests have
+# stopped ending. Done a slice every turn of the loop instead, a request in flight met one at
+# each of its turns (4-5 of them): at one request in flight the few requests that ran while a
+# reading's hundred completions were handed over were the p99, ~0.3 ms late.
+PULSE_S = 0.005
+# Completions handed over per pulse (~60 us of settling each)...
 COMPLETIONS_PER_TURN = 1
-# But at least this fraction of the backlog a turn: under load a turn serves many requests, so
-# one completion a turn could fall behind the requests that end; a backlog of n drains in
-# O(BACKLOG_TURNS x log n) turns whatever the rate.
+# ...but at least this fraction of the backlog: under load, completions could otherwise fall
+# behind the requests that end; a backlog of n drains in O(BACKLOG_TURNS x log n) pulses.
 BACKLOG_TURNS = 64
 
 
@@ -61,7 +65,11 @@ class EnergyTracker:
         self._dues: collections.deque[tuple[int, str]] = collections.deque()
         # Final, not yet handed over: (done, joules, GPU-seconds), oldest first.
         self._completions: collections.deque[tuple[Done, float | None, float]] = collections.deque()
-        self._draining = False  # a turn of the loop will hand over more
+        # Parked requests to look at as the hand-over comes to them (made final, or due).
+        self._check: collections.deque[str] = collections.deque()
+        self._readings: list[Reading] = []  # submitted, their intervals not yet all closed
+        self._soon = False  # a pulse is due at the next turn of the loop
+        self._timer: asyncio.TimerHandle | None = None  # the idle pulse, while work is left
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
         self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
         self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
@@ -127,21 +135,78 @@ class EnergyTracker:
         # at a few thousand requests per second.)
         if not self._finish(key, entry, now):
             self._dues.append((entry[1], key))
-        if not self._draining:
-            self._hand_over()
+        if self._completions or self._check or self.engine.closing:
+            self._wake()
         return True
 
     # -- readings ---------------------------------------------------------------------------
 
     def on_readings(self, readings: list[Reading]) -> None:
+        """Readings close their intervals a step at a time (`Engine.step`), in pulses: a busy
+        interval closed in one callback held the loop ~1 ms at 1,000 requests a second, ten
+        times a second, and every request arriving then waited it out."""
         if not self.up:
             log.info("energy source %s is answering again", self.source.name)
         self.up = True
         self._up_gauge.set(1)
-        m = self.metrics
         self.last_reading_ns = self.clock()
+        if self.engine.closing:  # the last readings' intervals are still closing: first, now
+            self.engine.finish_closing()
+            self._closed()
         for r in readings:
-            self.engine.reading(r.gpu, r.t_ns, r.energy_mj)
+            self.engine.submit(r.gpu, r.t_ns, r.energy_mj)
+        self._readings.extend(readings)
+        self._pulse()
+
+    # -- pulses -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Work is waiting: a pulse at the next turn of the loop (all of it now without one)."""
+        if self._soon:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a benchmark or test driving the tracker): at once
+            self._drain()
+            return
+        self._soon = True
+        loop.call_soon(self._pulse, "soon")
+
+    def _pulse(self, by: str = "") -> None:
+        """One closing step, else one hand-over slice; then the idle pulse while work is left.
+        `by`: "soon" (`_wake`), "timer" (the idle pulse), "" (a reading)."""
+        if by == "soon":
+            self._soon = False
+        elif by == "timer":
+            self._timer = None
+        engine = self.engine
+        try:
+            if engine.closing:
+                if not engine.step():
+                    self._closed()
+            else:
+                self._hand_over()
+        finally:  # even if a settlement raised: the rest is still handed over
+            if self._timer is None and (engine.closing or self._completions or self._check):
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self._drain()
+                else:
+                    self._timer = loop.call_later(PULSE_S, self._pulse, "timer")
+
+    def _drain(self) -> None:
+        """All the work, now."""
+        if self.engine.closing:
+            self.engine.finish_closing()
+            self._closed()
+        self._hand_over(limit=False)
+
+    def _closed(self) -> None:
+        """Every submitted interval is closed: export what the readings measured, then look
+        at the requests they made final."""
+        m = self.metrics
+        for r in self._readings:
             book = self.engine.books[r.gpu]
             measured, idle, gaps, clamped = self._last.get(r.gpu, (0, 0.0, 0, 0))
             series = self._series.get(r.gpu)
@@ -168,6 +233,7 @@ class EnergyTracker:
             if state is not self._fits.get(r.gpu):
                 self._fits[r.gpu] = state
                 self._export_fit(r.gpu, state)
+        self._readings.clear()
         for group, mj in self.engine.drain_live().items():
             counter = self._group_series.get(group)  # type: ignore[call-overload]
             if counter is None:
@@ -211,36 +277,31 @@ class EnergyTracker:
             self.check_stalled()
 
     def _finish_final(self) -> None:
-        """After a reading: the parked requests it made final, and those past their deadline.
-        (Only these can have changed: looking at every parked request instead cost O(parked)
-        a reading, ~0.4 ms at 1,000 requests a second, in one callback.)"""
+        """After a reading: the parked requests it made final, and those past their deadline,
+        are looked at by the hand-over, a slice a pulse. (Only these can have changed: looking
+        at every parked request instead cost O(parked) a reading, ~0.4 ms at 1,000 requests a
+        second, in one callback.)"""
         final = self.engine.take_final()
         parked, dues = self._parked, self._dues
         if not parked:
             dues.clear()
             return
+        check = self._check
+        check.extend(final)
         now = self.clock()
-        for key in final:
-            entry = parked.get(key)
-            if entry is not None:
-                self._finish(key, entry, now)
         while dues and dues[0][0] <= now:
-            key = dues.popleft()[1]
-            entry = parked.get(key)
-            if entry is not None:
-                self._finish(key, entry, now)
-        if not self._draining:
-            self._hand_over()
+            check.append(dues.popleft()[1])
 
     def _finish_ready(self) -> None:
         """Every parked request that can complete (the source is down, or at shutdown)."""
-        if not self._parked:
-            return
+        if self.engine.closing:
+            self.engine.finish_closing()
+            self._closed()
         now = self.clock()
         for key, entry in list(self._parked.items()):
             self._finish(key, entry, now)
-        if not self._draining:
-            self._hand_over()
+        if self._completions:
+            self._wake()
 
     def _finish(self, key: str, entry: tuple[Done, int], now: int) -> bool:
         """Complete one parked request once its energy is known, or past its deadline, or
@@ -259,35 +320,31 @@ class EnergyTracker:
             self._completions.append((done, result[0] / 1000, result[1] / 1e9 / len(gpus)))
         return True
 
-    def _hand_over(self) -> None:
-        """Completions to their settlements, a slice a turn (`handed_per_turn`), the loop
-        serving I/O in between (all at once where no loop runs)."""
-        self._draining = False
-        completions = self._completions
-        try:
-            for _ in range(min(len(completions), handed_per_turn(len(completions)))):
-                done, joules, gpu_seconds = completions.popleft()
-                done(joules, gpu_seconds)
-        finally:  # even if a settlement raised: the others still get theirs
-            if completions:
-                self._schedule_hand_over()
-
-    def _schedule_hand_over(self) -> None:
-        completions = self._completions
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            while completions:
-                done, joules, gpu_seconds = completions.popleft()
-                done(joules, gpu_seconds)
-            return
-        self._draining = True
-        loop.call_soon(self._hand_over)
+    def _hand_over(self, limit: bool = True) -> None:
+        """Completions to their settlements, a slice (`handed_per_turn`; all of them without
+        `limit`). The requests to look at (`_check`) are completed on the way, as their turn
+        comes."""
+        completions, check, parked = self._completions, self._check, self._parked
+        todo = handed_per_turn(len(completions) + len(check)) if limit else -1
+        now = self.clock()
+        while todo and (completions or check):
+            if not completions:
+                key = check.popleft()
+                entry = parked.get(key)
+                if entry is None or not self._finish(key, entry, now):
+                    continue  # completed already, or another of its GPUs is still open
+            done, joules, gpu_seconds = completions.popleft()
+            todo -= 1
+            done(joules, gpu_seconds)
 
     def close(self) -> None:
-        """At shutdown: complete every parked request with what is known."""
+        """At shutdown: complete every parked request with what is known, now."""
         self.up = False
         self._finish_ready()
+        self._drain()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def handed_per_turn(backlog: int) -> int:
