@@ -274,7 +274,10 @@ class Engine:
         """Close up to `SHARES_PER_STEP` more shares of the oldest submitted interval; whether
         any submitted interval is still open."""
         closing = self._closing
-        if closing and next(closing[0], True):  # a closing yields None between steps
+        if not closing:
+            return False
+        ended: bool | None = next(closing[0], True)  # a closing yields None between steps
+        if ended:
             closing.popleft()
         return bool(closing)
 
