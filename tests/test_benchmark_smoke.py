@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 from aiohttp import web
 
 from .missing import missing
@@ -87,3 +88,28 @@ async def test_the_wrk_driver_sends_each_request_distinct(tmp_path: Path) -> Non
     assert len(seen) >= result["requests"]
     assert len(set(seen)) == len(seen)  # no two alike
     assert all(b"__N__" not in b and orjson.loads(b)["messages"] for b in seen)
+
+
+@pytest.mark.slow
+def test_instructions_harness_runs() -> None:
+    """benchmarks/instructions.py counts a request's instructions under valgrind (the bare
+    floor only, a handful of requests: the harness, not the figure)."""
+    if shutil.which("valgrind") is None:
+        missing("valgrind is not installed (apt-get install -y valgrind)")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "instructions.py"),
+            "--requests",
+            "10,40",
+            "--only",
+            "bare aiohttp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| bare aiohttp |"))
+    float(row.split("|")[2].replace(",", ""))  # a count came back (its value is not judged)
+    assert "1.00x" in row  # the floor is its own reference
