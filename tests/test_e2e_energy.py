@@ -109,6 +109,53 @@ async def test_nvml_energy_is_attributed_and_conserved(
     assert 250 < power < 350
 
 
+@pytest.mark.slow
+async def test_under_load_every_request_settles_once_with_its_energy_and_nothing_is_lost(
+    start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """Hundreds of requests, 48 in flight: each reading's interval holds more requests than a
+    closing step takes (it closes in several pulses), and a reading's completions are handed
+    over a slice a pulse. Every request settles once, with energy, and the joules add up."""
+    up = await start_upstream({"sim-llama": Behavior(tokens=12, pace_s=0.004)})
+    fake = FakeNvml({"0": watts(300.0, time.monotonic())})
+    server, registry, settled = await serve(up, tmp_path, NvmlSource(fake, ["0"]))
+    n = 480
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1",  # type: ignore[attr-defined]
+            api_key="k",
+            max_retries=0,
+        ) as c:
+            gate = asyncio.Semaphore(48)
+
+            async def one(i: int) -> None:
+                async with gate:
+                    if i % 3:
+                        stream = await c.chat.completions.create(
+                            model="sim-llama", messages=MESSAGES, stream=True
+                        )
+                        async for _ in stream:
+                            pass
+                    else:
+                        await c.chat.completions.create(model="sim-llama", messages=MESSAGES)
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+        for _ in range(100):
+            if len(settled) == n:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await stop(server)  # type: ignore[arg-type]
+    assert len(settled) == n
+    assert len({r.request_id for r in settled}) == n  # once each
+    assert all(r.energy_j is not None and r.energy_j > 0 for r in settled)
+    measured = value(registry, "meterproxy_gpu_energy_joules_total", gpu="0")
+    idle = value(registry, "meterproxy_gpu_idle_energy_joules_total", gpu="0")
+    attributed = value(registry, "meterproxy_energy_joules_total")
+    assert attributed + idle == pytest.approx(measured, abs=0.001)
+    assert sum(r.energy_j or 0 for r in settled) == pytest.approx(attributed, abs=0.001)
+
+
 async def test_simulated_source_shows_plausible_tokens_per_joule(
     start_upstream: StartUpstream, tmp_path: Path
 ) -> None:
