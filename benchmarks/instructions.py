@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import itertools
 import os
 import re
@@ -40,17 +39,17 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (
-    _ALL_METERS_CONFIG,
     _FAKE_GPU_SERVE,
     ALL_METERS,
     AUTH,
     BARE,
-    BENCH_KEY,
     QUICK_START,
     ROOT,
     UPSTREAM_MODELS,
+    all_meters_config,
     free_port,
     launch,
+    wait_up,
 )
 
 CONCURRENCY = 16
@@ -66,15 +65,7 @@ def _serve(src: Path) -> str:
 
 def proxies(upstream: str, work: Path, also: list[Path]) -> dict[str, list[str]]:
     """Name -> the argv after `python` (its own --port appended at launch)."""
-    config = work / "all-meters.yaml"
-    config.write_text(
-        _ALL_METERS_CONFIG.format(
-            upstream=upstream,
-            dir=work,
-            digest=hashlib.sha256(BENCH_KEY.encode()).hexdigest(),
-            other=hashlib.sha256(b"sk-benchmark-research").hexdigest(),
-        )
-    )
+    config = all_meters_config(work, upstream)
     serve = ["serve", "--log-level", "WARNING"]
     out = {
         BARE: [str(ROOT / "benchmarks" / "bare_proxy.py"), "--upstream", upstream],
@@ -85,20 +76,6 @@ def proxies(upstream: str, work: Path, also: list[Path]) -> dict[str, list[str]]
         src = path / "src" if (path / "src" / "meterproxy").is_dir() else path
         out[f"{QUICK_START} ({path})"] = ["-c", _serve(src), *serve, "--upstream", upstream + "/v1"]
     return out
-
-
-async def _up(url: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(url + "/v1/models", headers=AUTH) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up under valgrind")
 
 
 async def _load(url: str, n: int) -> None:
@@ -141,7 +118,7 @@ def counted(argv: list[str], work: Path, requests: int, idle_s: float) -> tuple[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(_up(url))
+        asyncio.run(wait_up(url + "/v1"))  # 90 s: valgrind starts Python in ~15
         t = time.monotonic()
         asyncio.run(_load(url, requests))
         took = time.monotonic() - t

@@ -128,6 +128,20 @@ pricing:
 """
 
 
+def all_meters_config(work: Path, upstream_url: str) -> Path:
+    """The configuration with every meter on, written into `work`."""
+    config = work / "all-meters.yaml"
+    config.write_text(
+        _ALL_METERS_CONFIG.format(
+            upstream=upstream_url,
+            dir=work,
+            digest=hashlib.sha256(BENCH_KEY.encode()).hexdigest(),
+            other=hashlib.sha256(b"sk-benchmark-research").hexdigest(),
+        )
+    )
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -587,15 +601,7 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[list[Target], l
          "--data-dir", str(work / "quick")],
         port,
     )  # fmt: skip
-    config = work / "all-meters.yaml"
-    config.write_text(
-        _ALL_METERS_CONFIG.format(
-            upstream=upstream_url,
-            dir=work,
-            digest=hashlib.sha256(BENCH_KEY.encode()).hexdigest(),
-            other=hashlib.sha256(b"sk-benchmark-research").hexdigest(),
-        )
-    )
+    config = all_meters_config(work, upstream_url)
     port = free_port()
     argv = [*serve, "--config", str(config), "--port", str(port)]
     meters = add(ALL_METERS, [py, "-c", _FAKE_GPU_SERVE, *argv], port)

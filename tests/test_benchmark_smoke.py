@@ -17,38 +17,44 @@ from .missing import missing
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def benchmark(script: str, *args: str, timeout_s: float) -> str:
+    """Runs benchmarks/<script> with `args`; its standard output, once it exits cleanly."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_overhead_harness_runs() -> None:
     if shutil.which("wrk") is None:
         missing("wrk is not installed (apt-get install -y wrk)")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "overhead.py"),
-            "--quick",
-            "--duration",
-            "1",
-            "--levels",
-            "1",
-            "--ttft-rounds",
-            "5",
-            "--idle-streams",
-            "20",
-            "--slow-streams",
-            "10",
-            "--open-loop-s",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
+    stdout = benchmark(
+        "overhead.py",
+        "--quick",
+        "--duration",
+        "1",
+        "--levels",
+        "1",
+        "--ttft-rounds",
+        "5",
+        "--idle-streams",
+        "20",
+        "--slow-streams",
+        "10",
+        "--open-loop-s",
+        "1",
+        timeout_s=240,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     for target in ("bare aiohttp", "serve --upstream", "all meters"):
-        assert f"| chat | 1 | {target} |" in result.stdout
-        assert f"| stream256-openai | 1 | {target} |" in result.stdout
-    assert "open loop p50 ms" in result.stdout
-    assert "KiB per slowly-read stream" in result.stdout
-    assert "| no open-loop request above 50 ms |" in result.stdout
+        assert f"| chat | 1 | {target} |" in stdout
+        assert f"| stream256-openai | 1 | {target} |" in stdout
+    assert "open loop p50 ms" in stdout
+    assert "KiB per slowly-read stream" in stdout
+    assert "| no open-loop request above 50 ms |" in stdout
 
 
 async def test_the_wrk_driver_sends_each_request_distinct(tmp_path: Path) -> None:
@@ -96,20 +102,9 @@ def test_instructions_harness_runs() -> None:
     floor only, a handful of requests: the harness, not the figure)."""
     if shutil.which("valgrind") is None:
         missing("valgrind is not installed (apt-get install -y valgrind)")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "instructions.py"),
-            "--requests",
-            "10,40",
-            "--only",
-            "bare aiohttp",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    stdout = benchmark(
+        "instructions.py", "--requests", "10,40", "--only", "bare aiohttp", timeout_s=600
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = next(line for line in result.stdout.splitlines() if line.startswith("| bare aiohttp |"))
+    row = next(line for line in stdout.splitlines() if line.startswith("| bare aiohttp |"))
     float(row.split("|")[2].replace(",", ""))  # a count came back (its value is not judged)
     assert "1.00x" in row  # the floor is its own reference
