@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
@@ -43,8 +43,9 @@ class PriceTable:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class Cost:
+class Cost(NamedTuple):
+    """One request's cost (a named tuple: one is made per request)."""
+
     usd: float
     priced: bool
 

@@ -8,8 +8,7 @@ Extraction reads the `usage` object of chat/completions/embeddings bodies and st
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,8 +20,10 @@ class Source(str, enum.Enum):
     NONE = "none"  # nothing to count (the request never reached an upstream)
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
+    """Token counts of one request (a named tuple: one or two are made per request, and a
+    frozen dataclass sets each field through `object.__setattr__`)."""
+
     prompt: int | None = None
     completion: int | None = None
     cached_prompt: int | None = None

@@ -6,7 +6,6 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -270,7 +269,7 @@ class StreamWatch:
         if self.last_usage is None:
             return None
         last = from_body(loads(self.last_usage))
-        return None if last is None else dataclasses.replace(last, source=source)
+        return None if last is None else last._replace(source=source)
 
     def _judge(self, event: Event) -> None:
         """Responses-style streams end and fail by event type: in the `event:` line, or only

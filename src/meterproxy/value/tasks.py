@@ -18,7 +18,7 @@ import array
 import collections
 import enum
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 TaskKey = tuple[str, str]  # (tenant, task id)
 NO_MODEL = "_none"
@@ -43,9 +43,10 @@ class Report:
         return Result.SUCCESS if self.success else Result.FAILURE
 
 
-@dataclass(frozen=True, slots=True)
-class Figures:
-    """What some requests of a task cost, to be counted under a result."""
+class Figures(NamedTuple):
+    """What some requests of a task cost, to be counted under a result. (Named tuples here and
+    in `Settled`: one is made per request, and a frozen dataclass sets each field through
+    `object.__setattr__`.)"""
 
     tenant: str
     model: str
@@ -90,8 +91,7 @@ class _Alone:
     last_s: float  # settled, or last reported: it closes `grace_s` after
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
+class Settled(NamedTuple):
     key: str  # the proxy's request key (its task is what it was opened under)
     tenant: str
     model: str
