@@ -119,8 +119,8 @@ async def measure(streams: int, seconds: float) -> dict[str, float]:
         def on_readings(self, readings: list[Reading]) -> None:
             self._timed(super().on_readings, readings)
 
-        def _pulse(self, soon: bool = False) -> None:
-            self._timed(super()._pulse, soon)
+        def _pulse(self, by: str = "") -> None:
+            self._timed(super()._pulse, by)
 
         @staticmethod
         def _timed(fn: Callable[[T], None], arg: T) -> None:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+from meterproxy.energy import tracker as tracker_module
 from meterproxy.energy.attribution import SHARES_PER_STEP, Weights
 from meterproxy.energy.nvml import NvmlSource
 from meterproxy.energy.tracker import (
-    BACKLOG_TURNS,
-    COMPLETIONS_PER_TURN,
+    BACKLOG_PULSES,
+    COMPLETIONS_PER_PULSE,
     PULSE_S,
     EnergyTracker,
-    handed_per_turn,
+    handed_per_pulse,
 )
 from meterproxy.metrics import Metrics
 from meterproxy.sim.pynvml_fake import FakeNvml
@@ -128,47 +130,85 @@ def test_a_request_whose_other_gpu_stops_reporting_completes_unknown_at_its_dead
     assert done["b"] is not None and done["b"] > 0
 
 
-async def test_a_burst_of_completions_is_handed_over_a_slice_per_pulse() -> None:
-    """Hundreds of requests made final by one reading are settled a slice at a time: one soon
-    after each metered request ends, else one every PULSE_S, so the loop serves other requests
-    in between and no request in flight meets a slice at every turn of the loop."""
-    now = [0]
+def parked_burst(now: list[int], n: int) -> tuple[EnergyTracker, Callable[[], None], list[str]]:
+    """A tracker with `n` parked requests that the second reading makes final."""
     energy, sample = tracker(now)
     sample()
     done: list[str] = []
-    for i in range(200):
+    for i in range(n):
         energy.start(f"k{i}", "u", ("m", "u", "t"), 10, False)
         energy.end(f"k{i}")
         assert energy.defer(f"k{i}", lambda j, g, i=i: done.append(f"k{i}"))
     for k in (1, 2):
         now[0] = k * 100 * MS
         sample()
-    assert not done  # the closing was the reading's pulse
+    return energy, sample, done
+
+
+def a_request_ends(energy: EnergyTracker, key: str) -> None:
+    energy.start(key, "u", ("m", "u", "t"), 10, False)
+    energy.end(key)
+    assert energy.defer(key, lambda j, g: None)
+
+
+async def test_a_burst_of_completions_is_handed_over_a_slice_per_request_that_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hundreds of requests made final by one reading are settled a slice at a time: one at
+    the next turn of the loop after each metered request ends, not in the request's own
+    callback and not at every turn, so a request in flight meets a slice at most once."""
+    monkeypatch.setattr(tracker_module, "PULSE_S", 3600.0)  # no idle pulse in this test
+    energy, _, done = parked_burst([0], 200)
+    assert len(done) == handed_per_pulse(200)  # the reading's own pulse
     for _ in range(5):
         await asyncio.sleep(0)
-    assert not done  # turns of the loop alone hand nothing over
-    for n in range(3):  # a request ends: a slice at the next turn
-        energy.start(f"r{n}", "u", ("m", "u", "t"), 10, False)
-        energy.end(f"r{n}")
+    assert len(done) == handed_per_pulse(200)  # turns of the loop alone hand nothing over
+    for n in range(3):
         before = len(done)
-        assert energy.defer(f"r{n}", lambda j, g: None)
+        a_request_ends(energy, f"r{n}")
         assert len(done) == before  # not in the request's own callback
         await asyncio.sleep(0)
-        assert len(done) == before + handed_per_turn(200 - before)
-    handed = len(done)
-    await asyncio.sleep(3 * PULSE_S)  # no request ends: the idle pulse goes on
-    assert handed < len(done) < 200
+        assert len(done) == before + handed_per_pulse(200 - before)
+    energy.close()
+
+
+async def test_with_no_request_ending_the_idle_pulse_hands_every_completion_over() -> None:
+    energy, _, done = parked_burst([0], 200)
     for _ in range(2000):
         if len(done) == 200:
             break
         await asyncio.sleep(PULSE_S)
     assert sorted(done) == sorted(f"k{i}" for i in range(200))
+    energy.close()
+    assert len(done) == 200  # each once
+
+
+async def test_completions_are_handed_over_while_a_long_interval_is_still_closing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pulse takes a closing step and then a hand-over slice: an interval that takes many
+    steps to close (many GPUs, many requests in flight) never starves the completions."""
+    monkeypatch.setattr(tracker_module, "PULSE_S", 3600.0)  # pulses only as requests end
+    now = [0]
+    energy, sample, done = parked_burst(now, 100)
+    for i in range(20 * SHARES_PER_STEP):  # streams in flight: the next interval is a long close
+        energy.start(f"s{i}", "u", ("m", "u", "t"), 10, True)
+    now[0] = 300 * MS
+    sample()
+    handed = len(done)
+    for n in range(5):
+        a_request_ends(energy, f"r{n}")
+        await asyncio.sleep(0)
+        assert energy.engine.closing  # still closing...
+        assert len(done) > handed  # ...and a slice went over all the same
+        handed = len(done)
+    energy.close()
 
 
 def test_a_busy_interval_closes_a_step_at_a_time_to_the_same_joules() -> None:
-    """On the loop a reading closes SHARES_PER_STEP shares a pulse; requests that start, end
-    or stream meanwhile change nothing it closes, and the joules are those of the same events
-    with the whole interval closed at once (no loop)."""
+    """On the loop a reading closes SHARES_PER_STEP shares a pulse; a request that starts and
+    streams meanwhile (moving the engine's learned step time) changes nothing it closes: the
+    joules are those of the same events with the whole interval closed at once (no loop)."""
 
     def run() -> tuple[dict[str, float | None], list[bool]]:
         now = [0]
@@ -191,10 +231,12 @@ def test_a_busy_interval_closes_a_step_at_a_time_to_the_same_joules() -> None:
             now[0] = k * 100 * MS
             sample()
             closing.append(energy.engine.closing)
-            # A request starts and streams: between two of the closing's steps on the loop,
-            # after the whole closing without one.
+            # A request starts and streams, its token gaps teaching the engine's pace: between
+            # two of the closing's steps on the loop, after the whole closing without one.
             energy.start(f"x{k}", "u", ("m", "u", "t"), 10, True)
             energy.decoded(f"x{k}", 3)
+            now[0] += MS // 2
+            energy.decoded(f"x{k}", 2)
             energy.engine.finish_closing()
             energy.end(f"x{k}")
             if k == 2:
@@ -217,16 +259,16 @@ def test_a_busy_interval_closes_a_step_at_a_time_to_the_same_joules() -> None:
         assert abs(stepped[key] - j) < 1e-9, key
 
 
-def test_a_turn_hands_over_one_completion_or_a_share_of_a_long_backlog() -> None:
-    """One a turn at the pace of a request in flight; under load, where one a turn could fall
-    behind the requests that end, at least a BACKLOG_TURNS-th of the backlog."""
-    assert handed_per_turn(1) == handed_per_turn(BACKLOG_TURNS - 1) == COMPLETIONS_PER_TURN == 1
-    assert handed_per_turn(100 * BACKLOG_TURNS) == 100
-    backlog, turns = 100_000, 0
+def test_a_pulse_hands_over_one_completion_or_a_share_of_a_long_backlog() -> None:
+    """One a pulse at the pace of a request in flight; under load, where one a pulse could
+    fall behind the requests that end, at least a BACKLOG_PULSES-th of the backlog."""
+    assert handed_per_pulse(1) == handed_per_pulse(BACKLOG_PULSES - 1) == COMPLETIONS_PER_PULSE == 1
+    assert handed_per_pulse(100 * BACKLOG_PULSES) == 100
+    backlog, pulses = 100_000, 0
     while backlog:
-        backlog -= min(backlog, handed_per_turn(backlog))
-        turns += 1
-    assert turns < 12 * BACKLOG_TURNS  # ~ BACKLOG_TURNS x (ln(100,000 / 64) + 1), not 100,000
+        backlog -= min(backlog, handed_per_pulse(backlog))
+        pulses += 1
+    assert pulses < 12 * BACKLOG_PULSES  # ~ BACKLOG_PULSES x (ln(100,000 / 64) + 1)
 
 
 def test_the_fit_is_exported_in_use_from_the_first_busy_window_and_trusted_later() -> None:

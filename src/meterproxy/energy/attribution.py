@@ -261,14 +261,17 @@ class Engine:
 
     def submit(self, gpu: str, t_ns: int, energy_mj: int) -> None:
         """A reading whose interval `step` closes a few shares at a time (readings close in the
-        order submitted). Request events may come between two steps: they happen after the
-        reading was taken, as any event on the loop while a reading waits to be handed over."""
+        order submitted). Request events may come between two steps; they happened after the
+        reading was taken. The closing keeps the engine's pace as it was when it began, and
+        the shares live then; a share's own event (its usage, its end) counts in this interval
+        if it came before the share's step, as it would have had the reading reached the loop
+        that much later. Conservation is exact either way."""
         self._closing.append(self._read(gpu, t_ns, energy_mj))
 
     @property
-    def closing(self) -> bool:
-        """A submitted reading's interval is not closed yet."""
-        return bool(self._closing)
+    def closing(self) -> int:
+        """How many submitted readings' intervals are not closed yet."""
+        return len(self._closing)
 
     def step(self) -> bool:
         """Close up to `SHARES_PER_STEP` more shares of the oldest submitted interval; whether
@@ -342,12 +345,15 @@ class Engine:
             wp, wd, wc = w.prefill, w.decode, w.context
         if dt:
             self._place(book, t0, t1)
+        # The engine's pace as it stands now: events between two steps (a token's gap, a
+        # prefill's speed) teach the live one, not this interval's closing.
+        step_ns, prefill_tok_per_ns = pace.step_ns, pace.prefill_tok_per_ns
         shares = list(book.live.values())
         for k in range(0, len(shares), SHARES_PER_STEP):
             if k:
                 yield None
             for share in shares[k : k + SHARES_PER_STEP]:
-                res, p, d, c = share.advance(t0, t1, pace)
+                res, p, d, c = share.advance(t0, t1, step_ns)
                 if res == 0 and p == 0.0 and d == 0.0:
                     continue
                 rows.append((share, res, wp * p + wd * d + wc * c, p))
@@ -364,7 +370,7 @@ class Engine:
         if busy < dt and spans:
             busy = _union(spans)
         if not steps:
-            steps = busy / pace.step_ns
+            steps = busy / step_ns
         if counted:
             book.measured_mj += energy
             if self.weights.calibrate:
@@ -374,7 +380,7 @@ class Engine:
         if not rows:
             self._idle(book, dt, energy, counted)
         else:
-            yield from self._split(book, rows, dt, busy, steps, energy, model)
+            yield from self._split(book, rows, dt, busy, steps, energy, model, prefill_tok_per_ns)
             self._make_final(book)
         if book.ended:
             for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
@@ -491,6 +497,7 @@ class Engine:
         steps: float,
         energy: int,
         model: EnergyModel | None,
+        prefill_tok_per_ns: float,
     ) -> Iterator[None]:
         residency = sum(r[1] for r in rows)
         work = sum(r[2] for r in rows)
@@ -530,7 +537,7 @@ class Engine:
             # The engine time prefill took (at the learned speed): residency says everyone
             # resident shares its static energy, work says the prompts that took it pay. The
             # two conventions differ most here; half of it goes each way.
-            t_prefill = min(busy, prefill / book.pace.prefill_tok_per_ns)
+            t_prefill = min(busy, prefill / prefill_tok_per_ns)
             by_prefill = static * self.weights.prefill_time_share * t_prefill / busy
             static -= by_prefill
         per_res = static / residency if residency else 0.0

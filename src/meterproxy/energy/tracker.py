@@ -29,20 +29,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Background work (closing the intervals a reading ends, handing completions to their
-# settlements) runs in pulses, each one closing step (`Engine.step`, ~0.1 ms) or one hand-over
-# slice (~60 us of settling a completion): one soon after each metered request ends (once
-# its answer is written: the loop runs it after the handler's callback), so the work keeps pace
-# with the requests that make it, and one every PULSE_S while work is left and requests have
-# stopped ending. Done a slice every turn of the loop instead, a request in flight met one at
-# each of its turns (4-5 of them): at one request in flight the few requests that ran while a
-# reading's hundred completions were handed over were the p99, ~0.3 ms late.
+# Background work (closing the intervals readings end, handing completions to their
+# settlements) runs in pulses: one at the next turn of the loop after each metered request
+# ends (by then the handler has returned and a short answer is written), so the work keeps
+# pace with the requests that make it, and one every PULSE_S while work is left and no request
+# ends. A pulse takes one closing step (`Engine.step`, ~0.1 ms) for each interval still
+# closing, then one hand-over slice (~60 us of settling a completion). Done a slice at every
+# turn of the loop instead, a request in flight met one at each of its 4-5 turns: at one
+# request in flight the requests that ran while a reading's hundred completions were handed
+# over were the p99, ~0.3 ms late.
 PULSE_S = 0.005
-# Completions handed over per pulse (~60 us of settling each)...
-COMPLETIONS_PER_TURN = 1
+# Completions handed over per pulse...
+COMPLETIONS_PER_PULSE = 1
 # ...but at least this fraction of the backlog: under load, completions could otherwise fall
-# behind the requests that end; a backlog of n drains in O(BACKLOG_TURNS x log n) pulses.
-BACKLOG_TURNS = 64
+# behind the requests that end; a backlog of n drains in O(BACKLOG_PULSES x log n) pulses.
+BACKLOG_PULSES = 64
 
 
 class EnergyTracker:
@@ -156,6 +157,8 @@ class EnergyTracker:
         for r in readings:
             self.engine.submit(r.gpu, r.t_ns, r.energy_mj)
         self._readings.extend(readings)
+        if not readings:  # no interval to close: still, parked requests may be past due
+            self._finish_final()
         self._pulse()
 
     # -- pulses -----------------------------------------------------------------------------
@@ -173,8 +176,10 @@ class EnergyTracker:
         loop.call_soon(self._pulse, "soon")
 
     def _pulse(self, by: str = "") -> None:
-        """One closing step, else one hand-over slice; then the idle pulse while work is left.
-        `by`: "soon" (`_wake`), "timer" (the idle pulse), "" (a reading)."""
+        """A closing step for each interval still closing, then a hand-over slice (never
+        starved by closings: under load with many GPUs they may take all the pulses between
+        two readings); then the idle pulse while work is left. `by`: "soon" (`_wake`),
+        "timer" (the idle pulse), "" (a reading)."""
         if by == "soon":
             self._soon = False
         elif by == "timer":
@@ -182,10 +187,11 @@ class EnergyTracker:
         engine = self.engine
         try:
             if engine.closing:
-                if not engine.step():
-                    self._closed()
-            else:
-                self._hand_over()
+                for _ in range(engine.closing):
+                    if not engine.step():
+                        self._closed()
+                        break
+            self._hand_over()
         finally:  # even if a settlement raised: the rest is still handed over
             if self._timer is None and (engine.closing or self._completions or self._check):
                 try:
@@ -314,6 +320,9 @@ class EnergyTracker:
         del self._parked[key]
         del self._tracked[key]
         if result is None:  # stalled or failed: unknown, not zero
+            if self.engine.closing:  # an interval still closing may hold its share: first
+                self.engine.finish_closing()
+                self._closed()
             _, gpu_ns = self.engine.abandon(key, gpus)
             self._completions.append((done, None, gpu_ns / 1e9 / len(gpus)))
         else:
@@ -321,11 +330,11 @@ class EnergyTracker:
         return True
 
     def _hand_over(self, limit: bool = True) -> None:
-        """Completions to their settlements, a slice (`handed_per_turn`; all of them without
+        """Completions to their settlements, a slice (`handed_per_pulse`; all of them without
         `limit`). The requests to look at (`_check`) are completed on the way, as their turn
         comes."""
         completions, check, parked = self._completions, self._check, self._parked
-        todo = handed_per_turn(len(completions) + len(check)) if limit else -1
+        todo = handed_per_pulse(len(completions) + len(check)) if limit else -1
         now = self.clock()
         while todo and (completions or check):
             if not completions:
@@ -340,13 +349,15 @@ class EnergyTracker:
     def close(self) -> None:
         """At shutdown: complete every parked request with what is known, now."""
         self.up = False
-        self._finish_ready()
-        self._drain()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        try:
+            self._finish_ready()
+            self._drain()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
-def handed_per_turn(backlog: int) -> int:
-    """How many completions one turn of the loop hands over, of a backlog this long."""
-    return max(COMPLETIONS_PER_TURN, backlog // BACKLOG_TURNS)
+def handed_per_pulse(backlog: int) -> int:
+    """How many completions one pulse hands over, of a backlog this long."""
+    return max(COMPLETIONS_PER_PULSE, backlog // BACKLOG_PULSES)
