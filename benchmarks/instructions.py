@@ -107,8 +107,8 @@ def counted(argv: list[str], work: Path, requests: int, idle_s: float) -> tuple[
             "--cache-sim=no",
             "--cachegrind-out-file=/dev/null",
             f"--log-file={log}",
-            # The interpreter itself, not a launcher script (pyenv's shim is one)
-            os.path.realpath(sys.executable),
+            # This interpreter (a venv's own path: valgrind runs it with its packages)
+            sys.executable,
             *argv,
             "--port",
             str(port),
