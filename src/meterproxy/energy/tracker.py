@@ -131,7 +131,7 @@ class EnergyTracker:
         now = self.clock()
         self._parked[key] = entry = (done, now + self._deadline_ns)
         # Only this request can be ready now: the others change only when a reading closes an
-        # interval (or the source fails), and each of those looks at every parked request.
+        # interval (which looks at the requests it made final or past due) or the source fails.
         # (Looking at all of them here cost O(parked) per request: a sixth of the proxy's CPU
         # at a few thousand requests per second.)
         if not self._finish(key, entry, now):
@@ -151,9 +151,7 @@ class EnergyTracker:
         self.up = True
         self._up_gauge.set(1)
         self.last_reading_ns = self.clock()
-        if self.engine.closing:  # the last readings' intervals are still closing: first, now
-            self.engine.finish_closing()
-            self._closed()
+        self._close_now()  # the last readings' intervals, if still closing: first
         for r in readings:
             self.engine.submit(r.gpu, r.t_ns, r.energy_mj)
         self._readings.extend(readings)
@@ -201,11 +199,15 @@ class EnergyTracker:
                 else:
                     self._timer = loop.call_later(PULSE_S, self._pulse, "timer")
 
-    def _drain(self) -> None:
-        """All the work, now."""
+    def _close_now(self) -> None:
+        """Every interval still closing, closed now (and what it made final looked at)."""
         if self.engine.closing:
             self.engine.finish_closing()
             self._closed()
+
+    def _drain(self) -> None:
+        """All the work, now."""
+        self._close_now()
         self._hand_over(limit=False)
 
     def _closed(self) -> None:
@@ -300,9 +302,7 @@ class EnergyTracker:
 
     def _finish_ready(self) -> None:
         """Every parked request that can complete (the source is down, or at shutdown)."""
-        if self.engine.closing:
-            self.engine.finish_closing()
-            self._closed()
+        self._close_now()
         now = self.clock()
         for key, entry in list(self._parked.items()):
             self._finish(key, entry, now)
@@ -320,9 +320,7 @@ class EnergyTracker:
         del self._parked[key]
         del self._tracked[key]
         if result is None:  # stalled or failed: unknown, not zero
-            if self.engine.closing:  # an interval still closing may hold its share: first
-                self.engine.finish_closing()
-                self._closed()
+            self._close_now()  # an interval still closing may hold its share: first
             _, gpu_ns = self.engine.abandon(key, gpus)
             self._completions.append((done, None, gpu_ns / 1e9 / len(gpus)))
         else:

@@ -136,9 +136,9 @@ class Writer:
         return min(self._retry_max_s, self.interval_s * 2.0 ** min(self._failures, 30))
 
     async def flush(self, *, whole: bool = True) -> bool:
-        """Write everything queued (`whole=False`, the interval's flush: what was queued when
-        the write began), then drain one batch of the spill file; False (rows kept) if the
-        store refused."""
+        """Write what is queued (all of it; with `whole=False`, the interval's flush, what was
+        queued when the write began), then drain one batch of the spill file; False (rows
+        kept) if the store refused."""
         async with self._lock:
             await self._spill_overflow()
             ok = await self._write_queue(None if whole else len(self._queue))
