@@ -7,10 +7,14 @@ from collections.abc import Callable
 
 import pytest
 
-from meterproxy.endpoints import EMBEDDINGS
-from meterproxy.exchange import Exchange, Outcome
+from meterproxy.config import Upstream
+from meterproxy.endpoints import EMBEDDINGS, RESPONSES
+from meterproxy.exchange import Exchange, Outcome, Waste
+from meterproxy.policy import Tenant
 from meterproxy.pricing import Cost
-from meterproxy.settlement import EstimateCompleter, Settlement, Settler
+from meterproxy.quota import Ticket
+from meterproxy.routing import Route
+from meterproxy.settlement import EstimateCompleter, Settlement, Settler, freeze
 from meterproxy.usage import Source, Usage
 
 from .factories import exchange, settlement
@@ -176,3 +180,65 @@ def test_openers_hear_of_an_exchange_before_it_settles_and_are_guarded() -> None
         True,
         "duplicate",
     )
+
+
+def test_freeze_carries_every_field() -> None:
+    """`freeze` builds the settlement positionally: every field gets a value no other field
+    has, and each must land under its own name."""
+    ticket = Ticket("t-ticket", 7, 1, 2, "2026-11-30")
+    ex = Exchange(
+        key="mp-key-1",
+        endpoint=RESPONSES,
+        started_ns=11,
+        client_request_id="client-id",
+        tenant=Tenant("tenant-a"),
+        route=Route(Upstream("upstream-b", "http://127.0.0.1:1/v1"), "model-c"),
+        ticket=ticket,
+        upstream_request_id="upstream-id",
+        first_token_ns=13,
+        ended_ns=17,
+        usage=Usage(19, 23, 29, 31, Source.ESTIMATE),
+        estimated=True,
+        gpu_seconds=0.37,
+        energy_j=41.0,
+        client_user="user-d",
+        task_id="task-e",
+        stream=True,
+        reached_upstream=True,
+        outcome=Outcome.CLIENT_DISCONNECT,
+        status="499",
+        waste=Waste.CLIENT_DISCONNECT,
+        upstream_error="read_timeout",
+        duplicate=True,
+    )
+    expected = Settlement(
+        request_id="mp-key-1",
+        endpoint=RESPONSES.name,
+        tenant="tenant-a",
+        model="model-c",
+        upstream="upstream-b",
+        status="499",
+        outcome=Outcome.CLIENT_DISCONNECT,
+        usage=Usage(19, 23, 29, 31, Source.ESTIMATE),
+        estimated=True,
+        streamed=True,
+        started_ns=11,
+        first_token_ns=13,
+        ended_ns=17,
+        ts=1.75e9,
+        reached_upstream=True,
+        waste_reason="client_disconnect",
+        upstream_error="read_timeout",
+        client_request_id="client-id",
+        upstream_request_id="upstream-id",
+        client_user="user-d",
+        gpu_seconds=0.37,
+        energy_j=41.0,
+        cost_usd=0.43,
+        priced=False,
+        ticket=ticket,
+        task_id="task-e",
+        duplicate=True,
+    )
+    frozen = freeze(ex, 1.75e9, Cost(0.43, False))
+    assert frozen._asdict() == expected._asdict()

@@ -165,33 +165,52 @@ def storable_real(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def _labels(s: Settlement) -> tuple[str | None, ...]:
+    """tenant, model, upstream, endpoint, status, made storable: they come from configuration,
+    upstream model lists and enums, so a few sets recur; each is checked once."""
+    key = (s.tenant, s.model, s.upstream, s.endpoint, s.status)
+    found = _LABELS.get(key)
+    if found is None:
+        if len(_LABELS) >= _MAX_LABELS:
+            _LABELS.clear()
+        found = _LABELS[key] = tuple(map(storable_text, key))
+    return found
+
+
+_LABELS: dict[tuple[str, ...], tuple[str | None, ...]] = {}
+_MAX_LABELS = 4096
+
+
 def row(s: Settlement) -> Row:
     u = s.usage
     ttft = s.ttft_ns
     text, num, real = storable_text, storable_int, storable_real
+    tenant, model, upstream, endpoint, status = _labels(s)
+    # Most values are None or in range: checked inline, a call only when there is work.
+    prompt, completion, cached, reasoning = u.prompt, u.completion, u.cached_prompt, u.reasoning
     return (
         text(s.request_id),
         real(s.ts),
-        text(s.tenant),
-        text(s.model),
-        text(s.upstream),
-        text(s.endpoint),
-        text(s.status),
-        num(u.prompt),
-        num(u.cached_prompt),
-        num(u.completion),
-        num(u.reasoning),
+        tenant,
+        model,
+        upstream,
+        endpoint,
+        status,
+        prompt if prompt is None or 0 <= prompt <= INT_MAX else num(prompt),
+        cached if cached is None or 0 <= cached <= INT_MAX else num(cached),
+        completion if completion is None or 0 <= completion <= INT_MAX else num(completion),
+        reasoning if reasoning is None or 0 <= reasoning <= INT_MAX else num(reasoning),
         u.source.value,
         None if ttft is None else ttft / 1e9,
         s.duration_ns / 1e9,
         real(s.gpu_seconds) or 0.0,
-        real(s.energy_j),
+        None if s.energy_j is None else real(s.energy_j),
         real(s.cost_usd) or 0.0,
         int(s.priced),
         s.waste_reason,
-        text(s.client_request_id),
-        text(s.client_user),
-        text(s.upstream_request_id),
+        None if s.client_request_id is None else text(s.client_request_id),
+        None if s.client_user is None else text(s.client_user),
+        None if s.upstream_request_id is None else text(s.upstream_request_id),
         s.outcome.value,
     )
 

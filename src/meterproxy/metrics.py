@@ -7,8 +7,9 @@ request is observed here once, in `observe`, with seconds converted from nanosec
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -460,17 +461,19 @@ class Metrics:
         if series is None:
             series = self._series[key] = _Series(self, *key)
         usage = record.usage
-        for counter, value in (
-            (series.prompt, usage.prompt),
-            (series.completion, usage.completion),
-            (series.cached, usage.cached_prompt),
-            (series.reasoning, usage.reasoning),
-        ):
-            if value:
-                counter.inc(value)
-        series.requests.inc()
+        # Counts are never negative (usage keeps only non-negative integers, costs are priced
+        # from non-negative figures): `> 0` is the library's own check, and skips a zero.
+        if (value := usage.prompt) is not None and value > 0:
+            series.prompt.inc(value)
+        if (value := usage.completion) is not None and value > 0:
+            series.completion.inc(value)
+        if (value := usage.cached_prompt) is not None and value > 0:
+            series.cached.inc(value)
+        if (value := usage.reasoning) is not None and value > 0:
+            series.reasoning.inc(value)
+        series.requests.inc(1)
         if record.estimated:
-            series.estimates.inc()
+            series.estimates.inc(1)
         if record.waste_reason is not None and usage.completion:
             self.child(self.wasted, record.model, record.tenant, record.waste_reason).inc(
                 usage.completion
@@ -478,9 +481,10 @@ class Metrics:
         if record.upstream_error is not None:
             self.child(self.upstream_errors, record.upstream, record.upstream_error).inc()
         if record.reached_upstream:
-            series.cost.inc(record.cost_usd)
+            if record.cost_usd > 0:
+                series.cost.inc(record.cost_usd)
             if not record.priced:
-                series.unpriced.inc()
+                series.unpriced.inc(1)
             series.duration.observe(record.duration_ns / 1e9)
             if record.energy_j is not None:
                 energy = self._energy.get((record.model, record.upstream))
@@ -534,8 +538,36 @@ class InFlight:
         return self.value
 
 
+class _Cell(Protocol):
+    def inc(self, amount: float) -> None: ...
+
+
+class _Buckets:
+    """A histogram child, observed as the library observes it (the sum, and the count of the
+    first bucket whose bound is at or above the amount), without its per-call checks."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._sum: _Cell = child._sum
+        self._buckets: list[_Cell] = child._buckets
+        self._bounds: list[float] = child._upper_bounds  # ends at +Inf
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        if amount == amount:  # a NaN falls in no bucket, as in the library
+            self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
 class _Series:
-    """The metric children one (endpoint, model, upstream, tenant, status) settles into."""
+    """The metric cells one (endpoint, model, upstream, tenant, status) settles into.
+
+    Every settled request increments five to eight of them. The library's `inc` first checks
+    that the child has its labels and the amount is not negative (three Python calls before the
+    value's own locked add); these children are labelled here, and `observe` passes only
+    positive amounts, so their value cells are kept and incremented directly: the same
+    values, under the same lock (or in the shared files of `--workers`), ~0.4 us less each.
+    `tests/test_metrics.py` checks the exposition equals the library's public path."""
 
     __slots__ = (
         "cached",
@@ -554,14 +586,18 @@ class _Series:
     def __init__(
         self, m: Metrics, endpoint: str, model: str, upstream: str, tenant: str, status: str
     ) -> None:
-        self.requests = m.requests.labels(endpoint, model, upstream, tenant, status)
-        self.prompt = m.tokens.labels(model, upstream, tenant, "prompt")
-        self.completion = m.tokens.labels(model, upstream, tenant, "completion")
-        self.cached = m.tokens.labels(model, upstream, tenant, "cached_prompt")
-        self.reasoning = m.tokens.labels(model, upstream, tenant, "reasoning")
-        self.estimates = m.estimates.labels(model)
-        self.cost = m.cost.labels(model, upstream, tenant)
-        self.unpriced = m.unpriced.labels(model)
-        self.duration = m.duration.labels(model, upstream)
-        self.ttft = m.ttft.labels(model, upstream)
-        self.tpot = m.tpot.labels(model, upstream)
+        def cell(child: Counter) -> _Cell:
+            value: _Cell = child._value
+            return value
+
+        self.requests = cell(m.requests.labels(endpoint, model, upstream, tenant, status))
+        self.prompt = cell(m.tokens.labels(model, upstream, tenant, "prompt"))
+        self.completion = cell(m.tokens.labels(model, upstream, tenant, "completion"))
+        self.cached = cell(m.tokens.labels(model, upstream, tenant, "cached_prompt"))
+        self.reasoning = cell(m.tokens.labels(model, upstream, tenant, "reasoning"))
+        self.estimates = cell(m.estimates.labels(model))
+        self.cost = cell(m.cost.labels(model, upstream, tenant))
+        self.unpriced = cell(m.unpriced.labels(model))
+        self.duration = _Buckets(m.duration.labels(model, upstream))
+        self.ttft = _Buckets(m.ttft.labels(model, upstream))
+        self.tpot = _Buckets(m.tpot.labels(model, upstream))

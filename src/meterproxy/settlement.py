@@ -180,34 +180,36 @@ class Settler:
 
 
 def freeze(ex: Exchange, ts: float, cost: Cost) -> Settlement:
+    # Positional, in the fields' order (a call with 27 keywords costs ~0.8 us more a request);
+    # `test_freeze_carries_every_field` gives each field a distinct value and checks it.
     return Settlement(
-        request_id=ex.key,
-        endpoint=ex.endpoint.name,
-        tenant=ex.tenant.name,
-        model=ex.model,
-        upstream=ex.upstream,
-        status=ex.status,
-        outcome=ex.outcome,
-        usage=ex.usage,
-        estimated=ex.estimated,
-        streamed=ex.stream,
-        started_ns=ex.started_ns,
-        first_token_ns=ex.first_token_ns,
-        ended_ns=ex.ended_ns,
-        ts=ts,
-        reached_upstream=ex.reached_upstream,
-        waste_reason=ex.waste.value if ex.waste is not None else None,
-        upstream_error=ex.upstream_error,
-        client_request_id=ex.client_request_id,
-        upstream_request_id=ex.upstream_request_id,
-        client_user=ex.client_user,
-        gpu_seconds=ex.gpu_seconds,
-        energy_j=ex.energy_j,
-        cost_usd=cost.usd,
-        priced=cost.priced,
-        ticket=ex.ticket,
-        task_id=ex.task_id,
-        duplicate=ex.duplicate,
+        ex.key,  # request_id
+        ex.endpoint.name,
+        ex.tenant.name,
+        ex.model,
+        ex.upstream,
+        ex.status,
+        ex.outcome,
+        ex.usage,
+        ex.estimated,
+        ex.stream,  # streamed
+        ex.started_ns,
+        ex.first_token_ns,
+        ex.ended_ns,
+        ts,
+        ex.reached_upstream,
+        ex.waste.value if ex.waste is not None else None,  # waste_reason
+        ex.upstream_error,
+        ex.client_request_id,
+        ex.upstream_request_id,
+        ex.client_user,
+        ex.gpu_seconds,
+        ex.energy_j,
+        cost.usd,  # cost_usd
+        cost.priced,
+        ex.ticket,
+        ex.task_id,
+        ex.duplicate,
     )
 
 
