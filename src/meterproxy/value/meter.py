@@ -154,16 +154,16 @@ class ValueMeter:
         task = self.book.request(key) if s.task_id is not None or s.duplicate else None
         usage = s.usage
         late = self.book.settled(
-            Settled(
-                key=key,
-                tenant=s.tenant,
-                model=s.model,
-                reached_upstream=s.reached_upstream,
-                cost_usd=s.cost_usd,
-                energy_j=s.energy_j or 0.0,
-                tokens=(usage.prompt or 0) + (usage.completion or 0),
+            Settled(  # key, tenant, model, reached_upstream, cost_usd, energy_j, tokens
+                key,
+                s.tenant,
+                s.model,
+                s.reached_upstream,
+                s.cost_usd,
+                s.energy_j or 0.0,
+                (usage.prompt or 0) + (usage.completion or 0),
             ),
-            self._now_s(),
+            self._clock() / 1e9,
         )
         if late is not None:
             self._count([late])
