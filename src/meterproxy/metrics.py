@@ -493,8 +493,8 @@ class Metrics:
                         self.request_energy.labels(record.model, record.upstream)
                     )
                 energy.observe(record.energy_j)
-            if record.ttft_ns is not None:
-                series.ttft.observe(record.ttft_ns / 1e9)
+            if record.first_token_ns is not None:
+                series.ttft.observe((record.first_token_ns - record.started_ns) / 1e9)
             tpot_ns = record.tpot_ns
             if tpot_ns is not None:
                 series.tpot.observe(tpot_ns / 1e9)

@@ -104,12 +104,16 @@ def default_table() -> PriceTable:
 
 def price(settings: Settings, ex: Exchange) -> Cost:
     """What an exchange that reached its upstream cost, by the current price table."""
-    gpus = next((len(u.gpus) for u in settings.upstreams if u.name == ex.upstream), 0)
+    upstream, gpus = ex.upstream, 0
+    for u in settings.upstreams:  # a loop, not a generator: once per request
+        if u.name == upstream:
+            gpus = len(u.gpus)
+            break
     usage = ex.usage
     return cost_of(
         settings.prices,
         model=ex.model,
-        upstream=ex.upstream,
+        upstream=upstream,
         gpus=gpus,
         prompt=usage.prompt or 0,
         cached=usage.cached_prompt or 0,
