@@ -288,20 +288,32 @@ async def warm_up(url: str) -> None:
                 await asyncio.gather(*(one(http, raw, i < 4 or j) for j in range(4)))
 
 
+TTFT_BLOCK = 20  # requests to one target in a row
+
+
 async def ttft(targets: list[Target], rounds: int) -> None:
-    """Time to the first content chunk, one request in flight, interleaved across targets."""
+    """Time to the first content chunk, one request in flight. In blocks of requests to one
+    target, the blocks' order reversed each pass (A B C, C B A, ...) so slow drifts of the
+    machine fall on every target alike, and each block's first request left out: it shares
+    the core with whatever the target before was still finishing (a stream just read through
+    another proxy leaves its settlement, ledger and energy work behind), which measured that
+    proxy's leftovers, not this one's time to first token."""
     body = orjson.dumps(SCENARIOS["stream256"])
     samples: dict[str, list[float]] = {t.name: [] for t in targets}
+    order, block = list(targets), max(1, min(TTFT_BLOCK, rounds))
     async with aiohttp.ClientSession() as http:
-        for _ in range(rounds):
-            for t in targets:
-                start = time.perf_counter()
-                async with _post(http, t.url, body) as r:
-                    async for line in r.content:
-                        if b'"content":" ' in line:
-                            samples[t.name].append((time.perf_counter() - start) * 1000)
-                            break
-                    await r.read()
+        for _ in range(-(-rounds // block)):
+            for t in order:
+                for i in range(block + 1):
+                    start = time.perf_counter()
+                    async with _post(http, t.url, body) as r:
+                        async for line in r.content:
+                            if b'"content":" ' in line:
+                                if i:
+                                    samples[t.name].append((time.perf_counter() - start) * 1000)
+                                break
+                        await r.read()
+            order.reverse()
     for t in targets:
         t.results["ttft"] = {"p50_ms": statistics.median(samples[t.name])}
 
