@@ -332,6 +332,14 @@ class Engine:
         pace = book.pace
         if dt:
             pace.interval_ns += (dt - pace.interval_ns) // 8
+        if not book.live:  # nothing in the engine (most intervals of an idle GPU)
+            if counted:
+                book.measured_mj += energy
+                if self.weights.calibrate:
+                    book.fit.add(dt / 1e9, 0.0, 0.0, 0.0, 0.0, 0.0, energy / 1000)
+            self._idle(book, dt, energy, counted)
+            book.t_ns = t1
+            return
         rows: list[tuple[Share, int, float, float]] = []  # share, residency, raw work, prefill
         spans: list[tuple[int, int]] = []
         busy = residency = 0
