@@ -239,11 +239,12 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
     n = len(b)
     m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
     for col in range(n):
-        pivot = col  # the first of the largest, as max() would pick it
+        pivot, largest = col, abs(m[col][col])  # the first of the largest, as max() picks it
         for r in range(col + 1, n):
-            if abs(m[r][col]) > abs(m[pivot][col]):
-                pivot = r
-        if abs(m[pivot][col]) < 1e-300 or not math.isfinite(m[pivot][col]):
+            size = abs(m[r][col])
+            if size > largest:
+                pivot, largest = r, size
+        if largest < 1e-300 or not math.isfinite(m[pivot][col]):
             return None
         m[col], m[pivot] = m[pivot], m[col]
         top = m[col]
