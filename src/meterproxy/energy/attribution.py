@@ -332,9 +332,17 @@ class Engine:
         pace = book.pace
         if dt:
             pace.interval_ns += (dt - pace.interval_ns) // 8
-        rows: list[tuple[Share, int, float, float]] = []  # share, residency, raw work, context
+        if not book.live:  # nothing in the engine (most intervals of an idle GPU)
+            if counted:
+                book.measured_mj += energy
+                if self.weights.calibrate:
+                    book.fit.add(dt / 1e9, 0.0, 0.0, 0.0, 0.0, 0.0, energy / 1000)
+            self._idle(book, dt, energy, counted)
+            book.t_ns = t1
+            return
+        rows: list[tuple[Share, int, float, float]] = []  # share, residency, raw work, prefill
         spans: list[tuple[int, int]] = []
-        busy = 0
+        busy = residency = 0
         prefill_sum = decode_sum = context_sum = 0.0
         steps = 0.0  # engine steps: every decoding stream gets one token per step
         model = self._model(book)
@@ -357,6 +365,7 @@ class Engine:
                 if res == 0 and p == 0.0 and d == 0.0:
                     continue
                 rows.append((share, res, wp * p + wd * d + wc * c, p))
+                residency += res
                 prefill_sum += p
                 decode_sum += d
                 context_sum += c
@@ -380,7 +389,9 @@ class Engine:
         if not rows:
             self._idle(book, dt, energy, counted)
         else:
-            yield from self._split(book, rows, dt, busy, steps, energy, model, prefill_tok_per_ns)
+            yield from self._split(
+                book, rows, residency, dt, busy, steps, energy, model, prefill_tok_per_ns
+            )
             self._make_final(book)
         if book.ended:
             for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
@@ -492,6 +503,7 @@ class Engine:
         self,
         book: GpuBook,
         rows: list[tuple[Share, int, float, float]],
+        residency: int,
         dt: int,
         busy: int,
         steps: float,
@@ -499,8 +511,7 @@ class Engine:
         model: EnergyModel | None,
         prefill_tok_per_ns: float,
     ) -> Iterator[None]:
-        residency = sum(r[1] for r in rows)
-        work = sum(r[2] for r in rows)
+        work = sum([r[2] for r in rows])
         if model is not None:
             # The idle part of the interval is idle at the level the fit says: only what the
             # requests drew takes the fit's error (scaled so the whole adds up to the reading).
@@ -531,7 +542,7 @@ class Engine:
         )
         book.idle_mj += energy - attributed
         book.attributed_mj += attributed
-        prefill = sum(r[3] for r in rows)
+        prefill = sum([r[3] for r in rows])
         by_prefill = 0.0
         if prefill and busy and static:
             # The engine time prefill took (at the learned speed): residency says everyone

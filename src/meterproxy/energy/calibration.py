@@ -156,9 +156,7 @@ class Calibration:
         for i in range(_N):
             xi = x[i] * weight
             self._xty[i] = self._xty[i] * d + xi * y
-            row = self._xtx[i]
-            for j in range(_N):
-                row[j] = row[j] * d + xi * x[j]
+            self._xtx[i] = [v * d + xi * xj for v, xj in zip(self._xtx[i], x, strict=True)]
         if busy:
             self._busy_windows = self._busy_windows * d + 1.0
         self._beta = _nonnegative_solve(self._with_prior(), self._xty)
@@ -184,11 +182,13 @@ class Calibration:
         if n <= 0.0:
             return xtx
         for a in self._statements():
-            typical = sum(ai * aj * self._xtx[i][j] for i, ai in a.items() for j, aj in a.items())
+            terms = a.items()
+            typical = sum([ai * aj * self._xtx[i][j] for i, ai in terms for j, aj in terms])
             weight = self.prior.windows * typical / n
-            for i, ai in a.items():
-                for j, aj in a.items():
-                    xtx[i][j] += weight * ai * aj
+            for i, ai in terms:
+                row = xtx[i]
+                for j, aj in terms:
+                    row[j] += weight * ai * aj
         return xtx
 
     def _statements(self) -> tuple[dict[int, float], ...]:
@@ -239,16 +239,24 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
     n = len(b)
     m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
     for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-300 or not math.isfinite(m[pivot][col]):
+        pivot, largest = col, abs(m[col][col])  # the first of the largest, as max() picks it
+        for r in range(col + 1, n):
+            size = abs(m[r][col])
+            if size > largest:
+                pivot, largest = r, size
+        if largest < 1e-300 or not math.isfinite(m[pivot][col]):
             return None
         m[col], m[pivot] = m[pivot], m[col]
+        top = m[col]
         for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
+            row = m[r]
+            f = row[col] / top[col]
             if f:
-                for c in range(col, n + 1):
-                    m[r][c] -= f * m[col][c]
+                # (column `col` of the rows below is left as it is: nothing reads it again)
+                for c in range(col + 1, n + 1):
+                    row[c] -= f * top[c]
     out = [0.0] * n
     for r in range(n - 1, -1, -1):
-        out[r] = (m[r][n] - sum(m[r][c] * out[c] for c in range(r + 1, n))) / m[r][r]
+        row = m[r]
+        out[r] = (row[n] - sum(row[c] * out[c] for c in range(r + 1, n))) / row[r]
     return out

@@ -74,6 +74,7 @@ class EnergyTracker:
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
         self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
         self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
+        self._model_series: dict[str, list[Gauge]] = {}  # gpu -> its model terms' children
         self._series: dict[str, tuple[Counter, Counter, Gauge]] = {}  # gpu -> its children
         self._group_series: dict[Group, Counter] = {}
         self._interval_ns = int(interval_s * 1e9)
@@ -148,8 +149,8 @@ class EnergyTracker:
         times a second, and every request arriving then waited it out."""
         if not self.up:
             log.info("energy source %s is answering again", self.source.name)
-        self.up = True
-        self._up_gauge.set(1)
+            self.up = True
+            self._up_gauge.set(1)
         self.last_reading_ns = self.clock()
         self._close_now()  # the last readings' intervals, if still closing: first
         for r in readings:
@@ -225,7 +226,8 @@ class EnergyTracker:
                     m.gpu_power.labels(r.gpu),
                 )
             series[0].inc((book.measured_mj - measured) / 1000)
-            series[1].inc(max(book.idle_mj - idle, 0.0) / 1000)
+            if book.idle_mj > idle:  # none while the GPU is busy
+                series[1].inc((book.idle_mj - idle) / 1000)
             if book.gaps > gaps:
                 m.energy_gaps.labels(r.gpu).inc(book.gaps - gaps)
                 log.warning(
@@ -237,10 +239,10 @@ class EnergyTracker:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
             series[2].set(r.power_w if r.power_w is not None else book.power_w)
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
-            state = book.fit.state
-            if state is not self._fits.get(r.gpu):
+            state, before = book.fit.state, self._fits.get(r.gpu)
+            if state is not before:
                 self._fits[r.gpu] = state
-                self._export_fit(r.gpu, state)
+                self._export_fit(r.gpu, state, before)
         self._readings.clear()
         for group, mj in self.engine.drain_live().items():
             counter = self._group_series.get(group)  # type: ignore[call-overload]
@@ -250,16 +252,28 @@ class EnergyTracker:
             counter.inc(mj / 1000)
         self._finish_final()
 
-    def _export_fit(self, gpu: str, state: FitState) -> None:
+    def _export_fit(self, gpu: str, state: FitState, before: FitState | None) -> None:
+        """The fit's gauges that changed since `before` (a window closes every second on
+        every GPU, busy or not, and most of what it exports stays as it was)."""
         m = self.metrics
-        m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
-        m.energy_model_in_use.labels(gpu).set(1 if state.usable else 0)
-        m.energy_model_windows.labels(gpu).set(state.windows)
-        if state.error_ratio is not None:
+        if before is None or state.trusted != before.trusted:
+            m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
+        if before is None or state.usable != before.usable:
+            m.energy_model_in_use.labels(gpu).set(1 if state.usable else 0)
+        if before is None or state.windows != before.windows:
+            m.energy_model_windows.labels(gpu).set(state.windows)
+        if state.error_ratio is not None and (
+            before is None or state.error_ratio != before.error_ratio
+        ):
             m.energy_model_error.labels(gpu).set(state.error_ratio)
         if state.model is not None:
-            for term, value in zip(TERMS, state.model.values(), strict=True):
-                m.energy_model.labels(gpu, term).set(value)
+            series = self._model_series.get(gpu)
+            if series is None:
+                series = self._model_series[gpu] = [m.energy_model.labels(gpu, t) for t in TERMS]
+            old = before.model.values() if before is not None and before.model is not None else None
+            for k, value in enumerate(state.model.values()):
+                if old is None or old[k] != value:
+                    series[k].set(value)
 
     def on_error(self, exc: EnergyError) -> None:
         if self.up:

@@ -92,7 +92,8 @@ class Share:
     end_ns: int | None = None
     completion: int | None = None  # from usage
     generated: float = 0.0  # tokens decoded so far (seen, or inferred when not streamed)
-    tokens: list[tuple[int, int]] = field(default_factory=list)  # (t_ns, n) not yet placed
+    # (t_ns, n) not yet placed, in the order they came: in time order (one clock stamps them)
+    tokens: list[tuple[int, int]] = field(default_factory=list)
     last_token_ns: int | None = None
     energy_mj: float = 0.0
     gpu_ns: float = 0.0
@@ -108,17 +109,21 @@ class Share:
         prefill, self.prefill_now = self.prefill_now, 0.0  # placed by the GPU's queue
         decode = context = 0.0
         if self.streamed:
-            if self.tokens:
-                kept = []
+            tokens = self.tokens
+            if tokens:
+                if tokens[-1][0] <= te:  # the newest is last: all of them are in
+                    self.tokens = []
+                else:  # some came after te (while the interval was still closing): not yet
+                    self.tokens = [token for token in tokens if token[0] > te]
+                    tokens = [token for token in tokens if token[0] <= te]
                 prompt, generated = self.prompt, self.generated  # locals in the per-token loop
-                for t_ns, n in self.tokens:
-                    if t_ns <= te:
-                        decode += n
-                        context += n * (prompt + generated + n / 2)
-                        generated += n
-                    else:
-                        kept.append((t_ns, n))
-                self.tokens, self.generated = kept, generated
+                for _, n in tokens:
+                    context += n * (prompt + generated + n / 2)
+                    generated += n
+                # Whole tokens (a streamed share counts nothing else): the difference is
+                # exactly their sum, without a second sum in the per-token loop.
+                decode = generated - self.generated
+                self.generated = generated
         elif res:
             decode = self._inferred_decode(ta, stop, step_ns)
             context = decode * (self.prompt + self.generated + decode / 2)
