@@ -108,7 +108,8 @@ def create_app(
             ready=lambda ex: counter.ready(ex.model),
         )
     )
-    settler.add_completer(_energy_completer(runtime.energy))
+    if not isinstance(runtime.energy, NoEnergy):  # built once: no energy, nothing to wait for
+        settler.add_completer(_energy_completer(runtime.energy))
     ledger = values = None
     if settings.ledger.enabled:
         ledger, values = _ledger_for(settings.ledger, metrics, wall_clock)
