@@ -175,7 +175,8 @@ class Engine:
             share = book.live.get(key)
             if share is None or tokens <= 0:
                 continue
-            share.tokens.append((t_ns, tokens))
+            share.seen += tokens
+            share.tokens.append((t_ns, share.seen))
             if share.last_token_ns is not None:
                 book.pace.step_sample((t_ns - share.last_token_ns) / tokens, streamed=True)
             share.last_token_ns = t_ns
