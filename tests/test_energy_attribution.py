@@ -12,6 +12,7 @@ import pytest
 
 from meterproxy.energy.attribution import Engine, Weights, _queued
 from meterproxy.energy.calibration import EnergyModel, FitState
+from meterproxy.energy.workload import NEVER
 
 MS = 1_000_000
 G = ("gpu0",)
@@ -281,6 +282,48 @@ def test_a_busy_period_starts_only_when_no_live_request_is_in_the_prefill_queue(
             e.reading("gpu0", t, counter)
         assert set(book.queued) <= set(book.live)  # the index never outlives a live request
     assert 50 < resets < n  # both answers were exercised
+
+
+def test_placing_looks_at_every_live_request_still_in_the_prefill_queue_in_order() -> None:
+    """Random traffic: before every reading, the requests the placing index holds include
+    every live one a look at all of them finds not yet reached, with prompt left to place, or
+    a stream without its first token, in the order they started; and the index never outlives
+    a live request."""
+    rng = random.Random(11)
+    e = engine()
+    e.reading("gpu0", 0, 0)
+    book = e.books["gpu0"]
+    live: list[str] = []
+    t, counter, n, looked = 0, 0, 0, 0
+    for _ in range(3000):
+        t += rng.randint(1, 4) * MS
+        roll = rng.random()
+        if roll < 0.2 or not live:
+            n += 1
+            live.append(f"r{n}")
+            e.start(live[-1], G, "A", t, rng.choice((10, 100, 1000)), rng.random() < 0.5)
+        elif roll < 0.4:
+            e.first_token(rng.choice(live), G, t)
+        elif roll < 0.55:
+            e.decoded(rng.choice(live), G, t, 1)
+        elif roll < 0.8:
+            key = live.pop(rng.randrange(len(live)))
+            e.usage(key, G, rng.randint(1, 4000), 0, rng.randint(1, 50))
+            e.end(key, G, t)
+        else:
+            queue = [
+                k
+                for k, s in book.live.items()
+                if s.enter_ns == NEVER
+                or s.prefill_left > 0.0
+                or (s.streamed and s.first_ns is None and s.end_ns is None)
+            ]
+            assert [k for k in book.placing if k in queue] == queue
+            looked += len(queue)
+            counter += rng.randint(0, 40_000)
+            e.reading("gpu0", t, counter)
+        assert list(book.placing) == [k for k in book.live if k in book.placing]
+    assert looked > 100 and len(book.placing) < len(book.live)
 
 
 def test_two_counter_updates_in_one_interval_are_carried_not_dropped() -> None:

@@ -538,8 +538,22 @@ class InFlight:
         return self.value
 
 
-class _Cell(Protocol):
+class Cell(Protocol):
+    """A labelled child's value, without the library's per-call checks (`cell`)."""
+
     def inc(self, amount: float) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+
+def cell(child: Counter | Gauge) -> Cell:
+    """The value cell of a counter or gauge child labelled here. `Counter.inc` and `Gauge.set`
+    check that the child has its labels and (a counter) that the amount is not negative, three
+    Python calls before the value's own locked add or store; a caller that passes only
+    non-negative counter amounts and float gauge values may use the cell: the same values,
+    under the same lock (or in the shared files of `--workers`)."""
+    value: Cell = child._value
+    return value
 
 
 class _Buckets:
@@ -549,8 +563,8 @@ class _Buckets:
     __slots__ = ("_bounds", "_buckets", "_sum")
 
     def __init__(self, child: Histogram) -> None:
-        self._sum: _Cell = child._sum
-        self._buckets: list[_Cell] = child._buckets
+        self._sum: Cell = child._sum
+        self._buckets: list[Cell] = child._buckets
         self._bounds: list[float] = child._upper_bounds  # ends at +Inf
 
     def observe(self, amount: float) -> None:
@@ -586,10 +600,6 @@ class _Series:
     def __init__(
         self, m: Metrics, endpoint: str, model: str, upstream: str, tenant: str, status: str
     ) -> None:
-        def cell(child: Counter) -> _Cell:
-            value: _Cell = child._value
-            return value
-
         self.requests = cell(m.requests.labels(endpoint, model, upstream, tenant, status))
         self.prompt = cell(m.tokens.labels(model, upstream, tenant, "prompt"))
         self.completion = cell(m.tokens.labels(model, upstream, tenant, "completion"))

@@ -90,6 +90,10 @@ class GpuBook:
     # empty?": O(1) amortized, where looking at every live share cost O(in flight + ended this
     # interval) a request (~12 us a request at 16 in flight).
     queued: dict[str, Share] = field(default_factory=dict)
+    # Live shares `_place` may still have to look at, in `live`'s order (a subset): leaving
+    # for good too (reached by the queue, prompt placed, and a first token or an end seen), so
+    # an interval's placing looks only at the requests that came lately, not at every stream.
+    placing: dict[str, Share] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)  # live, with an end
     glow: dict[str, Share] = field(default_factory=dict)  # ended last interval
     done: dict[str, Share] = field(default_factory=dict)  # final, not yet read
@@ -152,7 +156,7 @@ class Engine:
                 pace = book.pace
                 pace.period_ns, pace.period_tok, pace.period_tok_per_ns = t_ns, 0.0, 0.0
             share = Share(group, streamed, t_ns, prompt_tokens, prompt, uncached)
-            book.live[key] = book.queued[key] = share
+            book.live[key] = book.queued[key] = book.placing[key] = share
 
     def first_token(self, key: str, gpus: tuple[str, ...], t_ns: int) -> None:
         """Prefill is over: it cannot have been more than the time since the start allows."""
@@ -175,7 +179,8 @@ class Engine:
             share = book.live.get(key)
             if share is None or tokens <= 0:
                 continue
-            share.tokens.append((t_ns, tokens))
+            share.seen += tokens
+            share.tokens.append((t_ns, share.seen))
             if share.last_token_ns is not None:
                 book.pace.step_sample((t_ns - share.last_token_ns) / tokens, streamed=True)
             share.last_token_ns = t_ns
@@ -246,6 +251,7 @@ class Engine:
             book = self.books[gpu]
             book.ended.discard(key)
             book.queued.pop(key, None)
+            book.placing.pop(key, None)
             share = book.live.pop(key, None) or book.glow.pop(key, None) or book.done.pop(key, None)
             if share is not None:
                 total_mj += share.energy_mj
@@ -397,6 +403,7 @@ class Engine:
             for key in [k for k in book.ended if book.live[k].end_ns <= t1]:  # type: ignore[operator]
                 book.glow[key] = book.live.pop(key)
                 book.queued.pop(key, None)
+                book.placing.pop(key, None)
                 book.ended.discard(key)
         book.t_ns = t1
 
@@ -409,16 +416,20 @@ class Engine:
         by then; the queue never runs ahead of what has arrived. The speed is the learned one,
         or faster when the current period's first tokens show it was."""
         pace = book.pace
-        queue = [
-            s
-            for s in book.live.values()
+        queue = []  # not yet reached, prompt left to place, or a stream without its first token
+        left = []
+        for key, s in book.placing.items():
             if (
                 s.enter_ns == NEVER
                 or s.prefill_left > 0.0
                 or (s.streamed and s.first_ns is None and s.end_ns is None)
-            )
-            and s.started_ns < t1
-        ]  # not yet reached, prompt left to place, or a stream without its first token
+            ):
+                if s.started_ns < t1:
+                    queue.append(s)
+            else:
+                left.append(key)
+        for key in left:
+            del book.placing[key]
         if not queue:
             return
         shown = [_done_at(share, t1) for share in queue]

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from ..metrics import cell
 from .attribution import Engine, Weights
 from .backend import Done, Group
 from .calibration import TERMS, FitState
@@ -23,9 +24,7 @@ from .simulated import SimulatedGpus
 from .sources import EnergyError, Reading, Source
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge
-
-    from ..metrics import Metrics
+    from ..metrics import Cell, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +73,12 @@ class EnergyTracker:
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
         self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
         self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
-        self._model_series: dict[str, list[Gauge]] = {}  # gpu -> its model terms' children
-        self._series: dict[str, tuple[Counter, Counter, Gauge]] = {}  # gpu -> its children
-        self._group_series: dict[Group, Counter] = {}
+        # Exported at every reading and window, so their value cells (`metrics.cell`): gpu ->
+        # energy, idle energy, power; the fit's trusted, in use, windows, error; its terms.
+        self._series: dict[str, tuple[Cell, Cell, Cell]] = {}
+        self._fit_series: dict[str, tuple[Cell, Cell, Cell, Cell]] = {}
+        self._model_series: dict[str, list[Cell]] = {}
+        self._group_series: dict[Group, Cell] = {}
         self._interval_ns = int(interval_s * 1e9)
         self.last_reading_ns = clock()
         self.up = True
@@ -221,10 +223,11 @@ class EnergyTracker:
             series = self._series.get(r.gpu)
             if series is None:
                 series = self._series[r.gpu] = (
-                    m.gpu_energy.labels(r.gpu),
-                    m.gpu_idle_energy.labels(r.gpu),
-                    m.gpu_power.labels(r.gpu),
+                    cell(m.gpu_energy.labels(r.gpu)),
+                    cell(m.gpu_idle_energy.labels(r.gpu)),
+                    cell(m.gpu_power.labels(r.gpu)),
                 )
+            # (cells: the amounts are never negative, measured and idle only grow)
             series[0].inc((book.measured_mj - measured) / 1000)
             if book.idle_mj > idle:  # none while the GPU is busy
                 series[1].inc((book.idle_mj - idle) / 1000)
@@ -237,7 +240,7 @@ class EnergyTracker:
                 )
             if book.clamped > clamped:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
-            series[2].set(r.power_w if r.power_w is not None else book.power_w)
+            series[2].set(float(r.power_w if r.power_w is not None else book.power_w))
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
             state, before = book.fit.state, self._fits.get(r.gpu)
             if state is not before:
@@ -248,32 +251,43 @@ class EnergyTracker:
             counter = self._group_series.get(group)  # type: ignore[call-overload]
             if counter is None:
                 labels: Group = group  # type: ignore[assignment]
-                counter = self._group_series[labels] = m.energy.labels(*labels)
-            counter.inc(mj / 1000)
+                counter = self._group_series[labels] = cell(m.energy.labels(*labels))
+            if mj > 0.0:  # (a cell: never a negative amount)
+                counter.inc(mj / 1000)
         self._finish_final()
 
     def _export_fit(self, gpu: str, state: FitState, before: FitState | None) -> None:
         """The fit's gauges that changed since `before` (a window closes every second on
         every GPU, busy or not, and most of what it exports stays as it was)."""
         m = self.metrics
+        series = self._fit_series.get(gpu)
+        if series is None:
+            series = self._fit_series[gpu] = (
+                cell(m.energy_model_trusted.labels(gpu)),
+                cell(m.energy_model_in_use.labels(gpu)),
+                cell(m.energy_model_windows.labels(gpu)),
+                cell(m.energy_model_error.labels(gpu)),
+            )
         if before is None or state.trusted != before.trusted:
-            m.energy_model_trusted.labels(gpu).set(1 if state.trusted else 0)
+            series[0].set(1.0 if state.trusted else 0.0)
         if before is None or state.usable != before.usable:
-            m.energy_model_in_use.labels(gpu).set(1 if state.usable else 0)
+            series[1].set(1.0 if state.usable else 0.0)
         if before is None or state.windows != before.windows:
-            m.energy_model_windows.labels(gpu).set(state.windows)
+            series[2].set(float(state.windows))
         if state.error_ratio is not None and (
             before is None or state.error_ratio != before.error_ratio
         ):
-            m.energy_model_error.labels(gpu).set(state.error_ratio)
+            series[3].set(float(state.error_ratio))
         if state.model is not None:
-            series = self._model_series.get(gpu)
-            if series is None:
-                series = self._model_series[gpu] = [m.energy_model.labels(gpu, t) for t in TERMS]
+            terms = self._model_series.get(gpu)
+            if terms is None:
+                terms = self._model_series[gpu] = [
+                    cell(m.energy_model.labels(gpu, t)) for t in TERMS
+                ]
             old = before.model.values() if before is not None and before.model is not None else None
             for k, value in enumerate(state.model.values()):
                 if old is None or old[k] != value:
-                    series[k].set(value)
+                    terms[k].set(float(value))
 
     def on_error(self, exc: EnergyError) -> None:
         if self.up:

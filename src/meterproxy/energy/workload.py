@@ -92,7 +92,10 @@ class Share:
     end_ns: int | None = None
     completion: int | None = None  # from usage
     generated: float = 0.0  # tokens decoded so far (seen, or inferred when not streamed)
-    # (t_ns, n) not yet placed, in the order they came: in time order (one clock stamps them)
+    seen: int = 0  # tokens streamed by so far (placed in an interval or not)
+    # (t_ns, `seen` after it) of the tokens not yet placed, in the order they came: in time
+    # order (one clock stamps them), so the newest whose time is in an interval says how many
+    # the interval holds.
     tokens: list[tuple[int, int]] = field(default_factory=list)
     last_token_ns: int | None = None
     energy_mj: float = 0.0
@@ -107,27 +110,30 @@ class Share:
         start = self.enter_ns if self.enter_ns > ta else ta
         res = stop - start if stop > start else 0
         prefill, self.prefill_now = self.prefill_now, 0.0  # placed by the GPU's queue
-        decode = context = 0.0
         if self.streamed:
             tokens = self.tokens
-            if tokens:
-                if tokens[-1][0] <= te:  # the newest is last: all of them are in
-                    self.tokens = []
-                else:  # some came after te (while the interval was still closing): not yet
-                    self.tokens = [token for token in tokens if token[0] > te]
-                    tokens = [token for token in tokens if token[0] <= te]
-                prompt, generated = self.prompt, self.generated  # locals in the per-token loop
-                for _, n in tokens:
-                    context += n * (prompt + generated + n / 2)
-                    generated += n
-                # Whole tokens (a streamed share counts nothing else): the difference is
-                # exactly their sum, without a second sum in the per-token loop.
-                decode = generated - self.generated
-                self.generated = generated
+            if not tokens:
+                return res, prefill, 0.0, 0.0
+            if tokens[-1][0] <= te:  # the newest is last: all of them are in
+                decode = tokens[-1][1] - self.generated
+                self.tokens = []
+            else:  # some came after te (while the interval was still closing): not yet
+                k = len(tokens) - 1
+                while k >= 0 and tokens[k][0] > te:
+                    k -= 1
+                if k < 0:
+                    return res, prefill, 0.0, 0.0
+                decode = tokens[k][1] - self.generated
+                del tokens[: k + 1]
         elif res:
             decode = self._inferred_decode(ta, stop, step_ns)
-            context = decode * (self.prompt + self.generated + decode / 2)
-            self.generated += decode
+        else:
+            return res, prefill, 0.0, 0.0
+        # Each token's context is the prompt and the tokens before it, plus half of itself
+        # (a chunk of n tokens: n x (context before + n / 2)); summed over the interval's
+        # tokens, whatever the chunks, that is decode x (context before + decode / 2).
+        context = decode * (self.prompt + self.generated + decode / 2)
+        self.generated += decode
         return res, prefill, decode, context / 1000
 
     def _inferred_decode(self, ta: int, stop: int, step_ns: float) -> float:
