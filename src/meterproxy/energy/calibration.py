@@ -217,27 +217,38 @@ def _nonnegative_solve(xtx: list[list[float]], xty: list[float]) -> list[float]:
     """Least squares with every coefficient >= 0 (energy terms cannot be negative): solve, drop
     the most negative term, solve again (a few rounds at most). A small ridge keeps terms that
     the data cannot tell apart (always busy: idle vs floor) finite and shared."""
+    ridge = 1e-6 * max(1e-12, sum([xtx[i][i] for i in range(_N)]) / _N)
+    # The system with every term, built once: a later round takes its rows and columns of the
+    # terms still free (the same numbers a rebuild would compute), not new sums.
+    full = [[*row, rhs] for row, rhs in zip(xtx, xty, strict=True)]
+    for i in range(_N):
+        full[i][i] += ridge
     free = list(range(_N))
-    ridge = 1e-6 * max(1e-12, sum(xtx[i][i] for i in range(_N)) / _N)
-    while free:
-        a = [[xtx[i][j] + (ridge if i == j else 0.0) for j in free] for i in free]
-        b = [xty[i] for i in free]
-        solved = _gauss(a, b)
+    m = [row[:] for row in full]
+    while True:
+        solved = _gauss(m)
         if solved is None:
             break
-        worst = min(range(len(free)), key=lambda k: solved[k])
+        worst = min(range(len(free)), key=solved.__getitem__)
         if solved[worst] >= 0.0:
+            if len(free) == _N:
+                return solved
             out = [0.0] * _N
             for k, i in enumerate(free):
                 out[i] = solved[k]
             return out
         del free[worst]
+        if not free:
+            break
+        keep = [*free, _N]
+        m = [[row[j] for j in keep] for row in (full[i] for i in free)]
     return [0.0] * _N
 
 
-def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
-    n = len(b)
-    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+def _gauss(m: list[list[float]]) -> list[float] | None:
+    """Solves the augmented system `m` (n rows of n coefficients and the right-hand side) by
+    elimination with partial pivoting, in place."""
+    n = len(m)
     for col in range(n):
         pivot, largest = col, abs(m[col][col])  # the first of the largest, as max() picks it
         for r in range(col + 1, n):
@@ -258,5 +269,5 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
     out = [0.0] * n
     for r in range(n - 1, -1, -1):
         row = m[r]
-        out[r] = (row[n] - sum(row[c] * out[c] for c in range(r + 1, n))) / row[r]
+        out[r] = (row[n] - sum([row[c] * out[c] for c in range(r + 1, n)])) / row[r]
     return out
