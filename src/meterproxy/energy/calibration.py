@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import mul
 
 TERMS = ("idle_w", "floor_w", "step_j", "prefill_j", "decode_j", "context_j")
 # Features are divided by these before the fit so that the normal matrix is well conditioned.
@@ -134,7 +135,7 @@ class Calibration:
         busy = x[1] > 0.0
         weight = 1.0
         if self._beta is not None:
-            residual = y - sum(b * v for b, v in zip(self._beta, x, strict=True))
+            residual = y - sum(map(mul, self._beta, x))
             if busy and self._busy_windows >= 3:  # scored once the fit has seen some work
                 self._abs_res = self._abs_res * self._error_decay + abs(residual)
                 self._abs_y = self._abs_y * self._error_decay + abs(y)
@@ -153,19 +154,21 @@ class Calibration:
             else:
                 self._scale = scale + 0.05 * (min(abs(residual), 2.0 * scale) - scale)
         d = self._decay
+        xtx, xty = self._xtx, self._xty
         for i in range(_N):
             xi = x[i] * weight
-            self._xty[i] = self._xty[i] * d + xi * y
-            self._xtx[i] = [v * d + xi * xj for v, xj in zip(self._xtx[i], x, strict=True)]
+            xty[i] = xty[i] * d + xi * y
+            xtx[i] = [v * d + xi * xj for v, xj in zip(xtx[i], x, strict=True)]
         if busy:
             self._busy_windows = self._busy_windows * d + 1.0
-        self._beta = _nonnegative_solve(self._with_prior(), self._xty)
-        model = EnergyModel(*(b / s for b, s in zip(self._beta, _SCALE, strict=True)))
+        self._beta = beta = _nonnegative_solve(self._with_prior(), xty)
+        model = EnergyModel(*[b / s for b, s in zip(beta, _SCALE, strict=True)])
         error = self._abs_res / self._abs_y if self._abs_y > 0 else None
         # Tokens must explain some of the energy: with the prior, a term the data does not
         # support is small but never exactly 0. XtX's first row holds each feature's sum (x dt).
-        total = sum(b * v for b, v in zip(self._beta, self._xtx[0], strict=True))
-        work = sum(self._beta[k] * self._xtx[0][k] for k in (3, 4, 5))
+        sums = xtx[0]
+        total = sum(map(mul, beta, sums))
+        work = sum([beta[3] * sums[3], beta[4] * sums[4], beta[5] * sums[5]])
         sane = model.floor_w + model.idle_w > 0.0 and total > 0.0 and work >= 0.02 * total
         backed = self._busy_windows >= self.min_windows
         good = error is None or error <= self.max_error
@@ -178,36 +181,38 @@ class Calibration:
         m x (a . x)^2 x a a^T, with (a . x)^2 averaged over the busy windows seen, so that it
         weighs as m typical windows whatever the GPU's scale, and nothing before any work."""
         n = self._busy_windows
-        xtx = [row[:] for row in self._xtx]
+        x = self._xtx
+        xtx = [row[:] for row in x]
         if n <= 0.0:
             return xtx
-        for a in self._statements():
-            terms = a.items()
-            typical = sum([ai * aj * self._xtx[i][j] for i, ai in terms for j, aj in terms])
-            weight = self.prior.windows * typical / n
+        m = self.prior.windows
+        for terms in self._statements():
+            typical = sum([ai * aj * x[i][j] for i, ai in terms for j, aj in terms])
+            weight = m * typical / n
             for i, ai in terms:
                 row = xtx[i]
+                wa = weight * ai  # (weight x a_i) x a_j, as the sum is written
                 for j, aj in terms:
-                    row[j] += weight * ai * aj
+                    row[j] += wa * aj
         return xtx
 
-    def _statements(self) -> tuple[dict[int, float], ...]:
-        """The defaults as linear statements on the scaled coefficients (index: factor)."""
+    def _statements(self) -> tuple[tuple[tuple[int, float], ...], ...]:
+        """The defaults as linear statements on the scaled coefficients ((index, factor)...)."""
         x = self._xtx
         # Busy time and steps per decoded token, as seen (least squares through 0), scaled.
         busy_per = x[1][4] / x[4][4] if x[4][4] > 0 else 0.0
         steps_per = x[2][4] / x[4][4] if x[4][4] > 0 else 0.0
 
-        def all_in(k: int, ratio: float) -> dict[int, float]:
+        def all_in(k: int, ratio: float) -> tuple[tuple[int, float], ...]:
             # coef_k = ratio x (decode_j + floor_w x busy/token + step_j x steps/token): the
             # defaults' weights are relative to a decoded token's whole energy above idle
             r = ratio * _SCALE[k] / _SCALE[4]
-            return {k: 1.0, 4: -r, 1: -r * busy_per, 2: -r * steps_per}
+            return ((k, 1.0), (4, -r), (1, -r * busy_per), (2, -r * steps_per))
 
         p = self.prior
         return (
-            {1: 1.0},  # floor_w = 0: the defaults' static level is idle
-            {2: 1.0},  # step_j = 0
+            ((1, 1.0),),  # floor_w = 0: the defaults' static level is idle
+            ((2, 1.0),),  # step_j = 0
             all_in(3, p.prefill_per_decode),
             all_in(5, p.context_per_decode),
         )
