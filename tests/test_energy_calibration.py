@@ -3,11 +3,12 @@ outliers, in bounded memory, and is trusted only when it predicts well."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from meterproxy.energy.calibration import Calibration, EnergyModel, Prior
+from meterproxy.energy.calibration import Calibration, EnergyModel, Prior, _nonnegative_solve
 
 TRUE = EnergyModel(
     idle_w=80.0, floor_w=250.0, step_j=1.2, prefill_j=0.012, decode_j=0.05, context_j=0.03
@@ -138,3 +139,65 @@ def test_a_fit_that_predicts_badly_is_not_used() -> None:
     for _, busy, steps, prefill, decode, context, _ in intervals(rng, 2000):
         noise.add(0.1, busy, steps, prefill, decode, context, rng.uniform(5, 70))
     assert noise.state.windows >= 10 and not noise.state.usable and not noise.state.trusted
+
+
+def _rebuilt_solve(xtx: list[list[float]], xty: list[float]) -> list[float]:
+    """The non-negative solve as first written: every round rebuilds its system from the sums
+    and eliminates a fresh copy (the reference the reduced solve must equal bit for bit)."""
+    n_all = len(xty)
+    free = list(range(n_all))
+    ridge = 1e-6 * max(1e-12, sum(xtx[i][i] for i in range(n_all)) / n_all)
+    while free:
+        m = [[xtx[i][j] + (ridge if i == j else 0.0) for j in free] + [xty[i]] for i in free]
+        n = len(free)
+        solved: list[float] | None = None
+        for col in range(n):
+            pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+            if abs(m[pivot][col]) < 1e-300 or not math.isfinite(m[pivot][col]):
+                break
+            m[col], m[pivot] = m[pivot], m[col]
+            for r in range(col + 1, n):
+                f = m[r][col] / m[col][col]
+                if f:
+                    for c in range(col + 1, n + 1):
+                        m[r][c] -= f * m[col][c]
+        else:
+            solved = [0.0] * n
+            for r in range(n - 1, -1, -1):
+                s = sum(m[r][c] * solved[c] for c in range(r + 1, n))
+                solved[r] = (m[r][n] - s) / m[r][r]
+        if solved is None:
+            break
+        worst = min(range(n), key=lambda k: solved[k])
+        if solved[worst] >= 0.0:
+            out = [0.0] * n_all
+            for k, i in enumerate(free):
+                out[i] = solved[k]
+            return out
+        del free[worst]
+    return [0.0] * n_all
+
+
+def test_reduced_solve_equals_a_rebuild_each_round() -> None:
+    # Random windows of correlated work, some with energy falling as work rises, so that the
+    # solve drops terms over several rounds; every answer bit-equal to the rebuilt one.
+    rng = random.Random(7)
+    rounds = set()
+    for _ in range(400):
+        xtx = [[0.0] * 6 for _ in range(6)]
+        xty = [0.0] * 6
+        slopes = [rng.uniform(-2.0, 3.0) for _ in range(6)]
+        for _ in range(rng.randint(1, 12)):
+            base = rng.uniform(0.0, 2.0)
+            x = [1.0] + [
+                base * rng.uniform(0.5, 1.5) * rng.choice((0.0, 1.0, 1.0)) for _ in range(5)
+            ]
+            y = sum(s * v for s, v in zip(slopes, x, strict=True)) + rng.gauss(0.0, 0.1)
+            for i in range(6):
+                xty[i] += x[i] * y
+                for j in range(6):
+                    xtx[i][j] += x[i] * x[j]
+        got = _nonnegative_solve(xtx, xty)
+        assert [v.hex() for v in got] == [v.hex() for v in _rebuilt_solve(xtx, xty)]
+        rounds.add(sum(v == 0.0 for v in got))
+    assert {0, 1, 2} <= rounds  # all terms, one dropped, two dropped
