@@ -7,6 +7,7 @@ trusted fit."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -248,27 +249,26 @@ def test_a_first_token_shows_every_earlier_prefill_done() -> None:
     assert n == pytest.approx(s, rel=0.05)  # with the queue spread over a second: 1 : 3
 
 
-def test_a_busy_period_starts_only_when_no_live_request_is_in_the_prefill_queue() -> None:
-    """Random traffic: at every start the engine begins a new busy period exactly when a look at
-    every live request finds none queued (the engine keeps an index instead of looking)."""
-    rng = random.Random(7)
-    e = engine()
-    e.reading("gpu0", 0, 0)
-    book = e.books["gpu0"]
+def _random_traffic(
+    e: Engine,
+    rng: random.Random,
+    start: Callable[[str, int, int, bool], None],
+    read: Callable[[int, int], None],
+    after_each: Callable[[], None],
+    steps: int = 3000,
+) -> int:
+    """Random starts, first tokens, decoded tokens, ends and readings on gpu0; the test starts
+    (key, t, prompt tokens, streamed) and reads (t, counter) itself, to look around each.
+    Returns how many requests started."""
     live: list[str] = []
-    t, counter, n, resets = 0, 0, 0, 0
-    for step in range(3000):
+    t, counter, n = 0, 0, 0
+    for _ in range(steps):
         t += rng.randint(1, 4) * MS
         roll = rng.random()
         if roll < 0.2 or not live:
             n += 1
-            key = f"r{n}"
-            empty = not any(_queued(s) for s in book.live.values())
-            before = book.pace.period_ns
-            e.start(key, G, "A", t, rng.choice((10, 100, 1000)), rng.random() < 0.5)
-            assert book.pace.period_ns == (t if empty else before), step
-            resets += empty
-            live.append(key)
+            live.append(f"r{n}")
+            start(live[-1], t, rng.choice((10, 100, 1000)), rng.random() < 0.5)
         elif roll < 0.4:
             e.first_token(rng.choice(live), G, t)
         elif roll < 0.55:
@@ -279,8 +279,33 @@ def test_a_busy_period_starts_only_when_no_live_request_is_in_the_prefill_queue(
             e.end(key, G, t)
         else:
             counter += rng.randint(0, 40_000)
-            e.reading("gpu0", t, counter)
+            read(t, counter)
+        after_each()
+    return n
+
+
+def test_a_busy_period_starts_only_when_no_live_request_is_in_the_prefill_queue() -> None:
+    """Random traffic: at every start the engine begins a new busy period exactly when a look at
+    every live request finds none queued (the engine keeps an index instead of looking)."""
+    e = engine()
+    e.reading("gpu0", 0, 0)
+    book = e.books["gpu0"]
+    resets = 0
+
+    def start(key: str, t: int, prompt: int, streamed: bool) -> None:
+        nonlocal resets
+        empty = not any(_queued(s) for s in book.live.values())
+        before = book.pace.period_ns
+        e.start(key, G, "A", t, prompt, streamed)
+        assert book.pace.period_ns == (t if empty else before), key
+        resets += empty
+
+    def index_within_live() -> None:
         assert set(book.queued) <= set(book.live)  # the index never outlives a live request
+
+    n = _random_traffic(
+        e, random.Random(7), start, lambda t, c: e.reading("gpu0", t, c), index_within_live
+    )
     assert 50 < resets < n  # both answers were exercised
 
 
@@ -289,40 +314,34 @@ def test_placing_looks_at_every_live_request_still_in_the_prefill_queue_in_order
     every live one a look at all of them finds not yet reached, with prompt left to place, or
     a stream without its first token, in the order they started; and the index never outlives
     a live request."""
-    rng = random.Random(11)
     e = engine()
     e.reading("gpu0", 0, 0)
     book = e.books["gpu0"]
-    live: list[str] = []
-    t, counter, n, looked = 0, 0, 0, 0
-    for _ in range(3000):
-        t += rng.randint(1, 4) * MS
-        roll = rng.random()
-        if roll < 0.2 or not live:
-            n += 1
-            live.append(f"r{n}")
-            e.start(live[-1], G, "A", t, rng.choice((10, 100, 1000)), rng.random() < 0.5)
-        elif roll < 0.4:
-            e.first_token(rng.choice(live), G, t)
-        elif roll < 0.55:
-            e.decoded(rng.choice(live), G, t, 1)
-        elif roll < 0.8:
-            key = live.pop(rng.randrange(len(live)))
-            e.usage(key, G, rng.randint(1, 4000), 0, rng.randint(1, 50))
-            e.end(key, G, t)
-        else:
-            queue = [
-                k
-                for k, s in book.live.items()
-                if s.enter_ns == NEVER
-                or s.prefill_left > 0.0
-                or (s.streamed and s.first_ns is None and s.end_ns is None)
-            ]
-            assert [k for k in book.placing if k in queue] == queue
-            looked += len(queue)
-            counter += rng.randint(0, 40_000)
-            e.reading("gpu0", t, counter)
+    looked = 0
+
+    def read(t: int, counter: int) -> None:
+        nonlocal looked
+        queue = [
+            k
+            for k, s in book.live.items()
+            if s.enter_ns == NEVER
+            or s.prefill_left > 0.0
+            or (s.streamed and s.first_ns is None and s.end_ns is None)
+        ]
+        assert [k for k in book.placing if k in queue] == queue
+        looked += len(queue)
+        e.reading("gpu0", t, counter)
+
+    def placing_within_live() -> None:
         assert list(book.placing) == [k for k in book.live if k in book.placing]
+
+    _random_traffic(
+        e,
+        random.Random(11),
+        lambda key, t, prompt, streamed: e.start(key, G, "A", t, prompt, streamed),
+        read,
+        placing_within_live,
+    )
     assert looked > 100 and len(book.placing) < len(book.live)
 
 
