@@ -307,3 +307,18 @@ def test_the_fit_is_exported_in_use_from_the_first_busy_window_and_trusted_later
         "meterproxy_gpu_energy_model", {"gpu": "0", "term": "decode_j"}
     )
     assert decode is not None and abs(decode - 2.0) < 0.2
+
+
+def test_no_fit_error_is_exported_before_the_fit_has_one() -> None:
+    """An unset gauge reads 0, which for the fit's error would say "exact": the series appears
+    only once the fit has measured an error."""
+    now = [0]
+    energy, sample = tracker(now)
+    registry = energy.metrics.registry
+    for step in range(1, 4):
+        now[0] = step * 100 * MS
+        sample()
+    assert registry.get_sample_value("meterproxy_gpu_energy_model_windows", {"gpu": "0"}) == 0
+    assert (
+        registry.get_sample_value("meterproxy_gpu_energy_model_error_ratio", {"gpu": "0"}) is None
+    )

@@ -194,6 +194,11 @@ async def two_workers(
     attributed = sum(samples(text, "meterproxy_energy_joules_total").values())
     assert attributed > 0 and idle > 0
     assert attributed + idle == pytest.approx(measured, abs=1e-3)  # one sampler, every request
+    # The host's gauges reach the shared files stamped, so the merged scrape keeps them.
+    assert samples(text, "meterproxy_gpu_power_watts") and all(
+        w > 0 for w in samples(text, "meterproxy_gpu_power_watts").values()
+    )
+    assert samples(text, "meterproxy_gpu_energy_model_windows")
 
     db = sqlite3.connect(tmp_path / "usage.db")
     rows = db.execute("SELECT request_id, status, energy_j FROM requests").fetchall()

@@ -539,19 +539,18 @@ class InFlight:
 
 
 class Cell(Protocol):
-    """A labelled child's value, without the library's per-call checks (`cell`)."""
+    """A labelled counter child's value, without the library's per-call checks (`cell`)."""
 
     def inc(self, amount: float) -> None: ...
 
-    def set(self, value: float) -> None: ...
 
-
-def cell(child: Counter | Gauge) -> Cell:
-    """The value cell of a counter or gauge child labelled here. `Counter.inc` and `Gauge.set`
-    check that the child has its labels and (a counter) that the amount is not negative, three
-    Python calls before the value's own locked add or store; a caller that passes only
-    non-negative counter amounts and float gauge values may use the cell: the same values,
-    under the same lock (or in the shared files of `--workers`)."""
+def cell(child: Counter) -> Cell:
+    """The value cell of a counter child labelled here. `Counter.inc` checks that the child has
+    its labels and that the amount is not negative, three Python calls before the value's own
+    locked add; a caller that passes only positive amounts may use the cell: the same values,
+    under the same lock (or in the shared files of `--workers`). Counters only: a gauge's `set`
+    also stamps the time in the shared files of `--workers` (its `mostrecent` modes keep the
+    newest sample), which a cell's `set` would leave at 0 and the host would drop."""
     value: Cell = child._value
     return value
 

@@ -24,6 +24,8 @@ from .simulated import SimulatedGpus
 from .sources import EnergyError, Reading, Source
 
 if TYPE_CHECKING:
+    from prometheus_client import Gauge
+
     from ..metrics import Cell, Metrics
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,12 @@ class EnergyTracker:
         self._deadline_ns = int(max(2.0, 10 * interval_s) * 1e9)
         self._last: dict[str, tuple[int, float, int, int]] = {}  # gpu -> exported so far
         self._fits: dict[str, FitState] = {}  # gpu -> the state last exported
-        # Exported at every reading and window, so their value cells (`metrics.cell`): gpu ->
-        # energy, idle energy, power; the fit's trusted, in use, windows, error; its terms.
-        self._series: dict[str, tuple[Cell, Cell, Cell]] = {}
-        self._fit_series: dict[str, tuple[Cell, Cell, Cell, Cell]] = {}
-        self._model_series: dict[str, list[Cell]] = {}
+        # Exported at every reading and window, so resolved once: gpu -> energy and idle
+        # energy (counters' value cells, `metrics.cell`), power (a gauge); the fit's trusted,
+        # in use, windows gauges; its terms' gauges. A group's energy counter's cell.
+        self._series: dict[str, tuple[Cell, Cell, Gauge]] = {}
+        self._fit_series: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
+        self._model_series: dict[str, list[Gauge]] = {}
         self._group_series: dict[Group, Cell] = {}
         self._interval_ns = int(interval_s * 1e9)
         self.last_reading_ns = clock()
@@ -225,7 +228,7 @@ class EnergyTracker:
                 series = self._series[r.gpu] = (
                     cell(m.gpu_energy.labels(r.gpu)),
                     cell(m.gpu_idle_energy.labels(r.gpu)),
-                    cell(m.gpu_power.labels(r.gpu)),
+                    m.gpu_power.labels(r.gpu),  # a gauge: its own `set` (see `metrics.cell`)
                 )
             # (cells: the amounts are never negative, measured and idle only grow)
             series[0].inc((book.measured_mj - measured) / 1000)
@@ -261,33 +264,31 @@ class EnergyTracker:
         every GPU, busy or not, and most of what it exports stays as it was)."""
         m = self.metrics
         series = self._fit_series.get(gpu)
-        if series is None:
+        if series is None:  # gauges, set through their own `set` (see `metrics.cell`)
             series = self._fit_series[gpu] = (
-                cell(m.energy_model_trusted.labels(gpu)),
-                cell(m.energy_model_in_use.labels(gpu)),
-                cell(m.energy_model_windows.labels(gpu)),
-                cell(m.energy_model_error.labels(gpu)),
+                m.energy_model_trusted.labels(gpu),
+                m.energy_model_in_use.labels(gpu),
+                m.energy_model_windows.labels(gpu),
             )
         if before is None or state.trusted != before.trusted:
-            series[0].set(1.0 if state.trusted else 0.0)
+            series[0].set(1 if state.trusted else 0)
         if before is None or state.usable != before.usable:
-            series[1].set(1.0 if state.usable else 0.0)
+            series[1].set(1 if state.usable else 0)
         if before is None or state.windows != before.windows:
-            series[2].set(float(state.windows))
+            series[2].set(state.windows)
         if state.error_ratio is not None and (
             before is None or state.error_ratio != before.error_ratio
         ):
-            series[3].set(float(state.error_ratio))
+            # Labelled only once there is a ratio: an unset gauge would read 0, an exact fit.
+            m.energy_model_error.labels(gpu).set(state.error_ratio)
         if state.model is not None:
             terms = self._model_series.get(gpu)
             if terms is None:
-                terms = self._model_series[gpu] = [
-                    cell(m.energy_model.labels(gpu, t)) for t in TERMS
-                ]
+                terms = self._model_series[gpu] = [m.energy_model.labels(gpu, t) for t in TERMS]
             old = before.model.values() if before is not None and before.model is not None else None
             for k, value in enumerate(state.model.values()):
                 if old is None or old[k] != value:
-                    terms[k].set(float(value))
+                    terms[k].set(value)
 
     def on_error(self, exc: EnergyError) -> None:
         if self.up:
