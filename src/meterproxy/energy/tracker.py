@@ -243,7 +243,7 @@ class EnergyTracker:
                 )
             if book.clamped > clamped:
                 m.energy_clamped.labels(r.gpu).inc(book.clamped - clamped)
-            series[2].set(float(r.power_w if r.power_w is not None else book.power_w))
+            series[2].set(r.power_w if r.power_w is not None else book.power_w)
             self._last[r.gpu] = (book.measured_mj, book.idle_mj, book.gaps, book.clamped)
             state, before = book.fit.state, self._fits.get(r.gpu)
             if state is not before:
